@@ -1,0 +1,34 @@
+"""Orbax checkpoints of the train state: the latest (for automatic resume) and the best by a validation metric."""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+def create_manager(workdir: str, selection_metric: str) -> ocp.CheckpointManager:
+  """Keeps the latest checkpoint and the one with the highest `selection_metric` (both, never more)."""
+  def metric(metrics):
+    return metrics[selection_metric]
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=1),
+      checkpoint_managers.BestN(get_metric_fn=metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(best_fn=metric, best_mode="max", preservation_policy=policy,
+                                         enable_async_checkpointing=False)
+  directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state), metrics={k: float(v) for k, v in metrics.items()})
+  manager.wait_until_finished()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores `step` into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def abstract_with_shardings(abstract_state, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)

@@ -1,0 +1,94 @@
+"""Embedding a whole split and scoring retrieval on it.
+
+Every clip is embedded once and every caption once, in fixed-size padded batches (the last one masked), so the
+jitted functions compile once and every process runs the same number of steps. A clip's embedding never depends on
+its batch-mates: padding frames are masked inside the audio tower.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+from absl import logging
+
+from atr_jax import sharding, tokenization
+from atr_jax.metrics import retrieval_metrics
+from data_pipelines import input_pipeline
+
+
+@dataclasses.dataclass
+class SplitEmbeddings:
+  audio: np.ndarray  # [N_a, D], row i = clip_id i.
+  text: np.ndarray  # [N_t, D].
+  caption_clip_ids: np.ndarray  # [N_t] int32: the clip of each caption.
+  captions: list
+  file_names: list  # Indexed by clip_id.
+
+
+class Embedder:
+  """Jitted, mesh-sharded embedding of audio and caption batches with fixed shapes."""
+
+  def __init__(self, model, mesh):
+    self._mesh = mesh
+    batch = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+
+    def embed_audio(variables, log_mel, frame_mask):
+      return model.apply(variables, log_mel, frame_mask, train=False, method="embed_audio")
+
+    def embed_text(variables, input_ids, attention_mask):
+      return model.apply(variables, input_ids, attention_mask, train=False, method="embed_text")
+
+    self._audio = jax.jit(embed_audio, in_shardings=(replicated, batch, batch), out_shardings=batch)
+    self._text = jax.jit(embed_text, in_shardings=(replicated, batch, batch), out_shardings=batch)
+
+  def audio(self, variables, local_batch: dict) -> np.ndarray:
+    batch = sharding.global_batch({k: local_batch[k] for k in ("log_mel", "frame_mask")}, self._mesh)
+    return sharding.to_host(self._audio(variables, batch["log_mel"], batch["frame_mask"]))
+
+  def text(self, variables, local_batch: dict) -> np.ndarray:
+    batch = sharding.global_batch(local_batch, self._mesh)
+    return sharding.to_host(self._text(variables, batch["input_ids"], batch["attention_mask"]))
+
+
+def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenizer, max_len: int,
+                global_batch_size: int, max_frames: int) -> SplitEmbeddings:
+  """Embeddings of every clip and caption of `split` (identical on every process)."""
+  local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
+  captions, caption_clip_ids, file_names = input_pipeline.eval_captions(builder, split)
+
+  audio = None
+  for local in input_pipeline.eval_clip_batches(builder, split, batch_size=local_batch_size, max_frames=max_frames,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count()):
+    emb = embedder.audio(variables, local)
+    valid = _gather_rows(local["valid"])
+    clip_ids = _gather_rows(local["clip_id"])
+    if audio is None:
+      audio = np.zeros((len(file_names), emb.shape[1]), np.float32)
+    audio[clip_ids[valid]] = emb[valid]
+
+  text_chunks = []
+  for start in range(0, len(captions), global_batch_size):
+    chunk = captions[start:start + global_batch_size]
+    padded = chunk + [""] * (global_batch_size - len(chunk))
+    tokens = tokenization.tokenize(tokenizer, padded, max_len)
+    lo = jax.process_index() * local_batch_size
+    local = {k: v[lo:lo + local_batch_size] for k, v in tokens.items()}
+    text_chunks.append(embedder.text(variables, local)[:len(chunk)])
+  text = np.concatenate(text_chunks)
+  logging.info("Embedded split %s: %d clips, %d captions", split, audio.shape[0], text.shape[0])
+  return SplitEmbeddings(audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions,
+                         file_names=file_names)
+
+
+def _gather_rows(local_rows: np.ndarray) -> np.ndarray:
+  """Concatenation over processes (in process order) of each process's rows of a batch."""
+  if jax.process_count() == 1:
+    return np.asarray(local_rows)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local_rows), tiled=True))
+
+
+def evaluate_split(embedder: Embedder, variables, builder, split: str, **kwargs) -> dict:
+  emb = embed_split(embedder, variables, builder, split, **kwargs)
+  return retrieval_metrics(emb.audio, emb.text, emb.caption_clip_ids)

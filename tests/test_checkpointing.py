@@ -1,0 +1,41 @@
+"""Checkpoints: the latest and the best are both kept (and nothing else); restore is exact and sharded."""
+import jax
+import numpy as np
+import optax
+
+from atr_jax import checkpointing, sharding
+from atr_jax.train_state import TrainState
+
+
+def _state(seed):
+  rng = np.random.default_rng(seed)
+  params = {"model": {"w": rng.standard_normal((4, 3)).astype(np.float32)}, "loss": {}}
+  tx = optax.adam(1e-3)
+  state = TrainState.create(apply_fn=None, params=params, tx=tx,
+                            batch_stats={"mean": rng.standard_normal(3).astype(np.float32)})
+  grads = jax.tree.map(lambda p: np.ones_like(p), params)
+  return state.apply_gradients(grads=grads)
+
+
+def test_keeps_latest_and_best_and_restores_exactly(tmp_path):
+  mesh = sharding.create_mesh()
+  manager = checkpointing.create_manager(str(tmp_path), "t2a_mAP10")
+  states = {}
+  for step, score in zip([10, 20, 30, 40], [0.5, 0.9, 0.3, 0.4]):
+    states[step] = _state(step)
+    checkpointing.save(manager, step, states[step], {"t2a_mAP10": score, "t2a_R1": score / 2})
+  assert sorted(manager.all_steps()) == [20, 40]
+  assert manager.best_step() == 20 and manager.latest_step() == 40
+
+  # A new manager on the same workdir (a restarted run) sees the same steps.
+  reopened = checkpointing.create_manager(str(tmp_path), "t2a_mAP10")
+  assert reopened.latest_step() == 40 and reopened.best_step() == 20
+  template = _state(0)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), template)
+  abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: template), shardings)
+  restored = checkpointing.restore(reopened, 20, abstract)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(states[20])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert int(restored.step) == 1
+  assert restored.params["model"]["w"].sharding == sharding.replicated(mesh)
+  assert reopened.metrics(20)["t2a_mAP10"] == 0.9

@@ -1,0 +1,364 @@
+"""Clotho TFDS builder, `prepare` and the tf.data pipelines, on a small Clotho-layout fixture built here.
+
+The fixture mixes 44.1 kHz and 32 kHz wavs of different lengths, a stereo file, a broken, a missing and a too-short
+wav, a caption-less row, and CSVs in UTF-8, latin-1 and cp1252.
+"""
+import collections
+import csv
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_pipelines import clotho, features, input_pipeline
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_FRAMES = 150
+# file name -> (sample rate, seconds, channels); sorted names give the clip ids.
+GOOD_AUDIO = {
+    "development": {"d0.wav": (44100, 3.0, 1), "d1.wav": (32000, 2.0, 1), "d2.wav": (44100, 1.5, 2),
+                    "d3.wav": (32000, 0.5, 1), "d5.wav": (44100, 1.0, 1), "d6.wav": (32000, 2.5, 1),
+                    "d7.wav": (44100, 1.2, 1), "d8.wav": (32000, 2.8, 1)},
+    "validation": {"v0.wav": (44100, 2.0, 1), "v1.wav": (32000, 1.0, 1), "v2.wav": (32000, 2.2, 1),
+                   "v3.wav": (44100, 0.8, 1)},
+    "evaluation": {"e0.wav": (32000, 2.0, 1), "e1.wav": (44100, 1.0, 1), "e2.wav": (32000, 0.7, 1)},
+}
+CAPTION_COUNTS = {"validation": {"v0.wav": 5, "v1.wav": 4, "v2.wav": 2, "v3.wav": 1}}
+SPECIAL_CAPTIONS = {"d1.wav": 'a "quoted", comma caption', "v0.wav": "café naïve façade",
+                    "e1.wav": "a “smart” quote — and a dash"}
+CSV_ENCODINGS = {"development": "utf-8", "validation": "latin-1", "evaluation": "cp1252"}
+# Rows that must be skipped: name -> how the fixture breaks it.
+BAD_ROWS = {"d4_broken.wav": "garbage bytes", "d4_missing.wav": "no file", "d4_nocaption.wav": "empty captions",
+            "d9_short.wav": "100 samples"}
+
+
+def _captions(split: str, name: str) -> list[str]:
+  count = CAPTION_COUNTS.get(split, {}).get(name, 5)
+  captions = [f"caption {k} of {name} in {split}" for k in range(count)]
+  if name in SPECIAL_CAPTIONS:
+    captions[0] = SPECIAL_CAPTIONS[name]
+  return captions
+
+
+def _write_wav(path: str, rate: int, seconds: float, channels: int, rng: np.random.Generator) -> None:
+  wave = 0.3 * rng.standard_normal((int(rate * seconds), channels)).astype(np.float32)
+  sf.write(path, wave, rate, subtype="PCM_16")
+
+
+def _write_csv(path: str, rows: list[list[str]], encoding: str) -> None:
+  with open(path, "w", newline="", encoding=encoding) as f:
+    writer = csv.writer(f)
+    writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 6)])
+    writer.writerows(rows)
+
+
+def _make_raw_dir(raw_dir: str) -> None:
+  rng = np.random.default_rng(1234)
+  for split, audio in GOOD_AUDIO.items():
+    os.makedirs(os.path.join(raw_dir, split))
+    rows = []
+    for name, (rate, seconds, channels) in audio.items():
+      _write_wav(os.path.join(raw_dir, split, name), rate, seconds, channels, rng)
+      captions = _captions(split, name)
+      # Empty cells between captions are dropped, the order of the others is kept.
+      rows.append([name] + captions[:1] + [""] * (5 - len(captions)) + captions[1:])
+    if split == "development":
+      with open(os.path.join(raw_dir, split, "d4_broken.wav"), "wb") as f:
+        f.write(b"RIFF not really a wav file")
+      _write_wav(os.path.join(raw_dir, split, "d4_nocaption.wav"), 32000, 1.0, 1, rng)
+      sf.write(os.path.join(raw_dir, split, "d9_short.wav"), np.zeros(100, np.float32), 32000)
+      rows += [[name] + _captions(split, name) for name in ("d4_broken.wav", "d4_missing.wav", "d9_short.wav")]
+      rows.append(["d4_nocaption.wav", "", " ", "", "", ""])
+    rng.shuffle(rows)  # Row order must not matter.
+    _write_csv(clotho.captions_csv_path(raw_dir, split), rows, CSV_ENCODINGS[split])
+
+
+class _Records(logging.Handler):
+
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("raw"))
+  _make_raw_dir(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def prepared(raw_dir, tmp_path_factory):
+  """(builder, warnings logged while preparing)."""
+  records = _Records()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(records)
+  try:
+    builder = clotho.prepare(raw_dir, str(tmp_path_factory.mktemp("prepared")))
+  finally:
+    absl_logger.removeHandler(records)
+  return builder, records.messages
+
+
+@pytest.fixture(scope="module")
+def builder(prepared):
+  return prepared[0]
+
+
+def _records(builder, split) -> dict[str, dict]:
+  """Stored records of `split` by file name, as numpy."""
+  return {clip["file_name"].decode(): clip for clip in builder.as_dataset(split=split).as_numpy_iterator()}
+
+
+def _all_pairs(split: str) -> collections.Counter:
+  names = sorted(GOOD_AUDIO[split])
+  return collections.Counter((clip_id, caption) for clip_id, name in enumerate(names)
+                             for caption in _captions(split, name))
+
+
+def _epoch_pairs(batches) -> list[tuple[int, str]]:
+  return [(int(i), c.decode()) for b in batches for i, c in zip(b["clip_id"], b["caption"])]
+
+
+def _train_batches(builder, split, **kwargs):
+  args = dict(batch_size=8, max_frames=MAX_FRAMES, seed=3, epoch=0) | kwargs
+  return list(input_pipeline.train_dataset(builder, split, **args).as_numpy_iterator())
+
+
+def test_default_data_dir_is_per_raw_folder(tmp_path):
+  raw = tmp_path / "my_clotho"
+  expected_hash = hashlib.sha1(str(raw).encode()).hexdigest()[:8]
+  assert clotho.default_data_dir(str(raw) + "/") == os.path.expanduser(
+      f"~/.cache/atr_jax/prepared/my_clotho-{expected_hash}")
+
+
+def test_log_mel_records_equal_the_front_end(raw_dir, builder):
+  for split, audio in GOOD_AUDIO.items():
+    records = _records(builder, split)
+    assert sorted(records) == sorted(audio)
+    for name, (rate, seconds, channels) in audio.items():
+      path = os.path.join(raw_dir, split, name)
+      expected = features.log_mel(features.load_audio(path))
+      stored = records[name]["log_mel"]
+      assert stored.dtype == np.float16
+      # Frames of the 32 kHz waveform, whatever the file's rate: 44.1 kHz files were resampled.
+      assert stored.shape == (features.num_frames(round(seconds * features.SAMPLE_RATE)), features.N_MELS)
+      np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2.0**-11 * 1.01, atol=1e-6)
+  stereo = sf.info(os.path.join(raw_dir, "development", "d2.wav"))
+  assert (stereo.channels, stereo.samplerate) == (2, 44100)  # Covered above: stored as 151 frames of 32 kHz mono.
+
+
+def test_ids_names_and_captions_round_trip(builder):
+  for split, audio in GOOD_AUDIO.items():
+    names = sorted(audio)
+    captions, caption_clip_ids, file_names = input_pipeline.eval_captions(builder, split)
+    assert file_names == names
+    assert captions == [c for name in names for c in _captions(split, name)]
+    assert caption_clip_ids.dtype == np.int32
+    np.testing.assert_array_equal(caption_clip_ids, np.repeat(np.arange(len(names)), [len(_captions(split, n))
+                                                                                        for n in names]))
+    for name, record in _records(builder, split).items():
+      assert record["clip_id"] == names.index(name)
+      assert [c.decode() for c in record["captions"]] == _captions(split, name)
+  assert "café naïve façade" in input_pipeline.eval_captions(builder, "validation")[0]  # latin-1 CSV
+  assert "a “smart” quote — and a dash" in input_pipeline.eval_captions(builder, "evaluation")[0]  # cp1252 CSV
+
+
+def test_bad_rows_are_skipped_and_listed(prepared):
+  builder, warnings = prepared
+  assert builder.info.splits["development"].num_examples == len(GOOD_AUDIO["development"])
+  skip_report = [m for m in warnings if "clotho development: skipped 4 of 12 rows" in m]
+  assert len(skip_report) == 1
+  for name in BAD_ROWS:
+    assert name in skip_report[0]
+  assert not any(good in skip_report[0] for good in GOOD_AUDIO["development"])
+
+
+@pytest.mark.parametrize("header, missing", [(["name", "caption_1"], "file_name"),
+                                             (["file_name", "description"], "caption_1")])
+def test_missing_column_is_a_clear_error(tmp_path, header, missing):
+  raw = tmp_path / "raw"
+  (raw / "development").mkdir(parents=True)
+  with open(clotho.captions_csv_path(str(raw), "development"), "w", newline="") as f:
+    csv.writer(f).writerows([header, ["a.wav", "a caption"]])
+  with pytest.raises(ValueError, match=rf"clotho_captions_development\.csv: required column '{missing}'"):
+    clotho.prepare(str(raw), str(tmp_path / "prepared"))
+  assert not clotho.Clotho(data_dir=str(tmp_path / "prepared")).data_path.exists()
+
+
+def test_duplicate_file_name_is_a_clear_error(tmp_path):
+  path = str(tmp_path / "clotho_captions_development.csv")
+  _write_csv(path, [["a.wav", "one"], ["b.wav", "two"], ["a.wav", "three"]], "utf-8")
+  with pytest.raises(ValueError, match=r"clotho_captions_development\.csv: file name 'a.wav' appears in more"):
+    clotho.read_captions_csv(path)
+
+
+@pytest.mark.parametrize("split, batch_size", [("development", 8), ("validation", 4)])
+def test_one_epoch_visits_each_pair_once(builder, split, batch_size):
+  expected = _all_pairs(split)
+  assert sum(expected.values()) % batch_size == 0
+  assert input_pipeline.train_pairs_per_epoch(builder, split) == sum(expected.values())
+  batches = _train_batches(builder, split, batch_size=batch_size)
+  assert len(batches) == input_pipeline.steps_per_epoch(builder, split, batch_size) == sum(expected.values()) // batch_size
+  assert collections.Counter(_epoch_pairs(batches)) == expected
+
+
+def test_crops_are_uniform_windows_with_padding_and_mask(builder):
+  stored = {int(r["clip_id"]): r["log_mel"].astype(np.float32) for r in _records(builder, "development").values()}
+  starts = collections.defaultdict(set)
+  for epoch in range(3):
+    for batch in _train_batches(builder, "development", epoch=epoch):
+      assert batch["log_mel"].shape == (8, MAX_FRAMES, features.N_MELS) and batch["log_mel"].dtype == np.float32
+      assert batch["frame_mask"].shape == (8, MAX_FRAMES) and batch["clip_id"].dtype == np.int32
+      for log_mel, mask, clip_id in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"]):
+        clip = stored[int(clip_id)]
+        length = min(len(clip), MAX_FRAMES)
+        np.testing.assert_array_equal(mask, np.arange(MAX_FRAMES) < length)
+        np.testing.assert_array_equal(log_mel[length:], 0.0)
+        matches = [s for s in range(len(clip) - length + 1) if np.array_equal(clip[s:s + length], log_mel[:length])]
+        assert matches, f"row of clip {clip_id} is not a window of it"
+        starts[int(clip_id)].add(matches[0])
+  long_clips = [i for i, clip in stored.items() if len(clip) > MAX_FRAMES]
+  short_clips = [i for i, clip in stored.items() if len(clip) <= MAX_FRAMES]
+  assert long_clips and short_clips
+  assert all(starts[i] == {0} for i in short_clips)
+  # 15 draws per clip over 3 epochs; clips with >= 50 possible starts must not keep repeating a few.
+  assert all(len(starts[i]) >= 5 for i in long_clips if len(stored[i]) - MAX_FRAMES >= 50), dict(starts)
+  assert max(max(starts[i]) for i in long_clips) > 100
+
+
+def test_same_seed_and_epoch_repeat_other_epochs_differ(builder):
+  first = _train_batches(builder, "development", seed=5, epoch=2)
+  again = _train_batches(builder, "development", seed=5, epoch=2)
+  for a, b in zip(first, again, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  order = _epoch_pairs(first)
+  assert _epoch_pairs(_train_batches(builder, "development", seed=5, epoch=3)) != order
+  assert _epoch_pairs(_train_batches(builder, "development", seed=6, epoch=2)) != order
+
+
+def test_skip_batches_resumes_the_epoch(builder):
+  full = _train_batches(builder, "development", epoch=1)
+  resumed = _train_batches(builder, "development", epoch=1, skip_batches=2)
+  assert len(resumed) == len(full) - 2
+  for a, b in zip(full[2:], resumed, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_two_processes_split_the_pairs(builder):
+  per_process = [_epoch_pairs(_train_batches(builder, "development", batch_size=4, process_index=p,
+                                             process_count=2)) for p in range(2)]
+  steps = input_pipeline.steps_per_epoch(builder, "development", 8)
+  assert [len(pairs) for pairs in per_process] == [steps * 4] * 2
+  assert not set(per_process[0]) & set(per_process[1])
+  assert collections.Counter(per_process[0] + per_process[1]) == _all_pairs("development")
+
+
+def test_processes_stay_in_step_when_shards_differ_in_pairs(builder):
+  # validation: 4 clips with 5, 4, 2 and 1 captions; each process gets 2 clips, so the pair counts differ.
+  steps = input_pipeline.steps_per_epoch(builder, "validation", 4)
+  per_process = [_train_batches(builder, "validation", batch_size=2, process_index=p, process_count=2)
+                 for p in range(2)]
+  assert [len(batches) for batches in per_process] == [steps, steps]
+  clip_sets = [{clip_id for clip_id, _ in _epoch_pairs(batches)} for batches in per_process]
+  assert not clip_sets[0] & clip_sets[1]
+
+
+@pytest.mark.parametrize("split, batch_size, process_count", [("evaluation", 2, 1), ("evaluation", 2, 2),
+                                                             ("development", 3, 3)])
+def test_eval_batches_hold_every_clip_once(builder, split, batch_size, process_count):
+  stored = {int(r["clip_id"]): r["log_mel"].astype(np.float32) for r in _records(builder, split).values()}
+  max_frames = 100
+  per_process = [list(input_pipeline.eval_clip_batches(builder, split, batch_size=batch_size, max_frames=max_frames,
+                                                       process_index=p, process_count=process_count))
+                 for p in range(process_count)]
+  expected_batches = -(-(-(-len(stored) // process_count)) // batch_size)
+  assert [len(batches) for batches in per_process] == [expected_batches] * process_count
+  seen = []
+  for batches in per_process:
+    for batch in batches:
+      assert batch["log_mel"].shape == (batch_size, max_frames, features.N_MELS)
+      assert batch["valid"].dtype == bool and batch["clip_id"].dtype == np.int32
+      for log_mel, mask, clip_id, valid in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"],
+                                               batch["valid"]):
+        if not valid:
+          assert clip_id == -1 and not mask.any() and not log_mel.any()
+          continue
+        seen.append(int(clip_id))
+        clip = stored[int(clip_id)][:max_frames]
+        np.testing.assert_array_equal(mask, np.arange(max_frames) < len(clip))
+        np.testing.assert_array_equal(log_mel[:len(clip)], clip)
+        np.testing.assert_array_equal(log_mel[len(clip):], 0.0)
+  assert sorted(seen) == list(range(len(stored)))
+  assert any(len(clip) > max_frames for clip in stored.values())  # One clip was cropped,
+  assert any(len(clip) < max_frames for clip in stored.values())  # one padded.
+
+
+def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypatch):
+  def fail(path):
+    raise AssertionError(f"prepare re-read {path}")
+  monkeypatch.setattr(features, "load_audio", fail)
+  start = time.perf_counter()
+  again = clotho.prepare(raw_dir, builder.data_dir_root)
+  assert time.perf_counter() - start < 1.0
+  assert again.info.splits["development"].num_examples == len(GOOD_AUDIO["development"])
+
+
+_KILLED_PREPARE = textwrap.dedent("""
+    import pathlib, sys, time
+    from data_pipelines import clotho, features
+    read = features.load_audio
+    def stall_in_validation(path):  # development is written by then.
+      if "/validation/" in path:
+        pathlib.Path(sys.argv[3]).write_text("stalled")
+        time.sleep(600)
+      return read(path)
+    features.load_audio = stall_in_validation
+    clotho.prepare(sys.argv[1], sys.argv[2])
+""")
+
+
+def test_killed_preparation_is_redone(raw_dir, tmp_path):
+  data_dir, flag = tmp_path / "prepared", tmp_path / "stalled"
+  child = subprocess.Popen([sys.executable, "-c", _KILLED_PREPARE, raw_dir, str(data_dir), str(flag)],
+                           cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 120
+    while not flag.exists():
+      assert child.poll() is None, "the preparing process ended early"
+      assert time.monotonic() < deadline, "the preparing process never reached the validation split"
+      time.sleep(0.2)
+  finally:
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+  leftovers = list((data_dir / "clotho").glob("incomplete.*"))
+  assert leftovers and any(leftovers[0].iterdir())  # The killed build left a half-written folder ...
+  half_built = clotho.Clotho(data_dir=str(data_dir))
+  assert not half_built.data_path.exists() and not half_built.is_prepared()  # ... that is not taken as the dataset.
+  rebuilt = clotho.prepare(raw_dir, str(data_dir))
+  assert rebuilt.is_prepared()
+  assert {split: rebuilt.info.splits[split].num_examples for split in GOOD_AUDIO} == {
+      split: len(audio) for split, audio in GOOD_AUDIO.items()}
+  assert _records(rebuilt, "development").keys() == GOOD_AUDIO["development"].keys()
+
+
+def test_prepare_cli_prints_counts(raw_dir, builder):
+  result = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", f"--raw_dir={raw_dir}",
+                           f"--out_dir={builder.data_dir_root}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True)
+  assert "development: 8 clips, 40 captions" in result.stdout
+  assert "validation: 4 clips, 12 captions" in result.stdout
+  assert "evaluation: 3 clips, 15 captions" in result.stdout
