@@ -114,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      "clip_id": local["clip_id"], **tokens}, setup.mesh)
       state, metrics = step_fn(state, batch)
       step += 1
+      if step == progress.first_step + 1:
+        progress.restart_clock(step)  # Rates and ETA leave out the compilation of the first step.
       if step % config.train.log_every_steps == 0 or step % setup.steps_per_epoch == 0:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(scalars["loss"]):
@@ -123,7 +125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         logging.info("step %d/%d epoch %d loss %.4f  %.2f steps/s  ETA %s", step, total_steps, epoch + 1,
                      scalars["loss"], scalars["steps_per_sec"], progress.eta(step))
+    eval_start = time.perf_counter()
     val_metrics = setup.evaluate(state, config.data.val_split)
+    logging.info("Evaluated %s in %.1f s", config.data.val_split, time.perf_counter() - eval_start)
     if config.eval.selection_metric not in val_metrics:
       raise KeyError(f"config.eval.selection_metric={config.eval.selection_metric!r} is not one of "
                      f"{sorted(val_metrics)}")
@@ -165,6 +169,7 @@ class _Progress:
 
   def __init__(self, total_steps: int, step: int):
     self.total_steps = total_steps
+    self.first_step = step
     self.restart_clock(step)
 
   def restart_clock(self, step: int):

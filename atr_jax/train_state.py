@@ -17,12 +17,23 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Adam with the reference's step decay, after global-norm clipping. Returns (tx, learning-rate schedule)."""
-  schedule = optax.exponential_decay(
-      init_value=optim_config.learning_rate, transition_steps=optim_config.decay_every_epochs * steps_per_epoch,
-      decay_rate=optim_config.decay_factor, staircase=True)
+  """Adam with the reference's step decay, after global-norm clipping; the pretrained text tower (BERT body) may
+  get its own learning rate (`optim.text_learning_rate`). Returns (tx, schedule of the main learning rate)."""
+  def step_decay(learning_rate):
+    return optax.exponential_decay(
+        init_value=learning_rate, transition_steps=optim_config.decay_every_epochs * steps_per_epoch,
+        decay_rate=optim_config.decay_factor, staircase=True)
+
+  schedule = step_decay(optim_config.learning_rate)
+  adam = optax.adam(schedule)
+  if optim_config.text_learning_rate is not None:
+    def labels(params):
+      return {"model": {name: "text" if name == "text" else "rest" for name in params["model"]},
+              "loss": jax.tree.map(lambda _: "rest", params["loss"])}
+    adam = optax.multi_transform(
+        {"rest": adam, "text": optax.adam(step_decay(optim_config.text_learning_rate))}, labels)
   parts = [optax.clip_by_global_norm(optim_config.grad_clip_norm)] if optim_config.grad_clip_norm > 0 else []
-  return optax.chain(*parts, optax.adam(schedule)), schedule
+  return optax.chain(*parts, adam), schedule
 
 
 def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):

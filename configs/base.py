@@ -51,6 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-4  # Adam.
+  config.optim.text_learning_rate = None  # Learning rate of the BERT body; None = optim.learning_rate.
   config.optim.grad_clip_norm = 2.0  # Global-norm clipping; 0 disables.
   config.optim.decay_every_epochs = 20  # StepLR of the reference: x decay_factor every this many epochs.
   config.optim.decay_factor = 0.1

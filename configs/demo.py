@@ -35,10 +35,11 @@ def get_config():
   config.model.embed_dim = 256
   config.model.head_hidden = 512
 
-  config.optim.learning_rate = 5e-4
+  config.optim.learning_rate = 1e-3  # The audio tower and heads learn from scratch...
+  config.optim.text_learning_rate = 1e-4  # ...the pretrained MiniLM is fine-tuned gently.
   config.optim.decay_every_epochs = 2
   config.optim.decay_factor = 0.3
   config.train.global_batch_size = 32
-  config.train.num_epochs = 2
+  config.train.num_epochs = 3
   config.train.log_every_steps = 20
   return config

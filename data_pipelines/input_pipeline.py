@@ -124,11 +124,12 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
            .flat_map(_clip_to_pairs)
            .shuffle(shuffle_buffer, seed=pair_seed)
            .repeat()  # A shard with fewer pairs than steps * batch_size goes round again.
+           # Stop at the epoch's last pair: reading past it would make `repeat` refill the shuffle buffers.
+           .take(steps * batch_size)
            .skip(skip_batches * batch_size))
   crop = functools.partial(_random_crop, base_seed=tf.constant([seed, epoch], tf.int64), max_frames=max_frames)
   batches = (pairs.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
              .batch(batch_size, drop_remainder=True)
-             .take(steps - skip_batches)
              .prefetch(tf.data.AUTOTUNE))
   return _deterministic(batches)
 
