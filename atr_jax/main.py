@@ -1,13 +1,8 @@
 """Command line: `python -m atr_jax.main --config configs/<name>.py --workdir DIR [--mode train|evaluate]
 [--config.key=value ...]`."""
-import os
+from atr_jax import xla_flags
 
-# XLA's default CPU convolution path (YNNPACK) is ~2x slower for CNN14 training (SPEC 10); opt out unless the user
-# set the flag. Must happen before jax is imported.
-_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_FLAG}".strip()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+xla_flags.set_defaults()  # Before jax is imported.
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

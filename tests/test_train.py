@@ -75,3 +75,15 @@ def test_train_resume_and_evaluate(tmp_path, caplog):
   before = json.load(open(os.path.join(workdir, "results.json")))
   again = train.evaluate_best(config, workdir)
   assert {k: again[k] for k in METRIC_KEYS} == {k: before[k] for k in METRIC_KEYS}
+
+
+def test_cli_rejects_misspelt_config_key(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, "-m", "atr_jax.main", "--config", "configs/demo.py", "--workdir", str(tmp_path),
+       "--config.train.num_epoch=3"], capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0
+  assert "num_epoch" in result.stderr
+  assert not os.listdir(tmp_path)  # Nothing was started.
