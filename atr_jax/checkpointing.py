@@ -17,7 +17,7 @@ def create_manager(workdir: str, selection_metric: str) -> ocp.CheckpointManager
   options = ocp.CheckpointManagerOptions(best_fn=metric, best_mode="max", preservation_policy=policy,
                                          enable_async_checkpointing=False)
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict) -> None:
@@ -32,3 +32,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
 
 def abstract_with_shardings(abstract_state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
+def restore_on_one_device(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The saved state as nested dicts of arrays on the first local device, whatever topology saved it."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step).tree
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))

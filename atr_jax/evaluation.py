@@ -1,4 +1,4 @@
-"""Embedding a whole split and scoring retrieval on it.
+"""Embedding a whole split (every clip and caption) or any caption list, for retrieval metrics and submissions.
 
 Every clip is embedded once and every caption once, in fixed-size padded batches (the last one masked), so the
 jitted functions compile once and every process runs the same number of steps. A clip's embedding never depends on
@@ -11,7 +11,6 @@ import numpy as np
 from absl import logging
 
 from atr_jax import sharding, tokenization
-from atr_jax.metrics import retrieval_metrics
 from data_pipelines import input_pipeline
 
 
@@ -67,18 +66,29 @@ def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenizer
       audio = np.zeros((len(file_names), emb.shape[1]), np.float32)
     audio[clip_ids[valid]] = emb[valid]
 
+  text = embed_captions(embedder, variables, captions, tokenizer=tokenizer, max_len=max_len,
+                        global_batch_size=global_batch_size)
+  logging.info("Embedded split %s: %d clips, %d captions", split, audio.shape[0], text.shape[0])
+  return SplitEmbeddings(audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions,
+                         file_names=file_names)
+
+
+def embed_captions(embedder: Embedder, variables, captions: list, *, tokenizer, max_len: int,
+                   global_batch_size: int) -> np.ndarray:
+  """Embeddings [len(captions), D] of any caption list (identical on every process; each process tokenizes the
+  whole list and feeds its slice of each padded global batch)."""
+  if len(captions) == 0:
+    raise ValueError("embed_captions: the caption list is empty")
+  local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
   text_chunks = []
   for start in range(0, len(captions), global_batch_size):
-    chunk = captions[start:start + global_batch_size]
+    chunk = list(captions[start:start + global_batch_size])
     padded = chunk + [""] * (global_batch_size - len(chunk))
     tokens = tokenization.tokenize(tokenizer, padded, max_len)
     lo = jax.process_index() * local_batch_size
     local = {k: v[lo:lo + local_batch_size] for k, v in tokens.items()}
     text_chunks.append(embedder.text(variables, local)[:len(chunk)])
-  text = np.concatenate(text_chunks)
-  logging.info("Embedded split %s: %d clips, %d captions", split, audio.shape[0], text.shape[0])
-  return SplitEmbeddings(audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions,
-                         file_names=file_names)
+  return np.concatenate(text_chunks)
 
 
 def _gather_rows(local_rows: np.ndarray) -> np.ndarray:
@@ -87,8 +97,3 @@ def _gather_rows(local_rows: np.ndarray) -> np.ndarray:
     return np.asarray(local_rows)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.asarray(local_rows), tiled=True))
-
-
-def evaluate_split(embedder: Embedder, variables, builder, split: str, **kwargs) -> dict:
-  emb = embed_split(embedder, variables, builder, split, **kwargs)
-  return retrieval_metrics(emb.audio, emb.text, emb.caption_clip_ids)

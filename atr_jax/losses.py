@@ -2,7 +2,19 @@
 
 Pair i of a batch is (audio_emb[i], text_emb[i]); ``clip_ids[i]`` names its audio clip, so pairs of one clip (several
 captions of it in the batch) are known to the loss. Embeddings are L2-normalised here (idempotent on normalised
-input) and compared by dot product, in float32 (float64 when given float64 under x64).
+input) and compared by dot product, in float32 (float64 when given float64 under x64). S[i, j] = audio i . caption j,
+N = global batch, M[i, j] = same clip.
+
+| name             | per query row q (a row of S, then of S^T), p = S[q, q]                    | loss          |
+|------------------|---------------------------------------------------------------------------|---------------|
+| triplet_max      | max over c not in q's clip of relu(margin + S[q, c] - p)                  | sum / N       |
+| triplet_sum      | sum over c not in q's clip of relu(margin + S[q, c] - p)                  | sum / N       |
+| triplet_weighted | n = max over c not in q's clip of S[q, c]; if n + margin > p:             | sum / N       |
+|                  | relu(0.2p^2 - 0.7p + 0.5) + relu(0.9n^2 - 0.4n + 0.03), else 0            |               |
+| ntxent           | -log softmax(S[q] / tau) at q (same-clip captions stay negatives)         | sum / (2N)    |
+| infonce          | as ntxent, the other pairs of q's clip leave the denominator              | sum / (2N)    |
+| siglip           | over all pairs: softplus(-z (t S + b)), z = +1 same clip, -1 otherwise    | sum / N^2     |
+(siglip is the mean over all N^2 pairs as SPEC 5 writes it; the SigLIP paper divides the same sum by N.)
 
 Every loss is written once, as a *share*: the contribution of a block of local rows (pairs) scored against all
 pairs of the global batch, already divided by the global normaliser, so that the loss is the sum of the shares.
@@ -11,12 +23,16 @@ pairs of the global batch, already divided by the global normaliser, so that the
   both modalities and the clip ids over the batch axis (memory O(B_local x B_global)), computes its share and the
   shares are summed with ``psum``. Autodiff turns the all-gathers into reduce-scatters, so the value and the
   gradients equal the unsharded computation on the same global batch.
-A new loss (triplets, NT-Xent, SigLIP) is one share function plus one ``_LOSSES`` entry.
+- chunked (``chunked=True``, siglip only): a pairwise loss needs no all-gather: the caption blocks travel round the
+  ring of devices (``ppermute``), each device scoring its B_local audio rows against one B_local block at a time, so
+  no device holds more than B_local x B_local scores (the loop body is rematerialised in the backward pass).
 
-Temperature: fixed (``temperature=`` given to ``make_loss_fn`` / ``get_loss``) or learnable, CLIP-style:
-``loss_params = {'log_temperature': log(tau)}`` and tau = clip(exp(log_temperature), *TEMPERATURE_RANGE); outside
-the range the clip holds tau at the bound and the gradient to log_temperature is zero (as CLIP's clamp). A learnable
-temperature in ``loss_params`` takes precedence over a fixed one.
+Hyper-parameters: fixed (``margin=``, ``temperature=``, ``scale=``, ``bias=`` given to ``make_loss_fn`` /
+``get_loss``) or learnable (``init_loss_params(name, learnable=True, ...)``), in which case they live in
+``loss_params`` and take precedence over fixed ones:
+- ntxent / infonce: ``{'log_temperature'}``, tau = clip(exp(log_temperature), *TEMPERATURE_RANGE); outside the range
+  the clip holds tau at the bound and the gradient is zero (as CLIP's clamp);
+- siglip: ``{'log_scale', 'bias'}``, t = exp(log_scale) (SigLIP initialises t = 10, b = -10).
 """
 from __future__ import annotations
 
@@ -29,6 +45,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 TEMPERATURE_RANGE = (0.01, 1.0)
+DEFAULT_MARGIN = 0.2
+WEIGHTED_TRIPLET_POSITIVE = (0.2, -0.7, 0.5)  # coefficients (x^2, x, 1) of the positive term of triplet_weighted
+WEIGHTED_TRIPLET_NEGATIVE = (0.9, -0.4, 0.03)  # ... and of its negative term
+
+LossFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
 
 
 class _Rows(NamedTuple):
@@ -42,15 +63,19 @@ class _Rows(NamedTuple):
     offset: jax.Array | int
 
 
+class _Queries(NamedTuple):
+    """One direction of a share: local query rows scored against every candidate of the global batch."""
+    scores: jax.Array  # (b, B) cosine similarities
+    positive: jax.Array  # (b,) score of each query's own pair
+    is_own: jax.Array  # (b, B) the query's own pair
+    same_clip: jax.Array  # (b, B) candidates of the query's clip (its own pair included)
+
+
 class _LossDef(NamedTuple):
-    share: Callable[[_Rows, dict[str, jax.Array], dict[str, Any]], jax.Array]  # (rows, loss_params, fixed) -> share
+    share: Callable[[_Rows, dict, dict], jax.Array]  # (rows, loss_params, fixed) -> share of the loss
     fixed_keys: frozenset[str]  # hyper-parameters accepted as **fixed
-    init_params: Callable[..., dict[str, jax.Array]]  # keyword arguments of init_loss_params -> loss_params
-
-
-def infonce(audio_emb: jax.Array, text_emb: jax.Array, clip_ids: jax.Array, temperature: float) -> jax.Array:
-    """Symmetric InfoNCE of one (global) batch with a fixed temperature; same-clip pairs leave the denominators."""
-    return get_loss("infonce", temperature=temperature)(audio_emb, text_emb, clip_ids)
+    learnable_init: Callable[..., dict] | None  # initial hyper-parameters -> loss_params; None: nothing to learn
+    pair_block: Callable[..., jax.Array] | None = None  # pairwise losses: (audio, text, ids_a, ids_t, params, fixed)
 
 
 def get_loss(name: str, **fixed: Any) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
@@ -59,15 +84,24 @@ def get_loss(name: str, **fixed: Any) -> Callable[[jax.Array, jax.Array, jax.Arr
     return lambda audio_emb, text_emb, clip_ids: loss_fn(audio_emb, text_emb, clip_ids, {})
 
 
-def make_loss_fn(name: str, mesh: jax.sharding.Mesh | None, axis: str = "data",
-                 **fixed: Any) -> Callable[[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]], jax.Array]:
+def infonce(audio_emb: jax.Array, text_emb: jax.Array, clip_ids: jax.Array, temperature: float) -> jax.Array:
+    """Symmetric InfoNCE of one (global) batch with a fixed temperature; same-clip pairs leave the denominators."""
+    return get_loss("infonce", temperature=temperature)(audio_emb, text_emb, clip_ids)
+
+
+def make_loss_fn(name: str, mesh: jax.sharding.Mesh | None, axis: str = "data", *, chunked: bool = False,
+                 **fixed: Any) -> LossFn:
     """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params) -> scalar`` on the global batch.
 
     With a mesh the batch (leading) axis of the three arrays is sharded over ``axis`` and the loss runs per device
     in ``jax.shard_map`` (see module docstring); ``loss_params`` (from ``init_loss_params``) are replicated.
+    ``chunked`` selects the ring variant of a pairwise loss (siglip); it changes memory, not the value.
     """
     loss = _loss_def(name)
     _check_fixed(name, loss, fixed)
+    if chunked and loss.pair_block is None:
+        raise ValueError(f"loss {name!r} has no chunked variant (only pairwise losses do: "
+                         f"{sorted(n for n, d in _LOSSES.items() if d.pair_block is not None)})")
 
     if mesh is None:
         def unsharded(audio_emb, text_emb, clip_ids, loss_params):
@@ -78,69 +112,172 @@ def make_loss_fn(name: str, mesh: jax.sharding.Mesh | None, axis: str = "data",
 
     if axis not in mesh.axis_names:
         raise ValueError(f"loss {name!r}: mesh has no axis {axis!r} (axes: {mesh.axis_names})")
+    n_devices = mesh.shape[axis]
+
+    def gathered_share(audio, text, clip_ids, loss_params):
+        gather = lambda x: jax.lax.all_gather(x, axis, tiled=True)  # noqa: E731
+        offset = jax.lax.axis_index(axis) * audio.shape[0]
+        return loss.share(_Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset),
+                          loss_params, fixed)
+
+    def ring_share(audio, text, clip_ids, loss_params):
+        ring = [(d, (d + 1) % n_devices) for d in range(n_devices)]
+
+        @jax.checkpoint
+        def visit(_, carry):
+            text_block, text_ids, total = carry
+            total = total + loss.pair_block(audio, text_block, clip_ids, text_ids, loss_params, fixed)
+            return jax.lax.ppermute(text_block, axis, ring), jax.lax.ppermute(text_ids, axis, ring), total
+
+        total = jax.lax.pcast(jnp.zeros((), audio.dtype), axis, to="varying")  # a per-device sum, as the carry
+        _, _, total = jax.lax.fori_loop(0, n_devices, visit, (text, clip_ids, total))
+        return total / (n_devices * audio.shape[0]) ** 2
+
+    share = ring_share if chunked else gathered_share
 
     def per_device(audio_emb, text_emb, clip_ids, loss_params):
         audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
-        gather = lambda x: jax.lax.all_gather(x, axis, tiled=True)  # noqa: E731
-        offset = jax.lax.axis_index(axis) * audio.shape[0]
-        rows = _Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset)
-        return jax.lax.psum(loss.share(rows, loss_params, fixed), axis)
+        return jax.lax.psum(share(audio, text, clip_ids, loss_params), axis)
 
     sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P()), out_specs=P())
 
     def sharded(audio_emb, text_emb, clip_ids, loss_params):
-        _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=mesh.shape[axis])
+        _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=n_devices)
         return sharded_loss(audio_emb, text_emb, clip_ids, loss_params)
     return sharded
 
 
-def init_loss_params(name: str, *, learnable_temperature: bool, temperature: float) -> dict[str, jax.Array]:
-    """Trainable parameters of a loss: ``{'log_temperature': log(temperature)}`` when learnable, else ``{}``."""
-    return _loss_def(name).init_params(learnable_temperature=learnable_temperature, temperature=temperature)
-
-
-# ---------------------------------------------------------------------------------------------------------- InfoNCE
-
-def _infonce_share(rows: _Rows, loss_params: dict[str, jax.Array], fixed: dict[str, Any]) -> jax.Array:
-    """0.5 (audio->text + text->audio) cross entropy of S / tau, mean over the global batch, same-clip pairs masked."""
-    temperature = _temperature("infonce", loss_params, fixed)
-    audio_to_text = _masked_cross_entropy(rows.audio, rows.all_text, rows.clip_ids, rows.all_clip_ids, rows.offset,
-                                          temperature)
-    text_to_audio = _masked_cross_entropy(rows.text, rows.all_audio, rows.clip_ids, rows.all_clip_ids, rows.offset,
-                                          temperature)
-    return 0.5 * (audio_to_text + text_to_audio) / rows.all_clip_ids.shape[0]
-
-
-def _masked_cross_entropy(queries: jax.Array, candidates: jax.Array, query_clips: jax.Array,
-                          candidate_clips: jax.Array, offset: jax.Array | int, temperature: jax.Array) -> jax.Array:
-    """Sum over query rows of -log softmax(q . c / tau) at the query's own pair (candidate ``offset + row``).
-
-    The other candidates of the query's clip are neither positives nor negatives: they leave the denominator.
-    """
-    logits = jnp.einsum("qd,cd->qc", queries, candidates, precision=jax.lax.Precision.HIGHEST) / temperature
-    own = offset + jnp.arange(queries.shape[0])
-    is_own = own[:, None] == jnp.arange(candidates.shape[0])[None, :]
-    in_denominator = is_own | (query_clips[:, None] != candidate_clips[None, :])
-    positive = jnp.take_along_axis(logits, own[:, None], axis=1)[:, 0]
-    return jnp.sum(jax.nn.logsumexp(logits, axis=1, where=in_denominator) - positive)
-
-
-def _init_temperature_params(*, learnable_temperature: bool, temperature: float) -> dict[str, jax.Array]:
-    _check_temperature(temperature)
-    if not learnable_temperature:
+def init_loss_params(name: str, *, learnable: bool, **initial: Any) -> dict[str, jax.Array]:
+    """Trainable parameters of a loss, ``{}`` unless ``learnable``; ``initial`` holds the starting hyper-parameters
+    (``temperature`` for ntxent/infonce, default 0.07; ``scale``, ``bias`` for siglip, default 10 and -10)."""
+    loss = _loss_def(name)
+    _check_fixed(name, loss, initial)
+    if not learnable:
         return {}
+    if loss.learnable_init is None:
+        raise ValueError(f"loss {name!r} has no learnable parameters")
+    return loss.learnable_init(**initial)
+
+
+def make_loss_fn_from_config(loss_config, mesh: jax.sharding.Mesh | None, axis: str = "data") -> LossFn:
+    """``make_loss_fn`` for ``config.loss``: its name, the hyper-parameters that loss takes, and siglip_chunked."""
+    chunked = loss_config.name == "siglip" and bool(loss_config.get("siglip_chunked", False))
+    return make_loss_fn(loss_config.name, mesh, axis, chunked=chunked, **_config_hyper_parameters(loss_config))
+
+
+def init_loss_params_from_config(loss_config) -> dict[str, jax.Array]:
+    """``init_loss_params`` for ``config.loss`` (learnable per ``learnable_temperature`` / ``siglip_learnable``)."""
+    learnable_key = _LEARNABLE_CONFIG_KEY.get(loss_config.name)
+    learnable = learnable_key is not None and bool(loss_config.get(learnable_key, False))
+    return init_loss_params(loss_config.name, learnable=learnable, **_config_hyper_parameters(loss_config))
+
+
+# -------------------------------------------------------------------------------------------------------- shares
+
+def _directions(rows: _Rows) -> tuple[_Queries, _Queries]:
+    """Audio rows against all captions (rows of S) and caption rows against all clips (rows of S^T)."""
+    own = rows.offset + jnp.arange(rows.clip_ids.shape[0])
+    is_own = own[:, None] == jnp.arange(rows.all_clip_ids.shape[0])[None, :]
+    same_clip = rows.clip_ids[:, None] == rows.all_clip_ids[None, :]
+
+    def queries(local, candidates):
+        scores = _scores(local, candidates)
+        return _Queries(scores, jnp.take_along_axis(scores, own[:, None], axis=1)[:, 0], is_own, same_clip)
+    return queries(rows.audio, rows.all_text), queries(rows.text, rows.all_audio)
+
+
+def _hinge_costs(q: _Queries, margin: float) -> jax.Array:
+    """relu(margin + S[q, c] - p) for candidates of other clips, 0 for the query's own clip."""
+    return jnp.where(q.same_clip, 0.0, jax.nn.relu(margin + q.scores - q.positive[:, None]))
+
+
+def _triplet_max_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+    margin = fixed.get("margin", DEFAULT_MARGIN)
+    total = sum(jnp.sum(jnp.max(_hinge_costs(q, margin), axis=1)) for q in _directions(rows))
+    return total / rows.all_clip_ids.shape[0]
+
+
+def _triplet_sum_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+    margin = fixed.get("margin", DEFAULT_MARGIN)
+    return sum(jnp.sum(_hinge_costs(q, margin)) for q in _directions(rows)) / rows.all_clip_ids.shape[0]
+
+
+def _triplet_weighted_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+    margin = fixed.get("margin", DEFAULT_MARGIN)
+
+    def quadratic(coefficients, x):
+        a, b, c = coefficients
+        return jax.nn.relu(a * x * x + b * x + c)
+
+    total = 0.0
+    for q in _directions(rows):
+        hardest = jnp.max(jnp.where(q.same_clip, -jnp.inf, q.scores), axis=1)
+        has_hard = hardest + margin > q.positive  # False when every candidate is of the query's clip (-inf)
+        hardest = jnp.where(has_hard, hardest, 0.0)  # keeps -inf out of the gradient
+        row_loss = quadratic(WEIGHTED_TRIPLET_POSITIVE, q.positive) + quadratic(WEIGHTED_TRIPLET_NEGATIVE, hardest)
+        total = total + jnp.sum(jnp.where(has_hard, row_loss, 0.0))
+    return total / rows.all_clip_ids.shape[0]
+
+
+def _cross_entropy_share(mask_same_clip: bool) -> Callable[[_Rows, dict, dict], jax.Array]:
+    """0.5 (audio->text + text->audio) cross entropy of S / tau at the own pair, mean over the global batch; with
+    ``mask_same_clip`` the other pairs of the query's clip leave the denominator (infonce), else they stay (ntxent)."""
+    name = "infonce" if mask_same_clip else "ntxent"
+
+    def share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+        temperature = _temperature(name, loss_params, fixed)
+        total = 0.0
+        for q in _directions(rows):
+            in_denominator = (q.is_own | ~q.same_clip) if mask_same_clip else None
+            log_normaliser = jax.nn.logsumexp(q.scores / temperature, axis=1, where=in_denominator)
+            total = total + jnp.sum(log_normaliser - q.positive / temperature)
+        return 0.5 * total / rows.all_clip_ids.shape[0]
+    return share
+
+
+def _siglip_pair_block(audio, text, audio_ids, text_ids, loss_params: dict, fixed: dict) -> jax.Array:
+    """Sum over the pairs of an (audio block) x (caption block) of softplus(-z (t S + b))."""
+    scale, bias = _siglip_scale_bias(loss_params, fixed)
+    logits = scale * _scores(audio, text) + bias
+    sign = jnp.where(audio_ids[:, None] == text_ids[None, :], 1.0, -1.0)
+    return jnp.sum(jax.nn.softplus(-sign * logits))
+
+
+def _siglip_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+    block = _siglip_pair_block(rows.audio, rows.all_text, rows.clip_ids, rows.all_clip_ids, loss_params, fixed)
+    return block / rows.all_clip_ids.shape[0] ** 2
+
+
+def _init_temperature_params(*, temperature: float = 0.07) -> dict[str, jax.Array]:
     low, high = TEMPERATURE_RANGE
     if not low <= temperature <= high:
         raise ValueError(f"a learnable temperature must start inside {TEMPERATURE_RANGE}, got {temperature}")
     return {"log_temperature": jnp.asarray(math.log(temperature), jnp.float32)}
 
 
+def _init_siglip_params(*, scale: float = 10.0, bias: float = -10.0) -> dict[str, jax.Array]:
+    return {"log_scale": jnp.asarray(math.log(scale), jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+
+_TRIPLET_KEYS = frozenset({"margin"})
 _LOSSES: dict[str, _LossDef] = {
-    "infonce": _LossDef(_infonce_share, frozenset({"temperature"}), _init_temperature_params),
+    "triplet_max": _LossDef(_triplet_max_share, _TRIPLET_KEYS, None),
+    "triplet_sum": _LossDef(_triplet_sum_share, _TRIPLET_KEYS, None),
+    "triplet_weighted": _LossDef(_triplet_weighted_share, _TRIPLET_KEYS, None),
+    "ntxent": _LossDef(_cross_entropy_share(mask_same_clip=False), frozenset({"temperature"}),
+                       _init_temperature_params),
+    "infonce": _LossDef(_cross_entropy_share(mask_same_clip=True), frozenset({"temperature"}),
+                        _init_temperature_params),
+    "siglip": _LossDef(_siglip_share, frozenset({"scale", "bias"}), _init_siglip_params, _siglip_pair_block),
 }
+# config.loss keys: hyper-parameter -> key, and loss -> the key that makes its hyper-parameters learnable.
+_HYPER_PARAMETER_CONFIG_KEY = {"margin": "margin", "temperature": "temperature", "scale": "siglip_scale",
+                               "bias": "siglip_bias"}
+_LEARNABLE_CONFIG_KEY = {"ntxent": "learnable_temperature", "infonce": "learnable_temperature",
+                         "siglip": "siglip_learnable"}
 
 
-# ---------------------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------------------- helpers
 
 def _loss_def(name: str) -> _LossDef:
     if name not in _LOSSES:
@@ -148,27 +285,43 @@ def _loss_def(name: str) -> _LossDef:
     return _LOSSES[name]
 
 
+def _config_hyper_parameters(loss_config) -> dict[str, Any]:
+    """The hyper-parameters of loss ``loss_config.name`` that ``loss_config`` sets (``config.loss.<key>``)."""
+    keys = _loss_def(loss_config.name).fixed_keys
+    return {key: loss_config[_HYPER_PARAMETER_CONFIG_KEY[key]] for key in sorted(keys)
+            if loss_config.get(_HYPER_PARAMETER_CONFIG_KEY[key]) is not None}
+
+
 def _check_fixed(name: str, loss: _LossDef, fixed: dict[str, Any]) -> None:
     unknown = set(fixed) - loss.fixed_keys
     if unknown:
         raise ValueError(f"loss {name!r} got unknown hyper-parameters {sorted(unknown)}; it takes "
                          f"{sorted(loss.fixed_keys)}")
-    if "temperature" in fixed:
-        _check_temperature(fixed["temperature"])
+    for key, value in fixed.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"loss {name!r}: {key} must be a number, got {value!r}")
+        if key in ("temperature", "scale") and not value > 0:
+            raise ValueError(f"loss {name!r}: {key} must be a positive number, got {value!r}")
+        if key == "margin" and not value >= 0:
+            raise ValueError(f"loss {name!r}: margin must be >= 0, got {value!r}")
 
 
-def _check_temperature(temperature: Any) -> None:
-    if not isinstance(temperature, numbers.Real) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-
-
-def _temperature(name: str, loss_params: dict[str, jax.Array], fixed: dict[str, Any]) -> jax.Array | float:
+def _temperature(name: str, loss_params: dict, fixed: dict) -> jax.Array | float:
     if "log_temperature" in loss_params:
         return jnp.clip(jnp.exp(loss_params["log_temperature"]), *TEMPERATURE_RANGE)
     if "temperature" in fixed:
         return fixed["temperature"]
     raise ValueError(f"loss {name!r} needs a temperature: pass temperature=... (fixed) or "
                      f"loss_params['log_temperature'] (learnable, from init_loss_params)")
+
+
+def _siglip_scale_bias(loss_params: dict, fixed: dict) -> tuple[jax.Array | float, jax.Array | float]:
+    if "log_scale" in loss_params:
+        return jnp.exp(loss_params["log_scale"]), loss_params["bias"]
+    if "scale" in fixed and "bias" in fixed:
+        return fixed["scale"], fixed["bias"]
+    raise ValueError("loss 'siglip' needs scale and bias: pass scale=..., bias=... (fixed) or "
+                     "loss_params {'log_scale', 'bias'} (learnable, from init_loss_params)")
 
 
 def _check_batch(name: str, audio_emb: jax.Array, text_emb: jax.Array, clip_ids: jax.Array, n_shards: int) -> None:
@@ -181,6 +334,10 @@ def _check_batch(name: str, audio_emb: jax.Array, text_emb: jax.Array, clip_ids:
     if audio_emb.shape[0] % n_shards:
         raise ValueError(f"loss {name!r}: global batch {audio_emb.shape[0]} is not divisible by the {n_shards} "
                          f"devices of the batch axis")
+
+
+def _scores(queries: jax.Array, candidates: jax.Array) -> jax.Array:
+    return jnp.einsum("qd,cd->qc", queries, candidates, precision=jax.lax.Precision.HIGHEST)
 
 
 def _l2_normalise(x: jax.Array) -> jax.Array:

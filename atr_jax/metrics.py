@@ -14,8 +14,13 @@ Conventions (both directions):
   (the official DCASE ranking metric), medR / meanR over r.
 - a2t: each clip queries all captions; its relevant captions are those whose entry in ``text_to_audio`` is the clip
   (any number, in any row order). R@k counts "any hit": best = p_1 <= k. mAP@10 = mean over clips of
-  sum_{j: p_j <= 10} (j / p_j) / (number of relevant captions). medR / meanR over p_1. Clips without any caption
-  have nothing to retrieve and are left out of the a2t means (they still compete as candidates in t2a).
+  sum_{j: p_j <= 10} (j / p_j) / (number of relevant captions). medR / meanR over p_1. DCASE's fraction-style
+  recall fR@k = mean over clips of #{j: p_j <= k} / (number of relevant captions). Clips without any caption have
+  nothing to retrieve and are left out of the a2t means (they still compete as candidates in t2a).
+
+Cost: the two score products (captions x clips for t2a, clips x captions for a2t, each in row blocks by BLAS) plus
+one comparison pass per block for t2a and one per relevant-caption slot for a2t; ``score_blocks`` is the bare
+product loop (the floor that scripts/benchmark_eval.py compares against).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ METRIC_COLUMNS = (("R1", "R@1"), ("R5", "R@5"), ("R10", "R@10"), ("mAP10", "mAP@
                   ("meanR", "meanR"))
 DIRECTIONS = ("t2a", "a2t")
 _RANK_KEYS = ("medR", "meanR")
+FRACTION_RECALL_KS = (1, 5, 10)  # a2t_fR{k}: DCASE fraction-style audio-to-text recall
 _BLOCK_BYTES = 64 * 2**20  # target size of one block of scores
 
 
@@ -33,15 +39,31 @@ def retrieval_metrics(audio_emb, text_emb, text_to_audio, block_size: int | None
 
     ``text_to_audio[i]`` is the row of ``audio_emb`` holding caption i's clip. ``block_size`` is the number of query
     rows scored at once (default: as many as fit in ~64 MB of scores). Returns python floats keyed
-    ``{t2a,a2t}_{R1,R5,R10,mAP10,medR,meanR}``.
+    ``{t2a,a2t}_{R1,R5,R10,mAP10,medR,meanR}`` and ``a2t_{fR1,fR5,fR10}``.
     """
     audio, text, owner = _validated(audio_emb, text_emb, text_to_audio)
     if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size < 1):
         raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
     t2a_rank = _text_to_audio_ranks(audio, text, owner, block_size)
     t2a_ap = np.where(t2a_rank <= 10, 1.0 / t2a_rank, 0.0)
-    a2t_best, a2t_ap = _audio_to_text_ranks(audio, text, owner, block_size)
-    return {**_summary("t2a", t2a_rank, t2a_ap), **_summary("a2t", a2t_best, a2t_ap)}
+    a2t_best, a2t_ap, a2t_fraction_recall = _audio_to_text_ranks(audio, text, owner, block_size)
+    return {**_summary("t2a", t2a_rank, t2a_ap), **_summary("a2t", a2t_best, a2t_ap),
+            **{f"a2t_fR{k}": float(np.mean(recall)) for k, recall in zip(FRACTION_RECALL_KS, a2t_fraction_recall)}}
+
+
+def score_blocks(queries: np.ndarray, candidates: np.ndarray, block_size: int | None = None,
+                 query_rows: np.ndarray | None = None):
+    """Yields (slice of query positions, scores [b, N_candidates]) for consecutive blocks of query rows.
+
+    ``query_rows`` (optional) selects and orders the rows of ``queries`` without copying them all; a block holds
+    ``block_size`` rows (default: ~64 MB of scores).
+    """
+    n_queries = queries.shape[0] if query_rows is None else query_rows.size
+    rows = block_size if block_size is not None else max(1, _BLOCK_BYTES // (candidates.shape[0] * queries.itemsize))
+    for start in range(0, n_queries, rows):
+        block = slice(start, min(start + rows, n_queries))
+        block_queries = queries[block] if query_rows is None else queries[query_rows[block]]
+        yield block, block_queries @ candidates.T
 
 
 def format_metrics_table(metrics: dict[str, float]) -> str:
@@ -77,23 +99,18 @@ def _validated(audio_emb, text_emb, text_to_audio) -> tuple[np.ndarray, np.ndarr
     dtype = np.float64 if np.float64 in (audio.dtype, text.dtype) else np.float32
     audio, text = audio.astype(dtype, copy=False), text.astype(dtype, copy=False)
     for name, x in (("audio_emb", audio), ("text_emb", text)):
-        if not np.isfinite(x).all():
+        rows = max(1, _BLOCK_BYTES // (x.shape[1] * x.itemsize))  # checked in blocks: no full-size temporary
+        if not all(np.isfinite(x[start:start + rows]).all() for start in range(0, x.shape[0], rows)):
             raise ValueError(f"{name} holds NaN or infinite values")
     return audio, text, owner.astype(np.int64, copy=False)
 
 
-def _rows_per_block(block_size: int | None, n_columns: int, itemsize: int) -> int:
-    return block_size if block_size is not None else max(1, _BLOCK_BYTES // (n_columns * itemsize))
-
-
 def _text_to_audio_ranks(audio: np.ndarray, text: np.ndarray, owner: np.ndarray, block_size: int | None) -> np.ndarray:
     """Pessimistic 1-based rank of each caption's clip among all clips."""
-    rows = _rows_per_block(block_size, audio.shape[0], audio.itemsize)
     ranks = np.empty(text.shape[0], np.int64)
-    for start in range(0, text.shape[0], rows):
-        scores = text[start:start + rows] @ audio.T  # (b, N_a)
-        true = scores[np.arange(scores.shape[0]), owner[start:start + rows]]
-        ranks[start:start + rows] = (scores >= true[:, None]).sum(axis=1)
+    for block, scores in score_blocks(text, audio, block_size):  # (b, N_a)
+        true = scores[np.arange(scores.shape[0]), owner[block]]
+        ranks[block] = np.count_nonzero(scores >= true[:, None], axis=1)
     return ranks
 
 
@@ -110,29 +127,30 @@ def _captions_by_clip(owner: np.ndarray, n_audio: int) -> tuple[np.ndarray, np.n
 
 
 def _audio_to_text_ranks(audio: np.ndarray, text: np.ndarray, owner: np.ndarray,
-                         block_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per clip with captions: best position p_1 and average precision over the top 10 (see module docstring)."""
+                         block_size: int | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Per clip with captions: best position p_1, average precision over the top 10 and the fraction recalls at
+    FRACTION_RECALL_KS (see module docstring)."""
     clips, table = _captions_by_clip(owner, audio.shape[0])
     n_relevant = np.count_nonzero(table >= 0, axis=1)
     hit_number = np.arange(1, table.shape[1] + 1)  # j
     is_relevant = hit_number[None, :] <= n_relevant[:, None]  # valid slots after a descending sort
-    rows = _rows_per_block(block_size, text.shape[0], text.itemsize)
     best = np.empty(clips.size, np.int64)
     average_precision = np.empty(clips.size, np.float64)
-    for start in range(0, clips.size, rows):
-        block = slice(start, start + rows)
-        scores = audio[clips[block]] @ text.T  # (b, N_t)
+    fraction_recall = [np.empty(clips.size, np.float64) for _ in FRACTION_RECALL_KS]
+    for block, scores in score_blocks(audio, text, block_size, query_rows=clips):  # (b, N_t)
         relevant = np.take_along_axis(scores, np.maximum(table[block], 0), axis=1)
         relevant = -np.sort(-np.where(table[block] >= 0, relevant, -np.inf), axis=1)  # descending, padding last
-        at_or_above = np.stack([(scores >= relevant[:, j, None]).sum(axis=1) for j in range(relevant.shape[1])],
-                               axis=1)
+        at_or_above = np.stack([np.count_nonzero(scores >= relevant[:, j, None], axis=1)
+                                for j in range(relevant.shape[1])], axis=1)
         relevant_at_or_above = (relevant[:, None, :] >= relevant[:, :, None]).sum(axis=2)
         position = hit_number + at_or_above - relevant_at_or_above  # p_j
         best[block] = position[:, 0]
         counted = is_relevant[block] & (position <= 10)
         precision = np.where(counted, hit_number / position, 0.0)
         average_precision[block] = precision.sum(axis=1) / n_relevant[block]
-    return best, average_precision
+        for k, recall in zip(FRACTION_RECALL_KS, fraction_recall):
+            recall[block] = np.count_nonzero(is_relevant[block] & (position <= k), axis=1) / n_relevant[block]
+    return best, average_precision, fraction_recall
 
 
 def _summary(direction: str, ranks: np.ndarray, average_precision: np.ndarray) -> dict[str, float]:

@@ -1,17 +1,13 @@
 """Caption tokenisation outside the jitted step: HF tokenizers to fixed-length int32 id and mask arrays."""
-import os
-
 import numpy as np
+
+from atr_jax.models.hf_hub import resolve_model_dir
 
 
 def load_tokenizer(model_dir: str):
-  """The HF tokenizer stored in a local model folder (tokenizer.json or vocab.txt)."""
-  model_dir = os.path.expanduser(model_dir)
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"text model folder {model_dir!r} does not exist (config.model.text.model_dir); "
-                            "download the HF model there first, see README")
+  """The HF tokenizer of a text model (a local folder with tokenizer.json or vocab.txt, or a hub name)."""
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(model_dir)
+  return AutoTokenizer.from_pretrained(resolve_model_dir(model_dir))
 
 
 def tokenize(tokenizer, captions, max_len: int) -> dict:

@@ -17,11 +17,13 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from atr_jax import checkpointing, evaluation, losses, sharding, tokenization
+from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer
-from atr_jax.metrics import format_metrics_table
+from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.dual_encoder import build_model
 from data_pipelines import datasets, input_pipeline
+
+CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
 
 
 def train_step(state: TrainState, batch: dict, *, loss_fn, rng):
@@ -73,17 +75,23 @@ class _Setup:
     abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
     return checkpointing.restore(self.manager, step, abstract)
 
-  def evaluate(self, state, split: str) -> dict:
+  def embed(self, state, split: str) -> evaluation.SplitEmbeddings:
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-    return evaluation.evaluate_split(
+    return evaluation.embed_split(
         self.embedder, variables, self.builder, split, tokenizer=self.tokenizer,
         max_len=self.config.model.text.max_len, global_batch_size=self.config.eval.batch_size,
         max_frames=self.config.data.eval_max_frames)
+
+  def evaluate(self, state, split: str) -> dict:
+    emb = self.embed(state, split)
+    return retrieval_metrics(emb.audio, emb.text, emb.caption_clip_ids)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the workdir's latest checkpoint), then scores the best checkpoint on the test split."""
   setup = _Setup(config, workdir)
+  if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
+    _write_atomically(os.path.join(setup.workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
   state, shardings = setup.fresh_state()
   latest = setup.manager.latest_step()
   if latest is not None:
@@ -93,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if latest is None:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
-  loss_fn = losses.make_loss_fn(config.loss.name, setup.mesh, temperature=config.loss.temperature)
+  loss_fn = losses.make_loss_fn_from_config(config.loss, setup.mesh)
   step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=setup.train_rng),
                     in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                     out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
@@ -126,8 +134,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("step %d/%d epoch %d loss %.4f  %.2f steps/s  ETA %s", step, total_steps, epoch + 1,
                      scalars["loss"], scalars["steps_per_sec"], progress.eta(step))
     eval_start = time.perf_counter()
-    val_metrics = setup.evaluate(state, config.data.val_split)
+    val_emb = setup.embed(state, config.data.val_split)
+    val_metrics = retrieval_metrics(val_emb.audio, val_emb.text, val_emb.caption_clip_ids)
     logging.info("Evaluated %s in %.1f s", config.data.val_split, time.perf_counter() - eval_start)
+    if config.eval.num_retrieval_examples > 0:
+      summaries.write_retrieval_examples(writer, step, val_emb, raw_dir=config.data.raw_dir,
+                                         split=config.data.val_split, num_queries=config.eval.num_retrieval_examples)
     if config.eval.selection_metric not in val_metrics:
       raise KeyError(f"config.eval.selection_metric={config.eval.selection_metric!r} is not one of "
                      f"{sorted(val_metrics)}")
@@ -156,12 +168,16 @@ def _evaluate_best_and_report(setup: _Setup, state, shardings) -> dict:
   if jax.process_index() == 0:
     results = {**metrics, "split": split, "checkpoint_step": int(best)}
     path = os.path.join(setup.workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    _write_atomically(path, json.dumps(results, indent=2))
     print(f"Best checkpoint (step {best}) on split {split!r}:\n{format_metrics_table(metrics)}\n"
           f"written to {path}", flush=True)
   return metrics
+
+
+def _write_atomically(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 class _Progress:

@@ -30,12 +30,23 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.audio = ml_collections.ConfigDict()
+  config.model.audio.arch = "cnn14"  # Audio tower: "cnn14" or "resnet38" (PANNs, SPEC 3).
   config.model.audio.channels = (64, 128, 256, 512, 1024, 2048)  # CNN14 ConvBlock widths.
   config.model.audio.last_pool = (2, 2)  # Block-6 pooling: (2, 2) as the retrieval reference, (1, 1) as PANNs.
-  config.model.audio.dropout = 0.2
+  config.model.audio.dropout = 0.2  # After each CNN14 ConvBlock; after ResNet38's stem, trunk and last ConvBlock.
   config.model.audio.spec_augment = True
+  config.model.audio.resnet = ml_collections.ConfigDict()  # ResNet38 only.
+  config.model.audio.resnet.widths = (64, 128, 256, 512)  # Widths of the stages layer1..4 (stem = widths[0]).
+  config.model.audio.resnet.blocks = (3, 4, 6, 3)  # Basic blocks per stage.
+  config.model.audio.resnet.out_features = 2048  # Width of conv_block_after1 = the clip embedding.
+  config.model.audio.resnet.block_dropout = 0.2  # Inside each basic block: 0.2 as the reference, 0.1 as PANNs.
+  # Orbax folder written by `python -m scripts.convert_panns` (a converted PANNs Cnn14/ResNet38 .pth) whose params
+  # and batch_stats initialise the audio tower; "" = random init.
+  config.model.audio.init_from = ""
   config.model.text = ml_collections.ConfigDict()
-  config.model.text.model_dir = "~/models/bert-base-uncased"  # Local HF folder: config.json, weights, tokenizer.
+  # Local HF folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files) of a BERT or RoBERTa
+  # model, or a hub name such as "bert-base-uncased" (downloaded where the network allows).
+  config.model.text.model_dir = "~/models/bert-base-uncased"
   config.model.text.pretrained = True  # Load the folder's weights (else random init of that architecture).
   config.model.text.pooling = "cls"  # "cls" (reference) or "mean" (sentence-transformers).
   config.model.text.dropout = 0.2  # Overrides the HF config's dropout; None keeps it.
@@ -43,15 +54,27 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 1024
   config.model.head_hidden = 2048
   config.model.dtype = "float32"
+  # Towers frozen by optim.frozen run with train=False (BatchNorm on running statistics, no dropout/SpecAugment);
+  # False = the reference (frozen BatchNorm keeps updating its statistics, dropout stays on).
+  config.model.frozen_in_inference_mode = True
 
   config.loss = ml_collections.ConfigDict()
+  # One of triplet_max, triplet_sum, triplet_weighted, ntxent, infonce, siglip (SPEC 5, atr_jax/losses.py).
   config.loss.name = "infonce"
-  config.loss.temperature = 0.07
-  config.loss.learnable_temperature = False
+  config.loss.temperature = 0.07  # ntxent / infonce: tau (the initial value when learnable).
+  config.loss.learnable_temperature = False  # ntxent / infonce: train log tau (CLIP style, clipped to [0.01, 1]).
+  config.loss.margin = 0.2  # triplet_*: the margin m.
+  config.loss.siglip_scale = 10.0  # siglip: scale t of the logits t*S + b (the initial value when learnable).
+  config.loss.siglip_bias = -10.0  # siglip: bias b (the initial value when learnable).
+  config.loss.siglip_learnable = True  # siglip: train log t and b (as the SigLIP paper).
+  config.loss.siglip_chunked = False  # siglip: ring of ppermutes over devices, never a B_local x B_global block.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-4  # Adam.
   config.optim.text_learning_rate = None  # Learning rate of the BERT body; None = optim.learning_rate.
+  # Subtrees not trained (no update, no Adam state, left out of gradient clipping): any of "audio", "text",
+  # "audio_head", "text_head".
+  config.optim.frozen = ()
   config.optim.grad_clip_norm = 2.0  # Global-norm clipping; 0 disables.
   config.optim.decay_every_epochs = 20  # StepLR of the reference: x decay_factor every this many epochs.
   config.optim.decay_factor = 0.1
@@ -64,4 +87,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 64  # Global clips/captions per embedding step (fixed: the last batch is padded).
   config.eval.selection_metric = "t2a_mAP10"  # Validation metric (higher is better) that picks the best checkpoint.
+  # Validation captions shown in TensorBoard after each epoch with their top-5 clips and the top hit's audio; 0: none.
+  config.eval.num_retrieval_examples = 4
   return config

@@ -40,7 +40,7 @@ def main(argv):
   model = build_model(config.model)
   tx, _ = make_optimizer(config.optim, steps_per_epoch=1000)
   state, shardings = create_train_state(config, model, tx, mesh, jax.random.key(0, impl="rbg"))
-  loss_fn = losses.make_loss_fn(config.loss.name, mesh, temperature=config.loss.temperature)
+  loss_fn = losses.make_loss_fn_from_config(config.loss, mesh)
   step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=jax.random.key(1)),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -39,3 +39,13 @@ def test_keeps_latest_and_best_and_restores_exactly(tmp_path):
   assert int(restored.step) == 1
   assert restored.params["model"]["w"].sharding == sharding.replicated(mesh)
   assert reopened.metrics(20)["t2a_mAP10"] == 0.9
+
+
+def test_restore_on_one_device_reads_a_mesh_checkpoint(tmp_path):
+  mesh = sharding.create_mesh()
+  state = jax.device_put(_state(3), sharding.replicated(mesh))
+  manager = checkpointing.create_manager(str(tmp_path), "t2a_mAP10")
+  checkpointing.save(manager, 5, state, {"t2a_mAP10": 0.1})
+  restored = checkpointing.restore_on_one_device(checkpointing.create_manager(str(tmp_path), "t2a_mAP10"), 5)
+  np.testing.assert_array_equal(np.asarray(restored["params"]["model"]["w"]), np.asarray(state.params["model"]["w"]))
+  assert len(restored["batch_stats"]["mean"].sharding.device_set) == 1

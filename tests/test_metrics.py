@@ -1,15 +1,18 @@
 """Retrieval metrics against a brute-force float64 implementation of the SPEC 6 definitions, plus hand-made cases."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
-from atr_jax.metrics import format_metrics_table, retrieval_metrics
+from atr_jax import metrics as metrics_module
+from atr_jax.metrics import format_metrics_table, retrieval_metrics, score_blocks
 
 
 def brute_force_metrics(audio, text, text_to_audio):
     """Full similarity matrix and argsort; valid for inputs without ties (random float64)."""
     sim = text @ audio.T  # (N_t, N_a)
     t2a = np.array([1 + list(np.argsort(-sim[c])).index(text_to_audio[c]) for c in range(len(text))])
-    a2t_best, a2t_ap = [], []
+    a2t_best, a2t_ap, a2t_fraction = [], [], []
     for clip in range(len(audio)):
         relevant = set(np.flatnonzero(text_to_audio == clip))
         if not relevant:
@@ -18,12 +21,14 @@ def brute_force_metrics(audio, text, text_to_audio):
         positions = sorted(1 + ranked.index(c) for c in relevant)
         a2t_best.append(positions[0])
         a2t_ap.append(sum(j / p for j, p in enumerate(positions, start=1) if p <= 10) / len(relevant))
+        a2t_fraction.append([sum(p <= k for p in positions) / len(relevant) for k in (1, 5, 10)])
     t2a_ap = [1.0 / r if r <= 10 else 0.0 for r in t2a]
     out = {}
     for direction, ranks, ap in (("t2a", t2a, t2a_ap), ("a2t", np.array(a2t_best), a2t_ap)):
         out.update({f"{direction}_R1": np.mean(ranks <= 1), f"{direction}_R5": np.mean(ranks <= 5),
                     f"{direction}_R10": np.mean(ranks <= 10), f"{direction}_mAP10": np.mean(ap),
                     f"{direction}_medR": np.median(ranks), f"{direction}_meanR": np.mean(ranks)})
+    out.update({f"a2t_fR{k}": value for k, value in zip((1, 5, 10), np.mean(a2t_fraction, axis=0))})
     return out
 
 
@@ -50,6 +55,7 @@ def test_matches_brute_force(seed, block_size):
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
     assert 0.05 < got["t2a_R10"] < 0.95 and 0.05 < got["a2t_mAP10"] < 0.95  # not a degenerate case
+    assert 0.05 < got["a2t_fR5"] < got["a2t_R5"] < 1.0  # fraction recall differs from "any hit" recall
 
 
 def test_float32_input_agrees_with_float64():
@@ -136,3 +142,39 @@ def test_format_metrics_table():
     assert len({len(line) for line in lines}) == 1  # aligned
     with pytest.raises(ValueError, match="a2t_R1"):
         format_metrics_table({k: v for k, v in metrics.items() if k != "a2t_R1"})
+
+
+def test_fraction_recall_by_hand():
+    # Clip 0 has 3 captions at positions 1, 2 and 4 (caption 3 of clip 1 sits at position 3); clip 1's caption is 1st.
+    audio = np.eye(2)
+    text = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.4]])
+    m = retrieval_metrics(audio, text, np.array([0, 0, 0, 1]))
+    # clip 0 scores captions (0.9, 0.8, 0.3, 0.5): its captions 0, 1, 2 at positions 1, 2, 4 -> fR1 1/3, fR5 1
+    # clip 1 scores (0.1, 0.2, 0.7, 0.4): its caption 3 at position 2 -> fR1 0, fR5 1
+    assert m["a2t_fR1"] == pytest.approx((1 / 3 + 0) / 2)
+    assert m["a2t_fR5"] == m["a2t_fR10"] == 1.0
+    assert m["a2t_R1"] == 0.5
+
+
+def test_memory_stays_within_a_block(monkeypatch):
+    """With 1 MB blocks, scoring 20,000 captions x 4,000 clips (a 320 MB score matrix) stays far below its size."""
+    monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", 2**20)
+    rng = np.random.default_rng(7)
+    audio = rng.standard_normal((4000, 8), dtype=np.float32)
+    text_to_audio = rng.permutation(np.repeat(np.arange(4000), 5))
+    text = audio[text_to_audio] + rng.standard_normal((20000, 8), dtype=np.float32)
+    assert all(scores.nbytes <= 2**20 for _, scores in score_blocks(text, audio))
+    tracemalloc.start()
+    retrieval_metrics(audio, text, text_to_audio)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+
+
+def test_score_blocks_cover_every_query_row_once():
+    rng = np.random.default_rng(8)
+    queries, candidates = rng.normal(size=(11, 3)), rng.normal(size=(5, 3))
+    order = rng.permutation(11)[:9]
+    blocks = list(score_blocks(queries, candidates, block_size=4, query_rows=order))
+    assert [b.stop - b.start for b, _ in blocks] == [4, 4, 1]
+    np.testing.assert_allclose(np.concatenate([scores for _, scores in blocks]), queries[order] @ candidates.T)

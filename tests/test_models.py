@@ -1,5 +1,6 @@
-"""Tests of atr_jax.models: CNN14 (PyTorch parity, padding invariance, SpecAugment, BatchNorm), BERT (parity with
-transformers' PyTorch BertModel on MiniLM and random weights, checkpoint loading errors) and the DualEncoder."""
+"""Tests of atr_jax.models: CNN14 and ResNet38 (padding invariance, SpecAugment, BatchNorm; their PyTorch parity is
+in test_panns), BERT and RoBERTa (parity with transformers' PyTorch models on MiniLM and random weights, checkpoint
+loading errors), the DualEncoder, and frozen towers / per-tower learning rates of the train state."""
 import functools
 import json
 import os
@@ -13,15 +14,19 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from atr_jax.models.bert import BertConfig, BertEncoder, load_hf_params, minilm_dir
+from atr_jax import sharding
+from atr_jax.models.bert import BertConfig, BertEncoder, load_hf_params, minilm_dir, position_ids
 from atr_jax.models.cnn14 import Cnn14, spec_augment
-from atr_jax.models.dual_encoder import build_model, load_pretrained_text, pool_text
+from atr_jax.models.resnet38 import ResNet38
+from atr_jax.models.dual_encoder import build_audio_tower, build_model, load_pretrained_text, pool_text
+from atr_jax.train_state import create_train_state, make_optimizer
+from configs.base import get_base_config
 
 NARROW = (8, 16, 32, 64, 128, 256)
+NARROW_RESNET = dict(widths=(8, 16, 32, 64), blocks=(3, 4, 6, 3), out_features=128)
 NUM_MELS = 64
 
 
@@ -40,12 +45,9 @@ def _apply_train(model, variables, *inputs):
     return apply(variables, *inputs, rngs={'augment': _key(1), 'dropout': _key(2)})
 
 
-@pytest.fixture(scope='module')
-def cnn_variables() -> dict:
-    """Narrow CNN14 variables with random BN affine parameters and running statistics (init has 1/0/0/1).
-    The parameter shapes do not depend on `last_pool`, so both pooling variants use them."""
-    variables = _init(Cnn14(channels=NARROW), jnp.zeros((1, 64, NUM_MELS)), jnp.ones((1, 64), bool))
-    rng = np.random.default_rng(1)
+def _random_bn(variables: dict, seed: int) -> dict:
+    """`variables` with random BN affine parameters and running statistics (init has 1/0/0/1)."""
+    rng = np.random.default_rng(seed)
     flat = flax.traverse_util.flatten_dict(variables)
     for path, value in flat.items():
         if path[-1] in ('scale', 'var'):
@@ -55,40 +57,21 @@ def cnn_variables() -> dict:
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def _torch_cnn14_eval(variables: dict, log_mel: np.ndarray, num_blocks: int, last_pool) -> np.ndarray:
-    """Independent PANNs-style CNN14 eval forward in PyTorch float64 (NCHW, H = time, W = mel), no masks."""
-    params, stats = variables['params'], variables['batch_stats']
+@pytest.fixture(scope='module')
+def cnn_variables() -> dict:
+    """Narrow CNN14 variables with random BN statistics (shapes do not depend on `last_pool`)."""
+    return _random_bn(_init(Cnn14(channels=NARROW), jnp.zeros((1, 64, NUM_MELS)), jnp.ones((1, 64), bool)), 1)
 
-    def t(a):
-        return torch.tensor(np.asarray(a), dtype=torch.float64)
 
-    def batch_norm(x, p, s):
-        return F.batch_norm(x, t(s['mean']), t(s['var']), t(p['scale']), t(p['bias']), training=False, eps=1e-5)
-
-    x = t(log_mel)[:, None]  # (B, 1, T, mel)
-    x = batch_norm(x.transpose(1, 3), params['bn0'], stats['bn0']).transpose(1, 3)
-    for index in range(1, num_blocks + 1):
-        p, s = params[f'conv_block{index}'], stats[f'conv_block{index}']
-        for conv in (1, 2):
-            x = F.conv2d(x, t(p[f'conv{conv}']['kernel']).permute(3, 2, 0, 1), padding=1)
-            x = F.relu(batch_norm(x, p[f'bn{conv}'], s[f'bn{conv}']))
-        x = F.avg_pool2d(x, last_pool if index == num_blocks else (2, 2))
-    x = x.mean(dim=3)
-    return (x.max(dim=2).values + x.mean(dim=2)).numpy()
+@pytest.fixture(scope='module')
+def resnet_variables() -> dict:
+    """Narrow ResNet38 variables with random BN statistics."""
+    model = ResNet38(**NARROW_RESNET)
+    return _random_bn(_init(model, jnp.zeros((1, 64, NUM_MELS)), jnp.ones((1, 64), bool)), 16)
 
 
 def _eval_embed(model, variables, log_mel, frame_mask):
     return np.asarray(jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))(variables, log_mel, frame_mask))
-
-
-@pytest.mark.parametrize('last_pool', [(2, 2), (1, 1)])
-def test_cnn14_matches_pytorch_reference(cnn_variables, last_pool):
-    model = Cnn14(channels=NARROW, last_pool=last_pool)
-    log_mel = np.random.default_rng(2).normal(-40.0, 15.0, (2, 203, NUM_MELS)).astype(np.float32)
-    ours = _eval_embed(model, cnn_variables, log_mel, np.ones(log_mel.shape[:2], bool))
-    reference = _torch_cnn14_eval(cnn_variables, log_mel, len(NARROW), last_pool)
-    assert ours.shape == (2, NARROW[-1])
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 def test_cnn14_full_width_parameter_count():
@@ -97,8 +80,12 @@ def test_cnn14_full_width_parameter_count():
     assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables['params'])) == 75_477_440
 
 
-def test_cnn14_eval_embedding_ignores_padding_and_batch_mates(cnn_variables):
-    model = Cnn14(channels=NARROW)
+@pytest.mark.parametrize('arch', ['cnn14', 'resnet38'])
+def test_eval_embedding_ignores_padding_and_batch_mates(request, arch):
+    if arch == 'cnn14':
+        model, variables = Cnn14(channels=NARROW), request.getfixturevalue('cnn_variables')
+    else:
+        model, variables = ResNet38(**NARROW_RESNET), request.getfixturevalue('resnet_variables')
     rng = np.random.default_rng(4)
     lengths = [301, 130, 37]  # odd; even and not a multiple of 64; shorter than 64 frames
     batch = rng.normal(-40.0, 15.0, (len(lengths) + 1, 333, NUM_MELS)).astype(np.float32)
@@ -106,9 +93,9 @@ def test_cnn14_eval_embedding_ignores_padding_and_batch_mates(cnn_variables):
     for row, length in enumerate(lengths):
         frame_mask[row, :length] = True
     frame_mask[-1, :250] = True  # one more batch-mate; padding content stays random (not zero) on purpose
-    in_batch = _eval_embed(model, cnn_variables, batch, frame_mask)
+    in_batch = _eval_embed(model, variables, batch, frame_mask)
     for row, length in enumerate(lengths):
-        alone = _eval_embed(model, cnn_variables, batch[row:row + 1, :length], np.ones((1, length), bool))[0]
+        alone = _eval_embed(model, variables, batch[row:row + 1, :length], np.ones((1, length), bool))[0]
         np.testing.assert_allclose(in_batch[row], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
     assert np.abs(in_batch[0] - in_batch[1]).max() > 1e-3  # distinct clips give distinct embeddings
 
@@ -186,16 +173,34 @@ def test_cnn14_train_mode_is_stochastic_through_augment_and_dropout(cnn_train_ru
     assert np.abs(run(1, 4)[0] - reference).max() > 0
 
 
+def test_resnet38_zero_init_last_bn_and_train_mode_updates_statistics():
+    model = ResNet38(**NARROW_RESNET, block_dropout_rate=0.1)
+    log_mel = np.random.default_rng(18).normal(-30.0, 12.0, (2, 130, NUM_MELS)).astype(np.float32)
+    frame_mask = np.arange(130)[None, :] < np.array([[130], [90]])
+    variables = _init(model, log_mel, frame_mask)
+    stages = variables['params']['resnet']
+    assert [len(stages[f'layer{k}']) for k in range(1, 5)] == list(NARROW_RESNET['blocks'])
+    assert 'downsample' not in stages['layer1']['0'] and set(stages['layer2']['0']['downsample']) == {'1', '2'}
+    for stage in stages.values():
+        for block in stage.values():
+            assert not np.asarray(block['bn2']['scale']).any() and np.asarray(block['bn1']['scale']).all()
+    out, updates = _apply_train(model, variables, log_mel, frame_mask)
+    assert out.shape == (2, NARROW_RESNET['out_features']) and np.isfinite(np.asarray(out)).all()
+    old, new = variables['batch_stats'], updates['batch_stats']
+    for path in (('resnet', 'layer3', '2', 'bn1'), ('resnet', 'layer4', '0', 'downsample', '2'),
+                 ('conv_block_after1', 'bn2')):
+        before, after = functools.reduce(dict.get, path, old), functools.reduce(dict.get, path, new)
+        assert np.abs(np.asarray(after['mean']) - np.asarray(before['mean'])).max() > 1e-6, path
+
+
 # ------------------------------------------------------------------------------------------------------- BERT
 
-@pytest.fixture(scope='module')
-def tiny_bert_dir(tmp_path_factory):
-    """A random 2-layer HF BERT (every tensor random, biases included) saved as config.json + model.safetensors."""
-    path = str(tmp_path_factory.mktemp('tiny_bert'))
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=40)
+TINY_HF = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+
+def _save_random_hf_model(model, path: str) -> str:
+    """Every tensor of the HF model random (biases included), saved as config.json + model.safetensors."""
     torch.manual_seed(0)
-    model = transformers.BertModel(config)
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             tensor.copy_(torch.randn_like(tensor) * 0.2 + (1.0 if 'LayerNorm.weight' in name else 0.0))
@@ -203,8 +208,23 @@ def tiny_bert_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope='module')
+def tiny_bert_dir(tmp_path_factory):
+    """A random 2-layer HF BERT."""
+    config = transformers.BertConfig(**TINY_HF, max_position_embeddings=40)
+    return _save_random_hf_model(transformers.BertModel(config), str(tmp_path_factory.mktemp('tiny_bert')))
+
+
+@pytest.fixture(scope='module')
+def tiny_roberta_dir(tmp_path_factory):
+    """A random 2-layer HF RoBERTa (padding_idx 1, token-type vocabulary 1, LayerNorm eps 1e-5)."""
+    config = transformers.RobertaConfig(**TINY_HF, max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
+                                        eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5)
+    return _save_random_hf_model(transformers.RobertaModel(config), str(tmp_path_factory.mktemp('tiny_roberta')))
+
+
 def _torch_bert(model_dir, input_ids, attention_mask):
-    model = transformers.BertModel.from_pretrained(model_dir, attn_implementation='eager').eval()
+    model = transformers.AutoModel.from_pretrained(model_dir, attn_implementation='eager').eval()
     with torch.no_grad():
         out = model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask))
     return out.last_hidden_state.numpy(), out.pooler_output.numpy()
@@ -238,6 +258,38 @@ def test_bert_matches_transformers_on_random_weights(tiny_bert_dir):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_roberta_matches_transformers_on_random_weights(tiny_roberta_dir):
+    rng = np.random.default_rng(17)
+    mask = (np.arange(17)[None, :] < np.array([[17], [9], [4]])).astype(np.int32)
+    ids = np.where(mask, rng.integers(3, 99, (3, 17)), 1).astype(np.int32)  # pad id 1 in the padding, as tokenizers
+    config, _ = load_hf_params(tiny_roberta_dir)
+    assert (config.model_type, config.pad_token_id, config.type_vocab_size) == ('roberta', 1, 1)
+    ours, reference = _our_bert(tiny_roberta_dir, ids, mask), _torch_bert(tiny_roberta_dir, ids, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[0][valid], reference[0][valid], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-4, atol=1e-4)
+
+
+def test_roberta_positions_start_after_padding_idx():
+    config = BertConfig(model_type='roberta', pad_token_id=1)
+    mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(position_ids(mask, config), [[2, 3, 4, 1], [2, 1, 1, 1]])
+    np.testing.assert_array_equal(position_ids(mask, BertConfig()), [[0, 1, 2, 3], [0, 1, 2, 3]])
+
+
+def test_roberta_checkpoint_with_prefix_heads_and_no_pooler(tiny_roberta_dir, tmp_path):
+    tensors = {f'roberta.{name}': value for name, value in
+               load_file(os.path.join(tiny_roberta_dir, 'model.safetensors')).items() if not name.startswith('pooler.')}
+    tensors['lm_head.dense.weight'] = np.zeros((32, 32), np.float32)
+    save_file(tensors, str(tmp_path / 'model.safetensors'))
+    shutil.copy(os.path.join(tiny_roberta_dir, 'config.json'), tmp_path / 'config.json')
+    _, params = load_hf_params(str(tmp_path))
+    _, reference = load_hf_params(tiny_roberta_dir)
+    np.testing.assert_array_equal(params['encoder']['layer']['1']['output']['dense']['kernel'],
+                                  reference['encoder']['layer']['1']['output']['dense']['kernel'])
+    assert params['pooler']['dense']['kernel'].shape == (32, 32)  # fresh pooler (unused by cls/mean pooling)
+
+
 def test_load_hf_params_from_torch_bin_with_prefix_and_heads(tiny_bert_dir, tmp_path):
     state = {f'bert.{name}': torch.tensor(value) for name, value in
              load_file(os.path.join(tiny_bert_dir, 'model.safetensors')).items()}
@@ -269,8 +321,8 @@ def test_load_hf_params_reports_missing_unexpected_and_misshaped_keys(tiny_bert_
 
 def test_bert_config_rejects_unsupported_or_incomplete_json(tmp_path):
     path = tmp_path / 'config.json'
-    path.write_text(json.dumps({'model_type': 'roberta'}))
-    with pytest.raises(ValueError, match='roberta'):
+    path.write_text(json.dumps({'model_type': 'distilbert'}))
+    with pytest.raises(ValueError, match='distilbert'):
         BertConfig.from_hf_json(str(path))
     path.write_text(json.dumps({'model_type': 'bert', 'hidden_size': 32}))
     with pytest.raises(ValueError, match='missing keys.*vocab_size'):
@@ -372,3 +424,78 @@ def test_mean_pooling_matches_numpy():
     np.testing.assert_array_equal(pool_text(jnp.asarray(hidden), jnp.asarray(mask), 'cls'), hidden[:, 0])
     with pytest.raises(ValueError, match='max'):
         pool_text(jnp.asarray(hidden), jnp.asarray(mask), 'max')
+
+
+# ------------------------------------------------------------------------------ frozen towers, per-tower rates
+
+def _train_config(text_dir: str, frozen: tuple, inference_mode: bool, text_learning_rate=None):
+    config = get_base_config()
+    config.data.train_max_frames = 140
+    config.model.audio.channels = NARROW
+    config.model.text.model_dir = text_dir
+    config.model.text.max_len = 9
+    config.model.embed_dim, config.model.head_hidden = 24, 48
+    config.model.frozen_in_inference_mode = inference_mode
+    config.optim.frozen = frozen
+    config.optim.learning_rate = 1e-2
+    config.optim.text_learning_rate = text_learning_rate
+    return config
+
+
+def _state_before_and_after_one_step(config):
+    """A train state born by create_train_state, and the state after one optimizer step of a dot-product loss."""
+    model = build_model(config.model)
+    tx, _ = make_optimizer(config.optim, steps_per_epoch=10)
+    state, _ = create_train_state(config, model, tx, sharding.create_mesh(), _key(0))
+    inputs = _dual_inputs(np.random.default_rng(19), 99)
+
+    @jax.jit
+    def step(state):
+        def loss(params):
+            (audio, text), updates = state.apply_fn(
+                {'params': params['model'], 'batch_stats': state.batch_stats}, *inputs, train=True,
+                mutable=['batch_stats'], rngs={'dropout': _key(1), 'augment': _key(2)})
+            return -jnp.sum(audio * text), updates['batch_stats']
+        grads, batch_stats = jax.grad(loss, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+    return state, step(state)
+
+
+def _moved(before, after) -> bool:
+    return any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+               for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_frozen_towers_do_not_move_and_run_in_inference_mode(tiny_bert_dir):
+    before, after = _state_before_and_after_one_step(_train_config(tiny_bert_dir, ('audio', 'text_head'), True))
+    for name, trained in (('audio', False), ('text_head', False), ('text', True), ('audio_head', True)):
+        assert _moved(before.params['model'][name], after.params['model'][name]) == trained, name
+    assert not _moved(before.batch_stats, after.batch_stats)  # inference mode: running statistics untouched
+
+
+def test_reference_mode_updates_frozen_batch_norm_and_text_rate_applies(tiny_bert_dir):
+    config = _train_config(tiny_bert_dir, ('audio',), False, text_learning_rate=0.0)
+    before, after = _state_before_and_after_one_step(config)
+    assert not _moved(before.params['model']['audio'], after.params['model']['audio'])
+    assert _moved(before.batch_stats, after.batch_stats)  # frozen BatchNorm kept in train mode (the reference)
+    assert not _moved(before.params['model']['text'], after.params['model']['text'])  # its own rate: 0
+    assert _moved(before.params['model']['text_head'], after.params['model']['text_head'])
+
+
+def test_make_optimizer_rejects_unknown_frozen_subtree():
+    config = get_base_config()
+    config.optim.frozen = ('audio', 'bert')
+    with pytest.raises(ValueError, match="optim.frozen.*bert"):
+        make_optimizer(config.optim, steps_per_epoch=10)
+
+
+def test_build_audio_tower_selects_the_arch_by_config():
+    audio = get_base_config().model.audio
+    assert isinstance(build_audio_tower(audio), Cnn14)
+    audio.arch, audio.resnet.block_dropout = 'resnet38', 0.1
+    tower = build_audio_tower(audio)
+    assert isinstance(tower, ResNet38) and tower.block_dropout_rate == 0.1 and tower.out_features == 2048
+    audio.arch = 'vgg'
+    with pytest.raises(ValueError, match="model.audio.arch 'vgg'"):
+        build_audio_tower(audio)

@@ -1,9 +1,12 @@
-"""Flax linen BERT encoder with Hugging Face parameter names, and the loader of HF BERT checkpoints.
+"""Flax linen BERT-family encoder (BERT and RoBERTa) with Hugging Face parameter names, and the loader of HF
+checkpoints.
 
 Owns: `BertConfig` (the HF config fields the encoder needs), `BertEncoder` (token ids + attention mask ->
-(last_hidden_state, pooled_output), numerically the HF PyTorch `BertModel`), `load_hf_params` (HF folder with
-config.json + model.safetensors or pytorch_model.bin -> (config, params) mapped by name), `check_params_match`
-(the tree/shape comparison that loaders use) and `minilm_dir` (the offline all-MiniLM-L6-v2 folder used by tests).
+(last_hidden_state, pooled_output), numerically the HF PyTorch `BertModel` / `RobertaModel`), `load_hf_params` (HF
+folder with config.json + model.safetensors or pytorch_model.bin -> (config, params) mapped by name),
+`check_params_match` (the tree/shape comparison that loaders use) and `minilm_dir` (the offline all-MiniLM-L6-v2
+folder used by tests). RoBERTa differs from BERT only in its position ids: padding_idx + 1 + the index among the
+valid tokens (HF's cumsum of the mask), with padded positions at padding_idx; its token-type vocabulary is 1.
 """
 import dataclasses
 import importlib
@@ -11,12 +14,14 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import flax.traverse_util
 import numpy as np
 
+MODEL_TYPES = ('bert', 'roberta')
 _ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
@@ -27,7 +32,8 @@ _ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    """The fields of a Hugging Face BERT `config.json` that define the encoder (HF defaults = bert-base-uncased)."""
+    """The fields of a Hugging Face BERT or RoBERTa `config.json` that define the encoder (HF defaults =
+    bert-base-uncased). `pad_token_id` is RoBERTa's padding_idx of the position embeddings (unused by BERT)."""
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -40,8 +46,12 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
+    model_type: str = 'bert'
+    pad_token_id: int = 0
 
     def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f'model_type {self.model_type!r} is not supported; supported: {MODEL_TYPES}')
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f'Unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}')
         if self.hidden_size % self.num_attention_heads:
@@ -50,21 +60,31 @@ class BertConfig:
 
     @classmethod
     def from_hf_json(cls, path: str) -> 'BertConfig':
-        """Reads a HF `config.json` of a BERT model (absolute position embeddings); other keys are ignored."""
+        """Reads a HF `config.json` of a BERT or RoBERTa model (absolute position embeddings); other keys are
+        ignored."""
         path = os.path.expanduser(path)
         with open(path) as f:
             raw = json.load(f)
         model_type = raw.get('model_type', 'bert')
-        if model_type != 'bert':
-            raise ValueError(f'{path}: model_type {model_type!r} is not supported (BERT only)')
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f'{path}: model_type {model_type!r} is not supported (one of {MODEL_TYPES})')
         if raw.get('position_embedding_type', 'absolute') != 'absolute':
             raise ValueError(f'{path}: position_embedding_type {raw["position_embedding_type"]!r} is not supported')
         names = [field.name for field in dataclasses.fields(cls)]
-        required = [name for name in names if name != 'initializer_range']
+        required = [name for name in names if name not in ('initializer_range', 'model_type', 'pad_token_id')]
         missing = [name for name in required if name not in raw]
         if missing:
             raise ValueError(f'{path}: missing keys {missing}')
-        return cls(**{name: raw[name] for name in names if name in raw})
+        return cls(**{name: raw[name] for name in names if name in raw and name != 'model_type'},
+                   model_type=model_type)
+
+
+def position_ids(attention_mask: jax.Array, config: BertConfig) -> jax.Array:
+    """(B, L) position ids: 0..L-1 for BERT; for RoBERTa pad + cumsum(mask) on valid tokens and pad elsewhere."""
+    if config.model_type == 'roberta':
+        mask = attention_mask.astype(jnp.int32)
+        return jnp.cumsum(mask, axis=1) * mask + config.pad_token_id
+    return jnp.broadcast_to(jnp.arange(attention_mask.shape[1])[None, :], attention_mask.shape)
 
 
 def _dense(features: int, config: BertConfig, dtype, name: str) -> nn.Dense:
@@ -80,14 +100,14 @@ class BertEmbeddings(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool) -> jax.Array:
         cfg = self.config
         embed_init = nn.initializers.normal(cfg.initializer_range)
 
         def embed(num, name):
             return nn.Embed(num, cfg.hidden_size, dtype=self.dtype, embedding_init=embed_init, name=name)
 
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        positions = position_ids(attention_mask, cfg)
         x = (embed(cfg.vocab_size, 'word_embeddings')(input_ids)
              + embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
              + embed(cfg.type_vocab_size, 'token_type_embeddings')(jnp.zeros_like(input_ids)))
@@ -203,14 +223,14 @@ class BertEncoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool):
         attention_mask = attention_mask.astype(bool)
-        x = BertEmbeddings(self.config, self.dtype, name='embeddings')(input_ids, train)
+        x = BertEmbeddings(self.config, self.dtype, name='embeddings')(input_ids, attention_mask, train)
         x = BertTransformer(self.config, self.dtype, name='encoder')(x, attention_mask, train)
         return x, BertPooler(self.config, self.dtype, name='pooler')(x[:, 0])
 
 
 # ----------------------------------------------------------------------------------------------- HF checkpoints
 
-_IGNORED_KEYS = ('embeddings.position_ids',)
+_IGNORED_KEYS = ('embeddings.position_ids', 'embeddings.token_type_ids')
 _WEIGHT_LEAVES = ('kernel', 'embedding', 'scale')  # what a PyTorch `weight`/`gamma` becomes, by target module
 
 
@@ -266,10 +286,11 @@ def _read_state_dict(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
     raise FileNotFoundError(f'{model_dir}: neither model.safetensors nor pytorch_model.bin found')
 
 
-def _encoder_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drops task heads and buffers: with a `bert.` prefix only the prefixed keys are the encoder."""
-    if any(name.startswith('bert.') for name in state_dict):
-        state_dict = {name[len('bert.'):]: value for name, value in state_dict.items() if name.startswith('bert.')}
+def _encoder_keys(state_dict: dict[str, np.ndarray], model_type: str) -> dict[str, np.ndarray]:
+    """Drops task heads and buffers: with a `bert.` (`roberta.`) prefix only the prefixed keys are the encoder."""
+    prefix = f'{model_type}.'
+    if any(name.startswith(prefix) for name in state_dict):
+        state_dict = {name[len(prefix):]: value for name, value in state_dict.items() if name.startswith(prefix)}
     return {name: value for name, value in state_dict.items()
             if name not in _IGNORED_KEYS and not name.startswith(('cls.', 'lm_head.'))}
 
@@ -289,16 +310,29 @@ def _to_flax_key(torch_name: str, value: np.ndarray, expected_flat: dict) -> tup
     return torch_name, value
 
 
+def _fresh_pooler(config: BertConfig, path: str) -> dict[str, np.ndarray]:
+    """A seeded HF-style init of the pooler, for checkpoints without one (roberta-base ships none; the pooler is
+    not used by 'cls' or 'mean' text pooling)."""
+    logging.warning('%s has no pooler weights: the pooler (unused by cls/mean pooling) is randomly initialised', path)
+    rng = np.random.default_rng(0)
+    size = config.hidden_size
+    return {'pooler/dense/kernel': rng.normal(0.0, config.initializer_range, (size, size)).astype(np.float32),
+            'pooler/dense/bias': np.zeros((size,), np.float32)}
+
+
 def load_hf_params(model_dir: str) -> tuple[BertConfig, dict]:
-    """Reads a HF BERT folder (config.json + model.safetensors, or pytorch_model.bin) -> (config, params) where
-    params is the BertEncoder parameter tree (nested dicts of float32 numpy arrays). Raises ValueError listing
-    missing keys, unexpected keys and shape mismatches."""
+    """Reads a HF BERT or RoBERTa folder (config.json + model.safetensors, or pytorch_model.bin) -> (config,
+    params) where params is the BertEncoder parameter tree (nested dicts of float32 numpy arrays); a missing pooler
+    is freshly initialised. Raises ValueError listing missing keys, unexpected keys and shape mismatches."""
     model_dir = os.path.expanduser(model_dir)
     config = BertConfig.from_hf_json(os.path.join(model_dir, 'config.json'))
     state_dict, path = _read_state_dict(model_dir)
     expected = bert_param_shapes(config)
     expected_flat = flax.traverse_util.flatten_dict(expected, sep='/')
-    mapped = dict(_to_flax_key(name, value, expected_flat) for name, value in _encoder_keys(state_dict).items())
+    mapped = dict(_to_flax_key(name, value, expected_flat)
+                  for name, value in _encoder_keys(state_dict, config.model_type).items())
+    if not any(key.startswith('pooler/') for key in mapped):
+        mapped.update(_fresh_pooler(config, path))
     params = flax.traverse_util.unflatten_dict(
         {tuple(key.split('/')): np.asarray(value, np.float32) for key, value in mapped.items()})
     check_params_match(expected, params, path)

@@ -1,8 +1,10 @@
-"""CNN14 audio encoder (PANNs layout, SPEC 3) with frame masks, plus its SpecAugment.
+"""CNN14 audio encoder (PANNs layout, SPEC 3) with frame masks, plus the masked building blocks and the SpecAugment
+that every PANNs tower shares (ResNet38 imports them from here).
 
-Owns: `Cnn14` (log-mel (B, T, 64) + frame mask -> clip embedding (B, channels[-1])), its `ConvBlock`, and the pure
-`spec_augment` function. Layout is NHWC with H = time and W = mel, so a PyTorch PANNs state_dict maps onto the
-parameter names (bn0, conv_block{1..6}/{conv1,bn1,conv2,bn2}) one to one.
+Owns: `Cnn14` (log-mel (B, T, 64) + frame mask -> clip embedding (B, channels[-1])), `ConvBlock`, the masked helpers
+(`log_mel_stem`, `masked_avg_pool`, `mask_frames`, `batch_norm`, `clip_embedding`) and the pure `spec_augment`.
+Layout is NHWC with H = time and W = mel, so a PyTorch PANNs state_dict maps onto the parameter names (bn0,
+conv_block{1..6}/{conv1,bn1,conv2,bn2}) one to one.
 
 Frame-mask semantics: padded frames are "not there". Activations are multiplied by the mask after bn0 and after
 every BN-ReLU, so each convolution sees zeros past a clip's end exactly as its own zero padding; after each time
@@ -56,13 +58,64 @@ def spec_augment(rng: jax.Array, x: jax.Array, lengths: jax.Array | None = None)
     return jnp.where(drop, jnp.zeros((), x.dtype), x)
 
 
-def _batch_norm(name: str, train: bool, dtype) -> nn.BatchNorm:
+def batch_norm(name: str, train: bool, dtype, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+    """PyTorch-equivalent BatchNorm (eps 1e-5, PyTorch momentum 0.1); running statistics in eval mode."""
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                        name=name)
+                        scale_init=scale_init, name=name)
 
 
-def _mask_nhwc(x: jax.Array, frame_mask: jax.Array) -> jax.Array:
+def mask_frames(x: jax.Array, frame_mask: jax.Array) -> jax.Array:
+    """Zeroes the padded time steps of NHWC activations (H = time)."""
     return x * frame_mask[:, :, None, None].astype(x.dtype)
+
+
+def bn_mask(frame_mask: jax.Array, train: bool) -> jax.Array | None:
+    """The BatchNorm `mask` argument of NHWC activations: statistics over valid frames only (train mode)."""
+    return frame_mask[:, :, None, None] if train else None
+
+
+def masked_avg_pool(x: jax.Array, lengths: jax.Array, pool: tuple[int, int]):
+    """Average pool (floor) of NHWC activations -> (pooled, pooled frame mask, pooled valid lengths (>= 1)).
+    A pooled step is valid when all its input steps were, so valid outputs never mix in padding."""
+    pool_t, pool_f = pool
+    x = nn.avg_pool(x, (pool_t, pool_f), strides=(pool_t, pool_f), padding='VALID')
+    lengths = jnp.maximum(lengths // pool_t, 1)
+    frame_mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    return mask_frames(x, frame_mask), frame_mask, lengths
+
+
+def conv3x3(features: int, dtype, name: str) -> nn.Conv:
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                   kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+
+def log_mel_stem(module: nn.Module, log_mel: jax.Array, frame_mask: jax.Array, time_factor: int, train: bool,
+                 augment: bool, dtype):
+    """The input stage shared by the PANNs towers, run inside `module`'s compact call: pads time to a multiple of
+    `time_factor` (the tower's total time downsampling, so every stage keeps a step; the padding is masked),
+    applies `bn0` over the mel bins, SpecAugment when training with `augment` (rng stream 'augment'), and masks.
+    Returns (x (B, T, mel, 1), frame mask (B, T), valid lengths (B,))."""
+    if log_mel.ndim != 3 or frame_mask.shape != log_mel.shape[:2]:
+        raise ValueError(f'{type(module).__name__} expects log_mel (B, T, mel) and frame_mask (B, T); got '
+                         f'{log_mel.shape} and {frame_mask.shape}')
+    extra = -log_mel.shape[1] % time_factor
+    log_mel = jnp.pad(log_mel, ((0, 0), (0, extra), (0, 0)))
+    frame_mask = jnp.pad(frame_mask.astype(bool), ((0, 0), (0, extra)))
+    lengths = frame_mask.sum(axis=1).astype(jnp.int32)
+    x = log_mel.astype(dtype)
+    x = batch_norm('bn0', train, dtype)(x, mask=frame_mask[:, :, None] if train else None)
+    if train and augment:
+        x = spec_augment(module.make_rng('augment'), x, lengths)
+    return mask_frames(x[..., None], frame_mask), frame_mask, lengths
+
+
+def clip_embedding(x: jax.Array, frame_mask: jax.Array, lengths: jax.Array) -> jax.Array:
+    """NHWC activations -> (B, C) float32: mean over frequency, then max + mean over the valid time steps."""
+    x = jnp.mean(x.astype(jnp.float32), axis=2)
+    valid = frame_mask[:, :, None]
+    time_max = jnp.max(jnp.where(valid, x, -jnp.inf), axis=1)
+    time_mean = jnp.sum(jnp.where(valid, x, 0.0), axis=1) / lengths[:, None].astype(jnp.float32)
+    return time_max + time_mean
 
 
 class ConvBlock(nn.Module):
@@ -74,17 +127,11 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, frame_mask: jax.Array, lengths: jax.Array, train: bool):
         """Returns (pooled activations, pooled frame mask, pooled valid lengths)."""
-        bn_mask = frame_mask[:, :, None, None] if train else None
         for index in (1, 2):
-            x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                        kernel_init=nn.initializers.xavier_uniform(), name=f'conv{index}')(x)
-            x = _batch_norm(f'bn{index}', train, self.dtype)(x, mask=bn_mask)
-            x = _mask_nhwc(nn.relu(x), frame_mask)
-        pool_t, pool_f = self.pool
-        x = nn.avg_pool(x, (pool_t, pool_f), strides=(pool_t, pool_f), padding='VALID')
-        lengths = jnp.maximum(lengths // pool_t, 1)
-        frame_mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-        return _mask_nhwc(x, frame_mask), frame_mask, lengths
+            x = conv3x3(self.features, self.dtype, f'conv{index}')(x)
+            x = batch_norm(f'bn{index}', train, self.dtype)(x, mask=bn_mask(frame_mask, train))
+            x = mask_frames(nn.relu(x), frame_mask)
+        return masked_avg_pool(x, lengths, tuple(self.pool))
 
 
 class Cnn14(nn.Module):
@@ -104,31 +151,12 @@ class Cnn14(nn.Module):
 
     @nn.compact
     def __call__(self, log_mel: jax.Array, frame_mask: jax.Array, train: bool) -> jax.Array:
-        if log_mel.ndim != 3 or frame_mask.shape != log_mel.shape[:2]:
-            raise ValueError(f'Cnn14 expects log_mel (B, T, mel) and frame_mask (B, T); got {log_mel.shape} and '
-                             f'{frame_mask.shape}')
         pools = self._pools()
-        # Pad time to a multiple of the total time downsampling so every stage keeps at least one step; the
-        # padding is masked, so it changes nothing for the valid frames.
         time_factor = math.prod(pool_t for pool_t, _ in pools)
-        extra = -log_mel.shape[1] % time_factor
-        log_mel = jnp.pad(log_mel, ((0, 0), (0, extra), (0, 0)))
-        frame_mask = jnp.pad(frame_mask.astype(bool), ((0, 0), (0, extra)))
-        lengths = frame_mask.sum(axis=1).astype(jnp.int32)
-
-        x = log_mel.astype(self.dtype)
-        x = _batch_norm('bn0', train, self.dtype)(x, mask=frame_mask[:, :, None] if train else None)
-        if train and self.spec_augment:
-            x = spec_augment(self.make_rng('augment'), x, lengths)
-        x = _mask_nhwc(x[..., None], frame_mask)
-
+        x, frame_mask, lengths = log_mel_stem(self, log_mel, frame_mask, time_factor, train, self.spec_augment,
+                                              self.dtype)
         for index, (features, pool) in enumerate(zip(self.channels, pools), start=1):
             x, frame_mask, lengths = ConvBlock(features, pool, self.dtype, name=f'conv_block{index}')(
                 x, frame_mask, lengths, train)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-
-        x = jnp.mean(x.astype(jnp.float32), axis=2)  # frequency -> (B, T', C)
-        valid = frame_mask[:, :, None]
-        time_max = jnp.max(jnp.where(valid, x, -jnp.inf), axis=1)
-        time_mean = jnp.sum(jnp.where(valid, x, 0.0), axis=1) / lengths[:, None].astype(jnp.float32)
-        return time_max + time_mean
+        return clip_embedding(x, frame_mask, lengths)

@@ -1,9 +1,12 @@
-"""Audio-text dual encoder (SPEC 4): CNN14 and BERT towers, MLP projection heads, L2-normalised joint embeddings.
+"""Audio-text dual encoder (SPEC 4): a PANNs audio tower (CNN14 or ResNet38) and a BERT-family text tower, MLP
+projection heads, L2-normalised joint embeddings.
 
-Owns: `DualEncoder`, `build_model` (model ConfigDict -> DualEncoder) and `load_pretrained_text` (puts HF BERT
-weights into an initialised parameter tree). Parameter tree: {'audio', 'text', 'audio_head', 'text_head'};
-batch statistics live under 'audio'.
+Owns: `DualEncoder`, `build_audio_tower` (audio ConfigDict -> Cnn14 | ResNet38), `build_model` (model ConfigDict ->
+DualEncoder), `with_frozen_towers_in_inference` (the model that runs frozen towers with train=False) and
+`load_pretrained_text` (puts HF weights into an initialised parameter tree). Parameter tree: {'audio', 'text',
+'audio_head', 'text_head'}; batch statistics live under 'audio'.
 """
+from collections.abc import Sequence
 import dataclasses
 import os
 
@@ -14,7 +17,10 @@ import ml_collections
 
 from atr_jax.models.bert import BertConfig, BertEncoder, check_params_match, load_hf_params
 from atr_jax.models.cnn14 import Cnn14
+from atr_jax.models.hf_hub import resolve_model_dir
+from atr_jax.models.resnet38 import ResNet38
 
+AUDIO_ARCHS = ('cnn14', 'resnet38')
 TEXT_POOLINGS = ('cls', 'mean')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _NORM_EPSILON = 1e-12
@@ -51,13 +57,19 @@ def pool_text(last_hidden: jax.Array, attention_mask: jax.Array, pooling: str) -
 
 
 class DualEncoder(nn.Module):
-    """Audio tower + text tower + projection heads -> unit-norm float32 embeddings of size `embed_dim`."""
-    audio: Cnn14
+    """Audio tower + text tower + projection heads -> unit-norm float32 embeddings of size `embed_dim`.
+
+    `audio_always_eval` / `text_always_eval`: run that tower with train=False even in a training step (BatchNorm on
+    running statistics, no dropout, no SpecAugment): how frozen towers run unless the reference behaviour is asked.
+    """
+    audio: Cnn14 | ResNet38
     text: BertEncoder
     text_pooling: str = 'cls'
     embed_dim: int = 1024
     head_hidden: int = 2048
     dtype: jnp.dtype = jnp.float32
+    audio_always_eval: bool = False
+    text_always_eval: bool = False
 
     def setup(self):
         self.audio_head = ProjectionHead(self.head_hidden, self.embed_dim, self.dtype)
@@ -65,11 +77,12 @@ class DualEncoder(nn.Module):
 
     def embed_audio(self, log_mel: jax.Array, frame_mask: jax.Array, train: bool) -> jax.Array:
         """log-mel (B, T, mel) + frame mask (B, T) -> (B, embed_dim) unit-norm."""
-        return l2_normalize(self.audio_head(self.audio(log_mel, frame_mask, train)))
+        tower_train = train and not self.audio_always_eval
+        return l2_normalize(self.audio_head(self.audio(log_mel, frame_mask, tower_train)))
 
     def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool) -> jax.Array:
         """token ids (B, L) + attention mask (B, L) -> (B, embed_dim) unit-norm."""
-        last_hidden, _ = self.text(input_ids, attention_mask, train)
+        last_hidden, _ = self.text(input_ids, attention_mask, train and not self.text_always_eval)
         return l2_normalize(self.text_head(pool_text(last_hidden, attention_mask, self.text_pooling)))
 
     def __call__(self, log_mel, frame_mask, input_ids, attention_mask, train: bool):
@@ -79,27 +92,49 @@ class DualEncoder(nn.Module):
 
 
 def _text_config(model_config: ml_collections.ConfigDict) -> BertConfig:
-    config = BertConfig.from_hf_json(os.path.join(model_config.text.model_dir, 'config.json'))
+    config = BertConfig.from_hf_json(os.path.join(resolve_model_dir(model_config.text.model_dir), 'config.json'))
     if model_config.text.dropout is not None:
         config = dataclasses.replace(config, hidden_dropout_prob=model_config.text.dropout,
                                      attention_probs_dropout_prob=model_config.text.dropout)
     return config
 
 
+def build_audio_tower(audio_config: ml_collections.ConfigDict, dtype=jnp.float32) -> Cnn14 | ResNet38:
+    """The audio tower of `model.audio` (keys: arch, dropout, spec_augment; cnn14: channels, last_pool; resnet38:
+    resnet.{widths,blocks,out_features,block_dropout})."""
+    arch = audio_config.get('arch', 'cnn14')
+    if arch == 'cnn14':
+        return Cnn14(channels=tuple(audio_config.channels), last_pool=tuple(audio_config.last_pool),
+                     dropout_rate=audio_config.dropout, spec_augment=audio_config.spec_augment, dtype=dtype)
+    if arch == 'resnet38':
+        resnet = audio_config.resnet
+        return ResNet38(widths=tuple(resnet.widths), blocks=tuple(resnet.blocks), out_features=resnet.out_features,
+                        dropout_rate=audio_config.dropout, block_dropout_rate=resnet.block_dropout,
+                        spec_augment=audio_config.spec_augment, dtype=dtype)
+    raise ValueError(f'model.audio.arch {arch!r} is not one of {AUDIO_ARCHS}')
+
+
 def build_model(model_config: ml_collections.ConfigDict) -> DualEncoder:
-    """DualEncoder from the `model` config (keys: audio.{channels,last_pool,dropout,spec_augment},
+    """DualEncoder from the `model` config (keys: audio.* (see build_audio_tower),
     text.{model_dir,pretrained,pooling,dropout}, embed_dim, head_hidden, dtype)."""
     if model_config.dtype not in _DTYPES:
         raise ValueError(f'model.dtype {model_config.dtype!r} is not one of {sorted(_DTYPES)}')
     if model_config.text.pooling not in TEXT_POOLINGS:
         raise ValueError(f'model.text.pooling {model_config.text.pooling!r} is not one of {TEXT_POOLINGS}')
     dtype = _DTYPES[model_config.dtype]
-    audio = Cnn14(channels=tuple(model_config.audio.channels), last_pool=tuple(model_config.audio.last_pool),
-                  dropout_rate=model_config.audio.dropout, spec_augment=model_config.audio.spec_augment,
-                  dtype=dtype)
+    audio = build_audio_tower(model_config.audio, dtype)
     text = BertEncoder(_text_config(model_config), dtype)
     return DualEncoder(audio=audio, text=text, text_pooling=model_config.text.pooling,
                        embed_dim=model_config.embed_dim, head_hidden=model_config.head_hidden, dtype=dtype)
+
+
+def with_frozen_towers_in_inference(model: DualEncoder, frozen: Sequence[str], enabled: bool) -> DualEncoder:
+    """`model` whose frozen towers ('audio' / 'text' in `frozen`) always run with train=False when `enabled`
+    (config.model.frozen_in_inference_mode); `model` itself otherwise (the reference: frozen BatchNorm still
+    updates its running statistics, dropout stays on)."""
+    if not enabled:
+        return model
+    return model.clone(audio_always_eval='audio' in frozen, text_always_eval='text' in frozen)
 
 
 def load_pretrained_text(params: dict, model_config: ml_collections.ConfigDict) -> dict:
@@ -107,7 +142,7 @@ def load_pretrained_text(params: dict, model_config: ml_collections.ConfigDict) 
     like the one it replaces); `params` itself when model.text.pretrained is False."""
     if not model_config.text.pretrained:
         return params
-    _, hf_params = load_hf_params(model_config.text.model_dir)
+    _, hf_params = load_hf_params(resolve_model_dir(model_config.text.model_dir))
     check_params_match(params['text'], hf_params, f'HF weights in {model_config.text.model_dir}')
     text = jax.tree.map(lambda old, new: jax.device_put(new.astype(old.dtype), old.sharding),
                         params['text'], hf_params)

@@ -1,0 +1,104 @@
+"""PANNs checkpoints (SPEC 3) -> Flax audio-tower variables, for both CNN14 and ResNet38.
+
+Owns: the safe reading of a released PANNs file (`read_panns_state_dict`: `torch.load(weights_only=True)` with only
+the numpy reconstruction globals of its 'sampler' entry allowed, under their numpy 1.x and 2.x names), the name and
+layout mapping (`state_dict_to_variables`), and the orbax files of converted towers (`save_audio_variables`,
+`load_audio_variables`). torch is needed only to read a .pth file, never to train.
+
+Mapping: PyTorch `a.b.c.weight` -> Flax `a/b/c/kernel` (conv, (O, I, kh, kw) -> (kh, kw, I, O)) or `a/b/c/scale`
+(BatchNorm); `bias` -> `bias`; `running_mean`/`running_var` -> batch_stats `mean`/`var`. Skipped, as in the
+reference: fc*, spectrogram_extractor*, logmel_extractor*, num_batches_tracked.
+"""
+import os
+
+import flax.traverse_util
+import numpy as np
+
+from atr_jax.models.bert import check_params_match
+
+SKIPPED_PREFIXES = ('fc', 'spectrogram_extractor.', 'logmel_extractor.')
+_BN_STATISTICS = {'running_mean': 'mean', 'running_var': 'var'}
+
+
+def _numpy_safe_globals() -> list:
+    """What a numpy array or scalar pickled by numpy 1.x or 2.x needs (and nothing else that numpy defines)."""
+    from numpy._core import multiarray
+    allowed = [np.ndarray, np.dtype, *{type(np.dtype(code)) for code in np.typecodes['All']}]  # + DType classes
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        allowed += [(multiarray._reconstruct, f'{module}._reconstruct'), (multiarray.scalar, f'{module}.scalar')]
+    return allowed
+
+
+def read_panns_state_dict(path: str) -> dict[str, np.ndarray]:
+    """The float32 numpy tensors of `{'model': state_dict, ...}` in a PANNs .pth file, read with torch's
+    weights-only unpickler (no arbitrary code runs; numpy arrays of the sampler state are allowed)."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(f'reading the PyTorch checkpoint {path} needs torch (pip install torch; CPU is enough)'
+                          ) from error
+    path = os.path.expanduser(path)
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
+        raise ValueError(f'{path} is not a PANNs checkpoint: expected a dict with a "model" state_dict')
+    return {name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+            for name, tensor in checkpoint['model'].items()}
+
+
+def _flax_key(name: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+    """'conv_block1.conv1.weight' -> (('params', 'conv_block1', 'conv1', 'kernel'), HWIO kernel). A name that fits
+    no rule comes back as a one-element key, so it is reported as unexpected."""
+    *module, leaf = name.split('.')
+    if leaf == 'weight' and value.ndim == 4:
+        return ('params', *module, 'kernel'), value.transpose(2, 3, 1, 0)
+    if leaf == 'weight' and value.ndim == 1:
+        return ('params', *module, 'scale'), value
+    if leaf == 'bias' and value.ndim == 1:
+        return ('params', *module, 'bias'), value
+    if leaf in _BN_STATISTICS:
+        return ('batch_stats', *module, _BN_STATISTICS[leaf]), value
+    return (name,), value
+
+
+def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, source: str) -> dict:
+    """PANNs state_dict -> {'params', 'batch_stats'} of the audio tower whose variables (arrays or
+    ShapeDtypeStructs) are `expected`. Raises one ValueError listing missing keys, unexpected keys and shape
+    mismatches (`source` names the file in it)."""
+    flat = {}
+    for name, value in state_dict.items():
+        if name.startswith(SKIPPED_PREFIXES) or name.endswith('.num_batches_tracked'):
+            continue
+        key, array = _flax_key(name, np.asarray(value))
+        flat[key] = np.ascontiguousarray(array, dtype=np.float32)
+    variables = flax.traverse_util.unflatten_dict(flat)
+    expected = {'params': expected['params'], 'batch_stats': expected['batch_stats']}
+    check_params_match(expected, variables, source)
+    return variables
+
+
+def save_audio_variables(variables: dict, out_dir: str) -> str:
+    """Writes {'params', 'batch_stats'} with orbax to `out_dir` (replaced if present); returns its absolute path."""
+    import orbax.checkpoint as ocp
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out_dir, {'params': variables['params'], 'batch_stats': variables['batch_stats']},
+                      force=True)
+    checkpointer.wait_until_finished()
+    return out_dir
+
+
+def load_audio_variables(directory: str, expected: dict) -> dict:
+    """Reads {'params', 'batch_stats'} saved by `save_audio_variables` as numpy float32 arrays and checks them
+    against `expected` (the tower's variables): a ValueError names each missing, unexpected or misshaped key."""
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'model.audio.init_from: {directory} is not a directory (convert a PANNs '
+                                'checkpoint with `python -m scripts.convert_panns`)')
+    restored = ocp.StandardCheckpointer().restore(directory)
+    variables = flax.traverse_util.unflatten_dict(
+        {key: np.asarray(value, np.float32) for key, value in flax.traverse_util.flatten_dict(restored).items()})
+    expected = {'params': expected['params'], 'batch_stats': expected['batch_stats']}
+    check_params_match(expected, variables, f'audio variables in {directory}')
+    return variables

@@ -1,0 +1,249 @@
+"""Retrieval for users, from a trained workdir (its best checkpoint and the config saved beside it).
+
+  python -m atr_jax.retrieve index --workdir RUN --audio_dir DIR --index INDEX   # embed every audio file of DIR
+  python -m atr_jax.retrieve text  --workdir RUN --index INDEX --query "a dog barks" [--top_k 10]
+  python -m atr_jax.retrieve text  --workdir RUN --audio_dir DIR --query "a dog barks"  # no index: embeds DIR
+  python -m atr_jax.retrieve audio --workdir RUN --audio FILE --captions CAPTIONS.txt [--top_k 5]
+  python -m atr_jax.retrieve submission --workdir RUN --audio_dir DIR --captions retrieval_captions.csv --out F.csv
+
+An index is a folder holding `embeddings.npy` (float32 [N, D], unit rows) and `files.json` (the N paths, relative
+to the indexed folder, plus the checkpoint that made them). Clips are embedded whole, any length, with padding
+masked inside the audio tower, so an embedding is the same whether a file is embedded alone or in a batch.
+Unreadable audio files are reported and skipped.
+"""
+from atr_jax import xla_flags
+
+xla_flags.set_defaults()  # Before jax is imported.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from atr_jax import checkpointing, tokenization  # noqa: E402
+from atr_jax.models.dual_encoder import build_model  # noqa: E402
+from atr_jax.submission import write_submission  # noqa: E402
+from atr_jax.train import CONFIG_FILE  # noqa: E402
+from data_pipelines import features  # noqa: E402
+
+EMBEDDINGS_FILE = "embeddings.npy"
+FILES_FILE = "files.json"
+FRAME_BUCKET = 512  # Audio batches are padded to a multiple of this many frames: few shapes, few compilations.
+
+
+class Retriever:
+  """The trained dual encoder of a workdir, embedding audio files and captions (single device)."""
+
+  def __init__(self, workdir: str):
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    config_path = os.path.join(self.workdir, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"{config_path} is missing: {self.workdir} is not a training workdir of atr_jax")
+    with open(config_path) as f:
+      self.config = ml_collections.ConfigDict(json.load(f))
+    manager = checkpointing.create_manager(self.workdir, self.config.eval.selection_metric)
+    self.step = manager.best_step()
+    if self.step is None:
+      raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first")
+    state = checkpointing.restore_on_one_device(manager, self.step)
+    self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+    self.tokenizer = tokenization.load_tokenizer(self.config.model.text.model_dir)
+    model = build_model(self.config.model)
+    self._audio = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False, method="embed_audio"))
+    self._text = jax.jit(lambda v, i, m: model.apply(v, i, m, train=False, method="embed_text"))
+    logging.info("Loaded %s at step %d", self.workdir, self.step)
+
+  def embed_log_mels(self, log_mels: list, batch_size: int = 16) -> np.ndarray:
+    """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths."""
+    rows = []
+    for start in range(0, len(log_mels), batch_size):
+      chunk = log_mels[start:start + batch_size]
+      frames = -(-max(len(x) for x in chunk) // FRAME_BUCKET) * FRAME_BUCKET
+      batch = np.zeros((batch_size, frames, features.N_MELS), np.float32)
+      mask = np.zeros((batch_size, frames), bool)
+      for i, log_mel in enumerate(chunk):
+        batch[i, :len(log_mel)] = log_mel
+        mask[i, :len(log_mel)] = True
+      rows.append(np.asarray(self._audio(self.variables, batch, mask))[:len(chunk)])
+    return np.concatenate(rows) if rows else np.zeros((0, self.config.model.embed_dim), np.float32)
+
+  def embed_audio_files(self, paths: list, batch_size: int = 16) -> tuple[np.ndarray, list, list]:
+    """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones)."""
+    kept, skipped, log_mels = [], [], []
+    for number, path in enumerate(paths, 1):
+      try:
+        log_mels.append(features.log_mel(features.load_audio(path)))
+        kept.append(path)
+      except features.AudioError as e:
+        skipped.append((path, str(e)))
+      if number % 100 == 0 or number == len(paths):
+        print(f"\rread {number}/{len(paths)} audio files", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return self.embed_log_mels(log_mels, batch_size), kept, skipped
+
+  def embed_texts(self, texts: list, batch_size: int = 64) -> np.ndarray:
+    rows = []
+    for start in range(0, len(texts), batch_size):
+      chunk = list(texts[start:start + batch_size])
+      tokens = tokenization.tokenize(self.tokenizer, chunk + [""] * (batch_size - len(chunk)),
+                                     self.config.model.text.max_len)
+      rows.append(np.asarray(self._text(self.variables, tokens["input_ids"], tokens["attention_mask"]))[:len(chunk)])
+    return np.concatenate(rows) if rows else np.zeros((0, self.config.model.embed_dim), np.float32)
+
+
+def audio_files(folder: str) -> list:
+  """Every file below `folder` whose extension is an audio format soundfile reads, sorted."""
+  extensions = {f".{name.lower()}" for name in sf.available_formats()} | {".oga", ".opus"}
+  found = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+           if os.path.splitext(name)[1].lower() in extensions]
+  return sorted(found)
+
+
+def top_k(embeddings: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices and scores of the k rows of `embeddings` most similar to `query`, best first."""
+  scores = embeddings @ query
+  k = min(k, len(scores))
+  best = np.argpartition(-scores, k - 1)[:k]
+  best = best[np.argsort(-scores[best], kind="stable")]
+  return best, scores[best]
+
+
+def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dict) -> None:
+  """Writes the index atomically: a killed run leaves the previous index (or none), never half of one."""
+  tmp = index_dir.rstrip("/") + ".tmp"
+  os.makedirs(tmp, exist_ok=True)
+  np.save(os.path.join(tmp, EMBEDDINGS_FILE), embeddings.astype(np.float32))
+  with open(os.path.join(tmp, FILES_FILE), "w") as f:
+    json.dump({"files": files, **source}, f, indent=1)
+  if os.path.isdir(index_dir):
+    old = index_dir.rstrip("/") + ".old"
+    os.replace(index_dir, old)
+    os.replace(tmp, index_dir)
+    for name in os.listdir(old):
+      os.remove(os.path.join(old, name))
+    os.rmdir(old)
+  else:
+    os.replace(tmp, index_dir)
+
+
+def read_index(index_dir: str) -> tuple[np.ndarray, list]:
+  emb_path, files_path = os.path.join(index_dir, EMBEDDINGS_FILE), os.path.join(index_dir, FILES_FILE)
+  if not (os.path.isfile(emb_path) and os.path.isfile(files_path)):
+    raise FileNotFoundError(f"{index_dir} is not an index (needs {EMBEDDINGS_FILE} and {FILES_FILE}); "
+                            "make one with `python -m atr_jax.retrieve index`")
+  embeddings = np.load(emb_path)
+  with open(files_path) as f:
+    files = json.load(f)["files"]
+  if len(files) != len(embeddings):
+    raise ValueError(f"{index_dir}: {len(embeddings)} embeddings but {len(files)} file names")
+  return embeddings, files
+
+
+def read_captions(path: str) -> list:
+  """Captions from a text file (one a line) or a CSV with a `caption` column or Clotho's caption_1..5 columns."""
+  import csv
+  with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    if not path.lower().endswith(".csv"):
+      return [line.strip() for line in f if line.strip()]
+    reader = csv.DictReader(f)
+    columns = [c for c in reader.fieldnames or [] if c == "caption" or c.startswith("caption_")]
+    if not columns:
+      raise ValueError(f"{path}: no 'caption' or 'caption_N' column (header: {reader.fieldnames})")
+    return [row[c].strip() for row in reader for c in columns if row.get(c, "").strip()]
+
+
+_COMMANDS = ("index", "text", "audio", "submission")
+flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+flags.DEFINE_string("audio_dir", None, "index (or text without --index): folder of audio files to embed "
+                    "(searched recursively).")
+flags.DEFINE_string("index", None, "index/text: the index folder to write or to search.")
+flags.DEFINE_multi_string("query", None, "text: a query sentence (repeat the flag for several).")
+flags.DEFINE_multi_string("audio", None, "audio: an audio file to query with (repeat for several).")
+flags.DEFINE_string("captions", None, "audio / submission: captions (.txt one per line, or .csv).")
+flags.DEFINE_string("out", None, "submission: the DCASE CSV to write (caption,fname_1,...,fname_10).")
+flags.DEFINE_integer("top_k", 10, "Results per query.")
+flags.DEFINE_integer("batch_size", 16, "Audio files per embedding batch.")
+FLAGS = flags.FLAGS
+
+
+def _print_ranking(query: str, names: list, indices: np.ndarray, scores: np.ndarray) -> None:
+  print(f"\n{query}")
+  for rank, (i, score) in enumerate(zip(indices, scores), 1):
+    print(f"  {rank:3d}  {score:+.4f}  {names[i]}")
+
+
+def _read_nonempty_captions(path: str) -> list:
+  captions = read_captions(path)
+  if not captions:
+    raise app.UsageError(f"{path} holds no caption")
+  return captions
+
+
+def _report_skipped(skipped: list) -> None:
+  for path, reason in skipped:
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _require(*names: str) -> None:
+  missing = [f"--{n}" for n in names if not getattr(FLAGS, n)]
+  if missing:
+    raise app.UsageError(f"this command needs {' '.join(missing)}")
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in _COMMANDS:
+    raise app.UsageError(f"give one command among {_COMMANDS}, e.g. `python -m atr_jax.retrieve index ...`")
+  command = argv[1]
+  _require("workdir")
+  if command == "index":
+    _require("audio_dir", "index")
+    paths = audio_files(FLAGS.audio_dir)
+    if not paths:
+      raise app.UsageError(f"no audio file found below --audio_dir={FLAGS.audio_dir}")
+    retriever = Retriever(FLAGS.workdir)
+    embeddings, kept, skipped = retriever.embed_audio_files(paths, FLAGS.batch_size)
+    _report_skipped(skipped)
+    relative = [os.path.relpath(p, FLAGS.audio_dir) for p in kept]
+    write_index(FLAGS.index, embeddings, relative, {"audio_dir": os.path.abspath(FLAGS.audio_dir),
+                                                    "workdir": retriever.workdir, "step": int(retriever.step)})
+    print(f"indexed {len(kept)} files ({len(skipped)} skipped) into {FLAGS.index}")
+  elif command == "text":
+    _require("query")
+    retriever = Retriever(FLAGS.workdir)
+    if FLAGS.index:
+      embeddings, files = read_index(FLAGS.index)
+    elif FLAGS.audio_dir:  # No index: embed the folder now.
+      embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size)
+      _report_skipped(skipped)
+      files = [os.path.relpath(p, FLAGS.audio_dir) for p in kept]
+    else:
+      raise app.UsageError("the text command needs --index (made by the index command) or --audio_dir")
+    for query, emb in zip(FLAGS.query, retriever.embed_texts(FLAGS.query)):
+      _print_ranking(query, files, *top_k(embeddings, emb, FLAGS.top_k))
+  elif command == "submission":
+    _require("audio_dir", "captions", "out")
+    captions = _read_nonempty_captions(FLAGS.captions)
+    retriever = Retriever(FLAGS.workdir)
+    embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size)
+    _report_skipped(skipped)
+    write_submission(FLAGS.out, captions, retriever.embed_texts(captions), embeddings,
+                     [os.path.basename(p) for p in kept])
+    print(f"wrote the top 10 of {len(kept)} clips for {len(captions)} captions to {FLAGS.out}")
+  else:
+    _require("audio", "captions")
+    captions = _read_nonempty_captions(FLAGS.captions)
+    retriever = Retriever(FLAGS.workdir)
+    caption_emb = retriever.embed_texts(captions)
+    embeddings, kept, skipped = retriever.embed_audio_files(FLAGS.audio, FLAGS.batch_size)
+    _report_skipped(skipped)
+    for path, emb in zip(kept, embeddings):
+      _print_ranking(path, captions, *top_k(caption_emb, emb, FLAGS.top_k))
+
+
+if __name__ == "__main__":
+  app.run(main)
