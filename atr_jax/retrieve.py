@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from atr_jax import checkpointing, tokenization  # noqa: E402
+from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
 from atr_jax.train import CONFIG_FILE  # noqa: E402
@@ -37,7 +37,7 @@ FRAME_BUCKET = 512  # Audio batches are padded to a multiple of this many frames
 
 
 class Retriever:
-  """The trained dual encoder of a workdir, embedding audio files and captions (single device)."""
+  """The trained dual encoder of a workdir, embedding audio files and captions (batches sharded over the devices)."""
 
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -53,14 +53,17 @@ class Retriever:
     state = checkpointing.restore_on_one_device(manager, self.step)
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
     self.tokenizer = tokenization.load_tokenizer(self.config.model.text.model_dir)
-    model = build_model(self.config.model)
-    self._audio = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False, method="embed_audio"))
-    self._text = jax.jit(lambda v, i, m: model.apply(v, i, m, train=False, method="embed_text"))
+    self._embedder = evaluation.Embedder(build_model(self.config.model), sharding.create_mesh())
     logging.info("Loaded %s at step %d", self.workdir, self.step)
+
+  def _batch_size(self, requested: int) -> int:
+    """`requested` rounded up to a multiple of the device count (batches are sharded over all devices)."""
+    devices = jax.device_count()
+    return -(-max(requested, 1) // devices) * devices
 
   def embed_log_mels(self, log_mels: list, batch_size: int = 16) -> np.ndarray:
     """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths."""
-    rows = []
+    rows, batch_size = [], self._batch_size(batch_size)
     for start in range(0, len(log_mels), batch_size):
       chunk = log_mels[start:start + batch_size]
       frames = -(-max(len(x) for x in chunk) // FRAME_BUCKET) * FRAME_BUCKET
@@ -69,7 +72,7 @@ class Retriever:
       for i, log_mel in enumerate(chunk):
         batch[i, :len(log_mel)] = log_mel
         mask[i, :len(log_mel)] = True
-      rows.append(np.asarray(self._audio(self.variables, batch, mask))[:len(chunk)])
+      rows.append(self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[:len(chunk)])
     return np.concatenate(rows) if rows else np.zeros((0, self.config.model.embed_dim), np.float32)
 
   def embed_audio_files(self, paths: list, batch_size: int = 16) -> tuple[np.ndarray, list, list]:
@@ -87,13 +90,9 @@ class Retriever:
     return self.embed_log_mels(log_mels, batch_size), kept, skipped
 
   def embed_texts(self, texts: list, batch_size: int = 64) -> np.ndarray:
-    rows = []
-    for start in range(0, len(texts), batch_size):
-      chunk = list(texts[start:start + batch_size])
-      tokens = tokenization.tokenize(self.tokenizer, chunk + [""] * (batch_size - len(chunk)),
-                                     self.config.model.text.max_len)
-      rows.append(np.asarray(self._text(self.variables, tokens["input_ids"], tokens["attention_mask"]))[:len(chunk)])
-    return np.concatenate(rows) if rows else np.zeros((0, self.config.model.embed_dim), np.float32)
+    return evaluation.embed_captions(self._embedder, self.variables, list(texts), tokenizer=self.tokenizer,
+                                     max_len=self.config.model.text.max_len,
+                                     global_batch_size=self._batch_size(batch_size))
 
 
 def audio_files(folder: str) -> list:
