@@ -45,3 +45,9 @@ def to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def place_like(new_tree, like_tree):
+  """`new_tree` (host arrays) cast to the dtypes of `like_tree` and placed with its shardings, leaf by leaf."""
+  return jax.tree.map(lambda like, new: jax.device_put(np.asarray(new).astype(like.dtype), like.sharding),
+                      like_tree, new_tree)

@@ -61,7 +61,7 @@ def _load_audio_init(state: TrainState, directory: str) -> TrainState:
   """`state` with the audio tower's params and batch_stats replaced by the converted weights in `directory`."""
   audio = {"params": state.params["model"]["audio"], "batch_stats": state.batch_stats["audio"]}
   loaded = panns.load_audio_variables(directory, audio)
-  placed = jax.tree.map(lambda old, new: jax.device_put(new.astype(old.dtype), old.sharding), audio, loaded)
+  placed = sharding.place_like(loaded, audio)
   model_params = {**state.params["model"], "audio": placed["params"]}
   return state.replace(params={**state.params, "model": model_params},
                        batch_stats={**state.batch_stats, "audio": placed["batch_stats"]})

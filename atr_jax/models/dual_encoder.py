@@ -19,6 +19,7 @@ from atr_jax.models.bert import BertConfig, BertEncoder, check_params_match, loa
 from atr_jax.models.cnn14 import Cnn14
 from atr_jax.models.hf_hub import resolve_model_dir
 from atr_jax.models.resnet38 import ResNet38
+from atr_jax.sharding import place_like
 
 AUDIO_ARCHS = ('cnn14', 'resnet38')
 TEXT_POOLINGS = ('cls', 'mean')
@@ -144,6 +145,4 @@ def load_pretrained_text(params: dict, model_config: ml_collections.ConfigDict) 
         return params
     _, hf_params = load_hf_params(resolve_model_dir(model_config.text.model_dir))
     check_params_match(params['text'], hf_params, f'HF weights in {model_config.text.model_dir}')
-    text = jax.tree.map(lambda old, new: jax.device_put(new.astype(old.dtype), old.sharding),
-                        params['text'], hf_params)
-    return {**params, 'text': text}
+    return {**params, 'text': place_like(hf_params, params['text'])}
