@@ -20,8 +20,10 @@ def create_manager(workdir: str, selection_metric: str) -> ocp.CheckpointManager
   return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state), metrics={k: float(v) for k, v in metrics.items()})
+def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict | None) -> None:
+  """Saves `state` at `step` (synchronously); `metrics` None marks a mid-epoch checkpoint, never the best."""
+  metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
   manager.wait_until_finished()
 
 

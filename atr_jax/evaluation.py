@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from atr_jax import sharding, tokenization
+from atr_jax import sharding
+from atr_jax.tokenization import CaptionTokenizer
 from data_pipelines import input_pipeline
 
 
@@ -49,7 +50,7 @@ class Embedder:
     return sharding.to_host(self._text(variables, batch["input_ids"], batch["attention_mask"]))
 
 
-def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenizer, max_len: int,
+def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenize: CaptionTokenizer,
                 global_batch_size: int, max_frames: int) -> SplitEmbeddings:
   """Embeddings of every clip and caption of `split` (identical on every process)."""
   local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
@@ -66,14 +67,13 @@ def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenizer
       audio = np.zeros((len(file_names), emb.shape[1]), np.float32)
     audio[clip_ids[valid]] = emb[valid]
 
-  text = embed_captions(embedder, variables, captions, tokenizer=tokenizer, max_len=max_len,
-                        global_batch_size=global_batch_size)
+  text = embed_captions(embedder, variables, captions, tokenize=tokenize, global_batch_size=global_batch_size)
   logging.info("Embedded split %s: %d clips, %d captions", split, audio.shape[0], text.shape[0])
   return SplitEmbeddings(audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions,
                          file_names=file_names)
 
 
-def embed_captions(embedder: Embedder, variables, captions: list, *, tokenizer, max_len: int,
+def embed_captions(embedder: Embedder, variables, captions: list, *, tokenize: CaptionTokenizer,
                    global_batch_size: int) -> np.ndarray:
   """Embeddings [len(captions), D] of any caption list (identical on every process; each process tokenizes the
   whole list and feeds its slice of each padded global batch)."""
@@ -84,7 +84,7 @@ def embed_captions(embedder: Embedder, variables, captions: list, *, tokenizer, 
   for start in range(0, len(captions), global_batch_size):
     chunk = list(captions[start:start + global_batch_size])
     padded = chunk + [""] * (global_batch_size - len(chunk))
-    tokens = tokenization.tokenize(tokenizer, padded, max_len)
+    tokens = tokenize(padded)
     lo = jax.process_index() * local_batch_size
     local = {k: v[lo:lo + local_batch_size] for k, v in tokens.items()}
     text_chunks.append(embedder.text(variables, local)[:len(chunk)])

@@ -1,5 +1,9 @@
 """Command line: `python -m atr_jax.main --config configs/<name>.py --workdir DIR [--mode train|evaluate]
-[--config.key=value ...]`."""
+[--config.key=value ...] [--distributed auto|on|off] [--coordinator_address HOST:PORT --num_processes N
+--process_id I]`.
+
+Multi-process runs start the same command in every process (scripts/launch_local.py, scripts/slurm_train.sbatch,
+scripts/tpu_pod_train.sh); `atr_jax.distributed` joins them before anything touches a device."""
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # Before jax is imported.
@@ -7,7 +11,7 @@ xla_flags.set_defaults()  # Before jax is imported.
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from atr_jax import train  # noqa: E402
+from atr_jax import distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and results.json.")
@@ -15,19 +19,30 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                   "train: train (resuming from the workdir) then test the best checkpoint; "
                   "evaluate: test the workdir's best checkpoint again.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
+                  "auto: join a multi-process job (jax.distributed) when the coordinator flags are given or a "
+                  "SLURM srun step, Open MPI job or multi-host Cloud TPU is detected; on: always (JAX detects the "
+                  "cluster); off: never.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0's coordinator service (every process passes the same); unset: detected.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the job; unset: detected.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes); unset: detected.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               mode=FLAGS.distributed)
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX.
   logging.info("config:\n%s", FLAGS.config)
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    train.evaluate_best(FLAGS.config, FLAGS.workdir)
+  with distributed.exit_fast_on_failure():
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      train.evaluate_best(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class Retriever:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first")
     state = checkpointing.restore_on_one_device(manager, self.step)
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-    self.tokenizer = tokenization.load_tokenizer(self.config.model.text.model_dir)
+    self.tokenize = tokenization.CaptionTokenizer.from_config(self.config)
     self._embedder = evaluation.Embedder(build_model(self.config.model), sharding.create_mesh())
     logging.info("Loaded %s at step %d", self.workdir, self.step)
 
@@ -90,9 +90,9 @@ class Retriever:
     return self.embed_log_mels(log_mels, batch_size), kept, skipped
 
   def embed_texts(self, texts: list, batch_size: int = 64) -> np.ndarray:
-    return evaluation.embed_captions(self._embedder, self.variables, list(texts), tokenizer=self.tokenizer,
-                                     max_len=self.config.model.text.max_len,
-                                     global_batch_size=self._batch_size(batch_size))
+    """Embeddings of `texts`, in batches of at most `batch_size` (a single query is not padded to a full batch)."""
+    return evaluation.embed_captions(self._embedder, self.variables, list(texts), tokenize=self.tokenize,
+                                     global_batch_size=self._batch_size(min(batch_size, len(texts))))
 
 
 def audio_files(folder: str) -> list:

@@ -2,7 +2,8 @@
 
 One mesh axis, 'data', spans every device of every process. A batch is described by its global size; each process
 feeds its own slice (global // process_count rows) and `global_batch` assembles them into `jax.Array`s sharded over
-'data'. Parameters and optimizer state are replicated (pure data parallelism).
+'data'. Parameters and optimizer state are replicated (pure data parallelism) or, with FSDP, each large array is
+split over 'data' along one dimension (`state_shardings`); XLA gathers them where the step needs them whole.
 """
 import jax
 import numpy as np
@@ -23,6 +24,30 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+PARAM_SHARDINGS = ("replicated", "fsdp")
+FSDP_MIN_SIZE = 2**14  # Arrays with fewer elements stay replicated under FSDP: splitting them saves nothing.
+
+
+def _fsdp_spec(shape: tuple[int, ...], num_devices: int) -> P:
+  """P that splits the largest dimension divisible by the device count (ties: the last), or P() if none is."""
+  if int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+    return P()
+  candidates = [(size, axis) for axis, size in enumerate(shape) if size % num_devices == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)
+  return P(*([None] * axis + [DATA_AXIS]))
+
+
+def state_shardings(abstract_tree, mesh: Mesh, mode: str):
+  """NamedShardings for every leaf of `abstract_tree` (ShapeDtypeStructs): replicated, or FSDP ("fsdp")."""
+  if mode not in PARAM_SHARDINGS:
+    raise ValueError(f"train.param_sharding={mode!r} is not one of {PARAM_SHARDINGS}")
+  if mode == "replicated":
+    return jax.tree.map(lambda _: replicated(mesh), abstract_tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(tuple(x.shape), mesh.size)), abstract_tree)
 
 
 def check_global_batch(global_batch_size: int, name: str) -> int:

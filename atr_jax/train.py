@@ -1,9 +1,11 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)` and `evaluate_best(config, workdir)`.
 
-The train state is born replicated over the data mesh (`jax.eval_shape` + jit `out_shardings`), the step is one
-jitted pure function over a batch sharded on 'data', and the contrastive loss sees the global batch (see losses).
-Checkpoints keep the latest state (automatic resume) and the best by a validation metric; the best one is scored on
-the test split at the end and written to `workdir/results.json`.
+The train state is born sharded over the data mesh (`jax.eval_shape` + jit `out_shardings`), the step is one
+jitted pure function over a batch sharded on 'data' (optionally in micro-batches, with the contrastive loss still
+on the global batch), and the contrastive loss sees the global batch (see losses). Checkpoints keep the latest
+state (every `train.checkpoint_every_steps` and at epoch ends) and the best by a validation metric; a restarted run
+resumes exactly (same data order, random streams and schedule state). The best checkpoint is scored on the test
+split at the end and written to `workdir/results.json`.
 """
 import functools
 import json
@@ -11,6 +13,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -18,7 +21,7 @@ from absl import logging
 from clu import metric_writers
 
 from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization
-from atr_jax.train_state import TrainState, create_train_state, make_optimizer
+from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.dual_encoder import build_model
 from data_pipelines import datasets, input_pipeline
@@ -26,19 +29,83 @@ from data_pipelines import datasets, input_pipeline
 CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn, rng):
-  """One optimizer step on a global batch; returns the new state and replicated scalar metrics."""
+def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng):
+  """Training-mode embeddings of `batch` and the updated BatchNorm statistics."""
+  dropout_rng, augment_rng = jax.random.split(rng)
+  (audio_emb, text_emb), updates = state.apply_fn(
+      {"params": model_params, "batch_stats": batch_stats}, batch["log_mel"], batch["frame_mask"],
+      batch["input_ids"], batch["attention_mask"], train=True, mutable=["batch_stats"],
+      rngs={"dropout": dropout_rng, "augment": augment_rng})
+  return (audio_emb, text_emb), updates["batch_stats"]
+
+
+def _split_micro_batches(x: jax.Array, accum_steps: int, num_shards: int) -> jax.Array:
+  """(B, ...) -> (accum_steps, B / accum_steps, ...): micro-batch m holds the m-th piece of every device's rows, so
+  that no row changes device."""
+  local = x.shape[0] // num_shards
+  x = x.reshape(num_shards, accum_steps, local // accum_steps, *x.shape[1:]).swapaxes(0, 1)
+  return x.reshape(accum_steps, x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _join_micro_batches(x: jax.Array, num_shards: int) -> jax.Array:
+  """The inverse of `_split_micro_batches`."""
+  accum_steps, rows = x.shape[:2]
+  x = x.reshape(accum_steps, num_shards, rows // num_shards, *x.shape[2:]).swapaxes(0, 1)
+  return x.reshape(accum_steps * rows, *x.shape[3:])
+
+
+def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps: int, num_shards: int):
+  """Gradient caching: the loss on the whole global batch with activations held for one micro-batch at a time.
+
+  Pass 1 computes every micro-batch's embeddings without gradients; the loss and its gradient with respect to the
+  embeddings are taken on the whole batch; pass 2 recomputes each micro-batch's forward pass and back-propagates
+  its slice of those embedding gradients, summing the parameter gradients. Both passes use the same random keys, so
+  the result equals the one-batch gradient up to rounding, except that BatchNorm normalises each micro-batch with
+  its own statistics. BatchNorm running statistics are updated once per micro-batch, in order.
+  """
+  params = state.params
+  micro = jax.tree.map(lambda x: _split_micro_batches(x, accum_steps, num_shards), batch)
+  rngs = jax.random.split(rng, accum_steps)
+
+  def embed(_, inputs):
+    micro_batch, micro_rng = inputs
+    embeddings, _ = _forward(state, params["model"], state.batch_stats, micro_batch, micro_rng)
+    return None, embeddings
+
+  _, (audio_emb, text_emb) = jax.lax.scan(embed, None, (micro, rngs))
+  audio_emb, text_emb = (_join_micro_batches(jax.lax.stop_gradient(e), num_shards) for e in (audio_emb, text_emb))
+  loss, (audio_grad, text_grad, loss_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1, 3))(
+      audio_emb, text_emb, batch["clip_id"], params["loss"])
+  embedding_grads = tuple(_split_micro_batches(g, accum_steps, num_shards) for g in (audio_grad, text_grad))
+
+  def backprop(carry, inputs):
+    grads, batch_stats = carry
+    micro_batch, micro_rng, micro_grads = inputs
+    _, pullback, new_batch_stats = jax.vjp(
+        lambda p: _forward(state, p, batch_stats, micro_batch, micro_rng), params["model"], has_aux=True)
+    (model_grads,) = pullback(micro_grads)
+    return (jax.tree.map(jnp.add, grads, model_grads), new_batch_stats), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params["model"])
+  (model_grads, batch_stats), _ = jax.lax.scan(backprop, (zeros, state.batch_stats), (micro, rngs, embedding_grads))
+  return loss, {"model": model_grads, "loss": loss_grads}, batch_stats
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn, rng, accum_steps: int = 1, num_shards: int = 1):
+  """One optimizer step on a global batch; returns the new state and replicated scalar metrics.
+
+  With `accum_steps` > 1 the batch is processed in that many micro-batches (gradient caching, see
+  `_cached_gradients`); `num_shards` is the number of devices the batch is sharded over.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
-  dropout_rng, augment_rng = jax.random.split(step_rng)
+  if accum_steps == 1:
+    def compute_loss(params):
+      (audio_emb, text_emb), batch_stats = _forward(state, params["model"], state.batch_stats, batch, step_rng)
+      return loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"]), batch_stats
 
-  def compute_loss(params):
-    (audio_emb, text_emb), updates = state.apply_fn(
-        {"params": params["model"], "batch_stats": state.batch_stats}, batch["log_mel"], batch["frame_mask"],
-        batch["input_ids"], batch["attention_mask"], train=True, mutable=["batch_stats"],
-        rngs={"dropout": dropout_rng, "augment": augment_rng})
-    return loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"]), updates["batch_stats"]
-
-  (loss, batch_stats), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    (loss, batch_stats), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+  else:
+    loss, grads, batch_stats = _cached_gradients(state, batch, loss_fn, step_rng, accum_steps, num_shards)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
@@ -50,18 +117,24 @@ class _Setup:
     self.config = config
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(self.workdir, exist_ok=True)
-    self.builder = datasets.prepare_builder(config.data)
+    self.sources = datasets.train_sources(config.data)  # [(builder, split)]: the main dataset first.
+    self.builder = self.sources[0][0]  # Validation and test splits come from it.
     self.mesh = sharding.create_mesh()
     self.local_batch_size = sharding.check_global_batch(config.train.global_batch_size, "train.global_batch_size")
     sharding.check_global_batch(config.eval.batch_size, "eval.batch_size")
-    self.steps_per_epoch = input_pipeline.steps_per_epoch(self.builder, config.data.train_split,
-                                                          config.train.global_batch_size)
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"split {config.data.train_split!r} holds fewer (clip, caption) pairs than one global batch "
-                       f"({config.train.global_batch_size})")
-    self.tokenizer = tokenization.load_tokenizer(config.model.text.model_dir)
+    if config.eval.selection_metric == "loss":
+      raise ValueError("config.eval.selection_metric='loss': selection keeps the highest value; choose a retrieval "
+                       "metric such as t2a_mAP10")
+    self.num_input_shards = config.data.get("num_input_shards", 0) or jax.process_count()
+    self.accum_steps = config.train.get("grad_accum_steps", 1)
+    per_device = config.train.global_batch_size // jax.device_count()
+    if self.accum_steps < 1 or per_device % self.accum_steps:
+      raise ValueError(f"train.grad_accum_steps={self.accum_steps} must be a positive divisor of the per-device "
+                       f"batch ({per_device} = train.global_batch_size / {jax.device_count()} devices)")
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size)
+    self.tokenize = tokenization.CaptionTokenizer.from_config(config)
     self.model = build_model(config.model)
-    self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch)
+    self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
     # rbg keys compile the many random draws of parameter init ~5x faster on CPU; threefry drives training.
     self.init_rng = jax.random.key(config.seed, impl="rbg")
     self.train_rng = jax.random.key(config.seed)
@@ -78,17 +151,48 @@ class _Setup:
   def embed(self, state, split: str) -> evaluation.SplitEmbeddings:
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
     return evaluation.embed_split(
-        self.embedder, variables, self.builder, split, tokenizer=self.tokenizer,
-        max_len=self.config.model.text.max_len, global_batch_size=self.config.eval.batch_size,
-        max_frames=self.config.data.eval_max_frames)
+        self.embedder, variables, self.builder, split, tokenize=self.tokenize,
+        global_batch_size=self.config.eval.batch_size, max_frames=self.config.data.eval_max_frames)
 
   def evaluate(self, state, split: str) -> dict:
     emb = self.embed(state, split)
     return retrieval_metrics(emb.audio, emb.text, emb.caption_clip_ids)
 
+  def train_batches(self, epoch: int, skip_batches: int):
+    """This process's numpy slices of the global batches of `epoch`, from batch `skip_batches` on."""
+    return input_pipeline.process_train_batches(
+        self.sources, global_batch_size=self.config.train.global_batch_size, num_shards=self.num_input_shards,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        max_frames=self.config.data.train_max_frames, seed=self.config.seed, epoch=epoch,
+        shuffle_buffer=self.config.data.shuffle_buffer, skip_batches=skip_batches)
+
+
+def validation_loss(emb: evaluation.SplitEmbeddings, loss_fn, loss_params, batch_size: int, seed: int) -> float:
+  """Mean training loss over the validation (clip, caption) pairs in batches of `batch_size`, in a fixed
+  seeded order (all pairs in one batch when there are fewer), from evaluation-mode embeddings."""
+  order = np.random.default_rng(seed).permutation(len(emb.text))
+  batch_size = min(batch_size, len(order))
+  batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+  values = [loss_fn(emb.audio[emb.caption_clip_ids[rows]], emb.text[rows], emb.caption_clip_ids[rows], loss_params)
+            for rows in batches]
+  return float(np.mean(jax.device_get(values)))
+
+
+def _check_finite(metrics: dict, step: int, manager) -> dict:
+  """Host scalars of `metrics`; raises FloatingPointError when the loss is NaN or infinite."""
+  scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not np.isfinite(scalars["loss"]):
+    last = manager.latest_step()
+    kept = f"the last good checkpoint (step {last}) in {manager.directory} is kept" if last is not None else \
+        "no checkpoint was saved yet"
+    raise FloatingPointError(f"training loss is {scalars['loss']} at or before step {step}: stopping; {kept}. "
+                             f"Lower optim.learning_rate or check the data.")
+  return scalars
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the workdir's latest checkpoint), then scores the best checkpoint on the test split."""
+  """Trains (resuming exactly from the workdir's latest checkpoint), then scores the best checkpoint on the test
+  split."""
   setup = _Setup(config, workdir)
   if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
     _write_atomically(os.path.join(setup.workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
@@ -102,40 +206,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
   loss_fn = losses.make_loss_fn_from_config(config.loss, setup.mesh)
-  step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=setup.train_rng),
+  step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=setup.train_rng,
+                                      accum_steps=setup.accum_steps, num_shards=jax.device_count()),
                     in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                     out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+  val_loss_fn = jax.jit(losses.make_loss_fn_from_config(config.loss, None))
   total_steps = setup.steps_per_epoch * config.train.num_epochs
+  checkpoint_every = config.train.get("checkpoint_every_steps", 0)
   step = int(state.step)
-  logging.info("Training: %d epochs x %d steps of %d pairs on %d devices (%d processes)", config.train.num_epochs,
-               setup.steps_per_epoch, config.train.global_batch_size, jax.device_count(), jax.process_count())
+  logging.info("Training: %d epochs x %d steps of %d pairs on %d devices (%d processes, %d input shards, %d "
+               "micro-batches)", config.train.num_epochs, setup.steps_per_epoch, config.train.global_batch_size,
+               jax.device_count(), jax.process_count(), setup.num_input_shards, setup.accum_steps)
   progress = _Progress(total_steps, step)
   for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):
-    dataset = input_pipeline.train_dataset(
-        setup.builder, config.data.train_split, batch_size=setup.local_batch_size,
-        max_frames=config.data.train_max_frames, seed=config.seed, epoch=epoch,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        shuffle_buffer=config.data.shuffle_buffer, skip_batches=step - epoch * setup.steps_per_epoch)
-    for local in dataset.as_numpy_iterator():
-      tokens = tokenization.tokenize(setup.tokenizer, local["caption"], config.model.text.max_len)
+    for local in setup.train_batches(epoch, skip_batches=step - epoch * setup.steps_per_epoch):
+      tokens = setup.tokenize(local["caption"])
       batch = sharding.global_batch({"log_mel": local["log_mel"], "frame_mask": local["frame_mask"],
                                      "clip_id": local["clip_id"], **tokens}, setup.mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       if step == progress.first_step + 1:
         progress.restart_clock(step)  # Rates and ETA leave out the compilation of the first step.
-      if step % config.train.log_every_steps == 0 or step % setup.steps_per_epoch == 0:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"training loss is {scalars['loss']} at step {step}; the last good checkpoint "
-                                   f"in {setup.manager.directory} is kept (lower optim.learning_rate?)")
-        scalars.update(learning_rate=float(setup.schedule(step - 1)), steps_per_sec=progress.steps_per_sec(step))
+      epoch_end = step % setup.steps_per_epoch == 0
+      mid_epoch_save = checkpoint_every > 0 and step % checkpoint_every == 0 and not epoch_end
+      if step % config.train.log_every_steps == 0 or epoch_end or mid_epoch_save:
+        scalars = _check_finite(metrics, step, setup.manager)
+        scalars.update(learning_rate=float(setup.schedule(step - 1)) * float(state.lr_scale),
+                       steps_per_sec=progress.steps_per_sec(step))
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         logging.info("step %d/%d epoch %d loss %.4f  %.2f steps/s  ETA %s", step, total_steps, epoch + 1,
                      scalars["loss"], scalars["steps_per_sec"], progress.eta(step))
+      if mid_epoch_save:
+        checkpointing.save(setup.manager, step, state, metrics=None)
     eval_start = time.perf_counter()
     val_emb = setup.embed(state, config.data.val_split)
     val_metrics = retrieval_metrics(val_emb.audio, val_emb.text, val_emb.caption_clip_ids)
+    val_metrics["loss"] = validation_loss(val_emb, val_loss_fn, jax.device_get(state.params["loss"]),
+                                          config.train.global_batch_size, config.seed)
     logging.info("Evaluated %s in %.1f s", config.data.val_split, time.perf_counter() - eval_start)
     if config.eval.num_retrieval_examples > 0:
       summaries.write_retrieval_examples(writer, step, val_emb, raw_dir=config.data.raw_dir,
@@ -143,6 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.eval.selection_metric not in val_metrics:
       raise KeyError(f"config.eval.selection_metric={config.eval.selection_metric!r} is not one of "
                      f"{sorted(val_metrics)}")
+    if config.optim.get("schedule", "step") == "plateau":
+      state = reduce_on_plateau(state, val_metrics["loss"], config.optim)
+      val_metrics["lr_scale"] = float(state.lr_scale)
     writer.write_scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
     logging.info("epoch %d validation: %s", epoch + 1, {k: round(v, 4) for k, v in val_metrics.items()})
     checkpointing.save(setup.manager, step, state, val_metrics)

@@ -11,8 +11,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 20  # Reference seed: parameters, data order, dropout and SpecAugment all derive from it.
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = "clotho"  # Clotho v2.1 layout (captions CSVs + audio folders), see README.
-  config.data.raw_dir = ""  # The Clotho-layout folder (the TFDS manual_dir). Required.
+  # Layout of raw_dir: "clotho" (Clotho v2.1 captions CSVs + audio folders) or "audiocaps" (train/val/test CSVs,
+  # official or renamed, + audio folders), see README. Validation and test always come from this dataset.
+  config.data.dataset = "clotho"
+  config.data.raw_dir = ""  # The raw dataset folder (the TFDS manual_dir). Required.
+  # AudioCaps audio file name made from a row of the official CSVs ({youtube_id}, {start_time}, {audiocap_id}); the
+  # renamed CSVs (file_name,caption[_1..5]) name their files themselves.
+  config.data.audiocaps_file_pattern = "{youtube_id}.wav"
+  # More training data, comma-separated "dataset:raw_dir:split" entries trained on together with train_split, e.g.
+  # "audiocaps:~/data/audiocaps:train" (each is prepared into its own default folder on first use).
+  config.data.extra_train = ""
+  config.data.caption_cleaning = "reference"  # "reference" (SPEC 7: lower-case, punctuation removed) or "raw".
   config.data.data_dir = ""  # Where prepared TFRecords go; "" = ~/.cache/atr_jax/prepared/<name>-<hash>.
   config.data.generate_synthetic = False  # Generate the synthetic dataset into raw_dir when it is absent.
   config.data.synthetic = ml_collections.ConfigDict()
@@ -26,7 +35,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.test_split = "evaluation"
   config.data.train_max_frames = 3001  # Random crop (or pad + mask) of each training clip, frames at 100/s.
   config.data.eval_max_frames = 3001  # Evaluation clips are embedded whole (padding is masked) up to this length.
-  config.data.shuffle_buffer = 2000  # (clip, caption) pairs held by the shuffle buffer of each process.
+  config.data.shuffle_buffer = 2000  # (clip, caption) pairs held by the shuffle buffer of each input shard.
+  # Input shards: each reads its own TFRecord files and fills its own slice of every global batch; each process
+  # runs num_input_shards / process_count of them. 0 = one per process. Fixing it (e.g. 8) makes the global batches
+  # (and so an exact resume) independent of the number of processes.
+  config.data.num_input_shards = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.audio = ml_collections.ConfigDict()
@@ -53,7 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.text.max_len = 64  # Tokens per caption (padded to a fixed length: no recompilation).
   config.model.embed_dim = 1024
   config.model.head_hidden = 2048
-  config.model.dtype = "float32"
+  config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters and Adam stay float32).
+  config.model.remat = False  # Recompute each tower's activations in the backward pass (less memory, ~30% slower).
   # Towers frozen by optim.frozen run with train=False (BatchNorm on running statistics, no dropout/SpecAugment);
   # False = the reference (frozen BatchNorm keeps updating its statistics, dropout stays on).
   config.model.frozen_in_inference_mode = True
@@ -70,19 +84,38 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.siglip_chunked = False  # siglip: ring of ppermutes over devices, never a B_local x B_global block.
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 1e-4  # Adam.
+  config.optim.name = "adam"  # "adam" or "adamw" (decoupled weight decay optim.weight_decay).
+  config.optim.weight_decay = 0.0  # adamw only.
+  config.optim.learning_rate = 1e-4  # Peak learning rate.
   config.optim.text_learning_rate = None  # Learning rate of the BERT body; None = optim.learning_rate.
   # Subtrees not trained (no update, no Adam state, left out of gradient clipping): any of "audio", "text",
   # "audio_head", "text_head".
   config.optim.frozen = ()
   config.optim.grad_clip_norm = 2.0  # Global-norm clipping; 0 disables.
-  config.optim.decay_every_epochs = 20  # StepLR of the reference: x decay_factor every this many epochs.
+  # "step" (the reference: x decay_factor every decay_every_epochs), "cosine" (linear warmup over warmup_epochs,
+  # then cosine to 0), "plateau" (x plateau_factor when the validation loss has not improved for plateau_patience
+  # epochs: the DCASE submission) or "constant".
+  config.optim.schedule = "step"
+  config.optim.decay_every_epochs = 20.0  # (May be fractional.)
   config.optim.decay_factor = 0.1
+  config.optim.warmup_epochs = 1.0  # cosine only.
+  config.optim.plateau_factor = 0.5
+  config.optim.plateau_patience = 5
 
   config.train = ml_collections.ConfigDict()
   config.train.global_batch_size = 64  # Over all devices and processes; must be divisible by the device count.
   config.train.num_epochs = 50
   config.train.log_every_steps = 50
+  # The latest state is also checkpointed every this many steps (0: at epoch ends only), so that a killed run loses
+  # at most this many steps; it resumes exactly (same data order and random streams).
+  config.train.checkpoint_every_steps = 500
+  # Micro-batches per step: the global batch's embeddings are computed in pieces and the contrastive loss still sees
+  # the whole global batch (gradient caching), so the step equals one big batch up to rounding (BatchNorm statistics
+  # are per micro-batch). Must divide global_batch_size / device_count.
+  config.train.grad_accum_steps = 1
+  # "replicated" (pure data parallelism) or "fsdp" (parameters and Adam state sharded over the data axis along their
+  # largest divisible dimension; for large text towers such as RoBERTa-large).
+  config.train.param_sharding = "replicated"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 64  # Global clips/captions per embedding step (fixed: the last batch is padded).

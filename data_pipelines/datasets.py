@@ -1,20 +1,35 @@
-"""Resolves `config.data` to a prepared TFDS builder: generates the synthetic dataset when asked, prepares the
-TFRecords on first use (process 0 only; the others wait), and checks that the folder is a Clotho-layout one."""
+"""Resolves `config.data` to prepared TFDS builders: the main dataset (`config.data.dataset` in raw_dir; the
+synthetic Clotho-layout dataset is generated first when asked) and the extra training sources of
+`config.data.extra_train`. Each is prepared on first use by process 0 while the other processes wait."""
+import functools
 import os
 
 import ml_collections
 from absl import logging
 
-from data_pipelines import clotho, synthetic
+from data_pipelines import audiocaps, clip_builder, clotho, synthetic
+
+DATASETS = ("clotho", "audiocaps")
+
+
+def prepare(dataset: str, raw_dir: str, data_dir: str, *, audiocaps_file_pattern: str = audiocaps.DEFAULT_FILE_PATTERN,
+            workers: int | None = None) -> clip_builder.CaptionedClips:
+  """The builder of `dataset` ("clotho" or "audiocaps") in `data_dir`, prepared from `raw_dir` unless complete."""
+  if dataset == "clotho":
+    return clotho.prepare(raw_dir, data_dir, workers=workers)
+  if dataset == "audiocaps":
+    return audiocaps.prepare(raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers)
+  raise ValueError(f"dataset {dataset!r} is not supported (supported: {DATASETS})")
 
 
 def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
   if not data_config.raw_dir:
-    raise ValueError("config.data.raw_dir is empty: set it to a Clotho-layout folder (see README)")
-  if data_config.dataset != "clotho":
-    raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: 'clotho')")
+    raise ValueError(f"config.data.raw_dir is empty: set it to a {data_config.dataset}-layout folder (see README)")
+  if data_config.dataset not in DATASETS:
+    raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: {DATASETS})")
   raw_dir = os.path.abspath(os.path.expanduser(data_config.raw_dir))
-  data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else clotho.default_data_dir(raw_dir)
+  data_dir = (os.path.expanduser(data_config.data_dir) if data_config.data_dir
+              else clip_builder.default_data_dir(raw_dir))
   return raw_dir, data_dir
 
 
@@ -23,21 +38,70 @@ def _ensure_raw(raw_dir: str, data_config: ml_collections.ConfigDict) -> None:
     return
   if not data_config.generate_synthetic:
     raise FileNotFoundError(f"config.data.raw_dir={raw_dir!r} does not exist")
+  if data_config.dataset != "clotho":
+    raise ValueError("config.data.generate_synthetic makes a Clotho-layout dataset: it needs "
+                     f"config.data.dataset='clotho', not {data_config.dataset!r}")
   spec = data_config.synthetic
   logging.info("Generating the synthetic dataset into %s", raw_dir)
   synthetic.generate(raw_dir, {"development": spec.num_development, "validation": spec.num_validation,
                                "evaluation": spec.num_evaluation}, seed=spec.seed, duration_s=spec.duration_s)
 
 
-def prepare_builder(data_config: ml_collections.ConfigDict):
-  """The prepared builder of `data_config`, made on first use. Safe to call from every process of a job that
-  shares a filesystem: process 0 does the work while the others wait at a barrier."""
+def _prepare_on_process_zero(dataset: str, raw_dir: str, data_dir: str, data_config: ml_collections.ConfigDict,
+                             make_raw=None) -> clip_builder.CaptionedClips:
+  """Process 0 prepares (after `make_raw()`), the others wait at a barrier; then every process opens the builder."""
   import jax
   from jax.experimental import multihost_utils
-  raw_dir, data_dir = raw_and_data_dirs(data_config)
+  prepare_it = functools.partial(prepare, dataset, raw_dir, data_dir,
+                                 audiocaps_file_pattern=data_config.audiocaps_file_pattern)
   if jax.process_index() == 0:
-    _ensure_raw(raw_dir, data_config)
-    clotho.prepare(raw_dir, data_dir)
+    if make_raw is not None:
+      make_raw()
+    prepare_it()
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("atr_jax_prepare_data")
-  return clotho.prepare(raw_dir, data_dir)
+    multihost_utils.sync_global_devices(f"atr_jax_prepare_data {data_dir}")
+  return prepare_it()
+
+
+def prepare_builder(data_config: ml_collections.ConfigDict) -> clip_builder.CaptionedClips:
+  """The prepared builder of the main dataset of `data_config`, made on first use. Safe to call from every process
+  of a job that shares a filesystem: process 0 does the work while the others wait at a barrier."""
+  raw_dir, data_dir = raw_and_data_dirs(data_config)
+  return _prepare_on_process_zero(data_config.dataset, raw_dir, data_dir, data_config,
+                                  make_raw=lambda: _ensure_raw(raw_dir, data_config))
+
+
+def parse_extra_train(extra_train: str) -> list[tuple[str, str, str]]:
+  """(dataset, raw_dir, split) per comma-separated "dataset:raw_dir:split" entry of config.data.extra_train."""
+  entries = []
+  for entry in (e.strip() for e in extra_train.split(",")):
+    if not entry:
+      continue
+    dataset, _, rest = entry.partition(":")
+    raw_dir, _, split = rest.rpartition(":")
+    if dataset not in DATASETS or not raw_dir or not split:
+      raise ValueError(f"config.data.extra_train entry {entry!r} is not 'dataset:raw_dir:split' with dataset one "
+                       f"of {DATASETS}")
+    entries.append((dataset, os.path.abspath(os.path.expanduser(raw_dir)), split))
+  return entries
+
+
+def _check_split(builder: clip_builder.CaptionedClips, split: str, where: str) -> None:
+  if split not in builder.info.splits:
+    raise ValueError(f"{where}: split {split!r} is not in {builder.data_path} (it has {list(builder.info.splits)})")
+
+
+def train_sources(data_config: ml_collections.ConfigDict) -> list[tuple[clip_builder.CaptionedClips, str]]:
+  """(builder, split) of every training source: the main dataset's config.data.train_split first, then one per
+  config.data.extra_train entry (each prepared into its default data dir, `clip_builder.default_data_dir`)."""
+  extras = parse_extra_train(data_config.extra_train)  # Malformed entries fail before any preparation.
+  main = prepare_builder(data_config)
+  _check_split(main, data_config.train_split, "config.data.train_split")
+  sources = [(main, data_config.train_split)]
+  for dataset, raw_dir, split in extras:
+    if not os.path.isdir(raw_dir):
+      raise FileNotFoundError(f"config.data.extra_train: raw_dir {raw_dir!r} does not exist")
+    builder = _prepare_on_process_zero(dataset, raw_dir, clip_builder.default_data_dir(raw_dir), data_config)
+    _check_split(builder, split, f"config.data.extra_train entry {dataset}:{raw_dir}:{split}")
+    sources.append((builder, split))
+  return sources

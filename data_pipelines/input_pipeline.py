@@ -1,12 +1,14 @@
-"""tf.data pipelines over a prepared `clotho.Clotho` builder: training batches of (clip, caption) pairs, fixed-size
-evaluation batches of whole clips, and the caption tables that evaluation needs.
+"""tf.data pipelines over prepared dataset builders (one record per clip): training batches of (clip, caption)
+pairs, fixed-size evaluation batches of whole clips, and the caption tables that evaluation needs.
 
-Training: each process reads its even share of the clips (`tfds.split_for_jax_process`), shuffles them, flattens
-them to (clip, caption) pairs, shuffles the pairs, gives each pair an independent uniform crop of `max_frames` frames
-(zero padding and a mask when the clip is shorter), and batches them. Everything random is seeded from
+Training: each input shard reads its even share of the clips (`tfds.split_for_jax_process`) of every source (one or
+more (builder, split) trained on together), shuffles them, flattens them to (clip, caption) pairs, shuffles the
+pairs, gives each pair an independent uniform crop of `max_frames` frames (zero padding and a mask when the clip is
+shorter), and batches them. Everything random is seeded from
 (seed, epoch) (crops from (seed, epoch, clip_id, caption index) with stateless ops) and the pipeline runs with
 `deterministic=True`, so an epoch's batches are reproducible, which is what makes `skip_batches` resume exact.
-Every process yields `steps_per_epoch` batches (a short shard is repeated) so that hosts stay in step.
+Every shard yields `steps_per_epoch` batches (a short shard is repeated) so that hosts stay in step; a process runs
+its contiguous group of shards and concatenates their batches, so global batches do not depend on the process count.
 """
 import functools
 
@@ -51,11 +53,13 @@ def train_pairs_per_epoch(builder: tfds.core.DatasetBuilder, split: str) -> int:
   return sum(len(captions) for captions in _caption_table(builder, split)[0])
 
 
-def steps_per_epoch(builder: tfds.core.DatasetBuilder, split: str, global_batch: int) -> int:
-  """Batches every process yields per epoch: pairs // global_batch."""
-  steps = train_pairs_per_epoch(builder, split) // global_batch
+def steps_per_epoch(sources, global_batch: int) -> int:
+  """Global batches per epoch over the (builder, split) `sources`: all their pairs // global_batch."""
+  pairs = sum(train_pairs_per_epoch(builder, split) for builder, split in sources)
+  steps = pairs // global_batch
   if steps == 0:
-    raise ValueError(f"split {split} has fewer (clip, caption) pairs than the global batch {global_batch}")
+    names = ", ".join(f"{builder.name}:{split}" for builder, split in sources)
+    raise ValueError(f"{names} hold {pairs} (clip, caption) pairs, fewer than the global batch {global_batch}")
   return steps
 
 
@@ -102,24 +106,39 @@ def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.with_options(options)
 
 
-def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int, max_frames: int, seed: int,
-                  epoch: int, process_index: int = 0, process_count: int = 1,
-                  shuffle_buffer: int = DEFAULT_PAIR_SHUFFLE_BUFFER,
-                  clip_shuffle_buffer: int = DEFAULT_CLIP_SHUFFLE_BUFFER, skip_batches: int = 0) -> tf.data.Dataset:
-  """Epoch `epoch` of this process's training batches, from batch `skip_batches` on.
+def _source_clips(sources, shard_index: int, num_shards: int, file_seed: int, choice_seed: int) -> tf.data.Dataset:
+  """The clips of input shard `shard_index` of every source, interleaved in a seeded random order in proportion to
+  the sources' sizes; clip ids are offset so that they are unique over the sources (source order)."""
+  datasets, counts, offset = [], [], 0
+  for builder, split in sources:
+    shard = tfds.split_for_jax_process(split, process_index=shard_index, process_count=num_shards)
+    clips = builder.as_dataset(split=shard, shuffle_files=True,
+                               read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False))
+    datasets.append(clips.map(lambda clip, offset=offset: {**clip, "clip_id": clip["clip_id"] + offset}))
+    counts.append(_num_clips(builder, shard))
+    offset += _num_clips(builder, split)
+  if len(datasets) == 1:
+    return datasets[0]
+  choices = np.random.default_rng(choice_seed).permutation(np.repeat(np.arange(len(counts), dtype=np.int64), counts))
+  return tf.data.Dataset.choose_from_datasets(datasets, tf.data.Dataset.from_tensor_slices(choices))
 
-  `batch_size` is the per-process batch (global // process_count). Batches are dicts of `log_mel` float32
-  (b, max_frames, 64), `frame_mask` bool (b, max_frames), `caption` string (b,), `clip_id` int32 (b,); there are
-  `steps_per_epoch(builder, split, batch_size * process_count) - skip_batches` of them. Skipped batches are still
-  read and shuffled (to reproduce the order) but not cropped.
+
+def train_dataset(sources, *, batch_size: int, max_frames: int, seed: int, epoch: int, shard_index: int = 0,
+                  num_shards: int = 1, shuffle_buffer: int = DEFAULT_PAIR_SHUFFLE_BUFFER,
+                  clip_shuffle_buffer: int = DEFAULT_CLIP_SHUFFLE_BUFFER, skip_batches: int = 0) -> tf.data.Dataset:
+  """Epoch `epoch` of input shard `shard_index` (of `num_shards`), from batch `skip_batches` on.
+
+  `sources` is a list of (builder, split) trained on together (clip ids offset to stay unique). `batch_size` is
+  the shard's batch (global // num_shards). Batches are dicts of `log_mel` float32 (b, max_frames, 64),
+  `frame_mask` bool (b, max_frames), `caption` string (b,), `clip_id` int32 (b,); there are
+  `steps_per_epoch(sources, batch_size * num_shards) - skip_batches` of them. Skipped batches are still read and
+  shuffled (to reproduce the order) but not cropped.
   """
-  steps = steps_per_epoch(builder, split, batch_size * process_count)
+  steps = steps_per_epoch(sources, batch_size * num_shards)
   if not 0 <= skip_batches <= steps:
     raise ValueError(f"skip_batches={skip_batches} is outside [0, {steps}] (the epoch's batches)")
-  file_seed, clip_seed, pair_seed = _stream_seeds(seed, epoch, 3)
-  shard = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
-  clips = builder.as_dataset(split=shard, shuffle_files=True,
-                             read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False))
+  file_seed, clip_seed, pair_seed, choice_seed = _stream_seeds(seed, epoch, 4)
+  clips = _source_clips(sources, shard_index, num_shards, file_seed, choice_seed + shard_index)
   pairs = (clips.shuffle(clip_shuffle_buffer, seed=clip_seed)
            .flat_map(_clip_to_pairs)
            .shuffle(shuffle_buffer, seed=pair_seed)
@@ -132,6 +151,29 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
              .batch(batch_size, drop_remainder=True)
              .prefetch(tf.data.AUTOTUNE))
   return _deterministic(batches)
+
+
+def process_train_batches(sources, *, global_batch_size: int, num_shards: int, process_index: int,
+                          process_count: int, **kwargs):
+  """Numpy iterator of this process's slices of the epoch's global batches.
+
+  The global batch is the concatenation of the `num_shards` input shards' batches in shard order; process p runs
+  shards [p * k, (p + 1) * k) with k = num_shards / process_count and yields their concatenation, which is its
+  slice of the global batch. So the global batches depend on `num_shards`, never on the number of processes.
+  `kwargs` go to `train_dataset` (max_frames, seed, epoch, shuffle buffers, skip_batches).
+  """
+  if num_shards <= 0 or num_shards % process_count or global_batch_size % num_shards:
+    raise ValueError(f"data.num_input_shards={num_shards} must be a positive multiple of the process count "
+                     f"({process_count}) that divides the global batch ({global_batch_size})")
+  per_process = num_shards // process_count
+  shards = [train_dataset(sources, batch_size=global_batch_size // num_shards, shard_index=shard,
+                          num_shards=num_shards, **kwargs)
+            for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  if len(shards) == 1:
+    return shards[0].as_numpy_iterator()
+  zipped = tf.data.Dataset.zip(tuple(shards)).map(
+      lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0) for key in batches[0]})
+  return zipped.prefetch(2).as_numpy_iterator()
 
 
 def _eval_row(clip: dict, max_frames: int) -> dict:

@@ -1,29 +1,40 @@
-"""Command line: turns a raw dataset folder into log-mel TFRecords once and prints what each split holds.
+"""Command line: turns a raw dataset folder into log-mel TFRecords once, then prints what was read, written and
+skipped, and where the report is.
 
-  python -m data_pipelines.prepare --raw_dir RAW [--out_dir OUT] [--dataset clotho]
+  python -m data_pipelines.prepare --dataset {clotho,audiocaps} --raw_dir RAW [--out_dir OUT]
+      [--audiocaps_file_pattern '{youtube_id}.wav'] [--workers N]
 
-OUT defaults to `clotho.default_data_dir(RAW)`; running it again on a prepared OUT only prints the counts.
+OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run continues where it stopped when started again;
+running it on a prepared OUT only prints the counts.
 """
 from absl import app, flags
 
-from data_pipelines import clotho, input_pipeline
+from data_pipelines import audiocaps, clip_builder, datasets, extraction
 
-_RAW_DIR = flags.DEFINE_string("raw_dir", None, "Clotho v2.1-layout folder (captions CSVs and audio folders).",
+_DATASET = flags.DEFINE_enum("dataset", "clotho", list(datasets.DATASETS), "Layout of raw_dir.")
+_RAW_DIR = flags.DEFINE_string("raw_dir", None, "Raw dataset folder (captions CSVs and audio folders).",
                                required=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the TFRecords go (default: a per-raw_dir folder under "
                                "~/.cache/atr_jax/prepared).")
-_DATASET = flags.DEFINE_enum("dataset", "clotho", ["clotho"], "Layout of raw_dir.")
+_FILE_PATTERN = flags.DEFINE_string(
+    "audiocaps_file_pattern", audiocaps.DEFAULT_FILE_PATTERN,
+    "AudioCaps official CSVs: audio file name made of {youtube_id}, {start_time} and {audiocap_id}.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Feature-extraction processes (default: one per CPU core).",
+                                lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out_dir = _OUT_DIR.value or clotho.default_data_dir(_RAW_DIR.value)
-  builder = clotho.prepare(_RAW_DIR.value, out_dir)
-  print(f"{_DATASET.value} prepared in {builder.data_dir}")
+  out_dir = _OUT_DIR.value or clip_builder.default_data_dir(_RAW_DIR.value)
+  builder = datasets.prepare(_DATASET.value, _RAW_DIR.value, out_dir, audiocaps_file_pattern=_FILE_PATTERN.value,
+                             workers=_WORKERS.value)
+  counts = builder.info.metadata["preparation"]
+  print(f"{_DATASET.value} prepared in {builder.data_path}")
   for split in builder.info.splits:
-    clips = builder.info.splits[split].num_examples
-    print(f"  {split}: {clips} clips, {input_pipeline.train_pairs_per_epoch(builder, split)} captions")
+    print(f"  {split}: {builder.info.splits[split].num_examples} clips, {counts[split]['captions_written']} captions")
+  print(extraction.format_summary(_DATASET.value, counts))
+  print(f"report of every skipped clip and caption and every note: {clip_builder.report_path(builder)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ def _state(seed):
   params = {"model": {"w": rng.standard_normal((4, 3)).astype(np.float32)}, "loss": {}}
   tx = optax.adam(1e-3)
   state = TrainState.create(apply_fn=None, params=params, tx=tx,
-                            batch_stats={"mean": rng.standard_normal(3).astype(np.float32)})
+                            batch_stats={"mean": rng.standard_normal(3).astype(np.float32)},
+                            lr_scale=np.float32(0.5), best_val_loss=np.float32(rng.random()),
+                            epochs_without_improvement=np.int32(seed))
   grads = jax.tree.map(lambda p: np.ones_like(p), params)
   return state.apply_gradients(grads=grads)
 

@@ -6,7 +6,6 @@ wav, a caption-less row, and CSVs in UTF-8, latin-1 and cp1252.
 import collections
 import csv
 import hashlib
-import logging
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_pipelines import clotho, features, input_pipeline
+from data_pipelines import clip_builder, clotho, extraction, features, input_pipeline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FRAMES = 150
@@ -35,9 +34,9 @@ CAPTION_COUNTS = {"validation": {"v0.wav": 5, "v1.wav": 4, "v2.wav": 2, "v3.wav"
 SPECIAL_CAPTIONS = {"d1.wav": 'a "quoted", comma caption', "v0.wav": "café naïve façade",
                     "e1.wav": "a “smart” quote — and a dash"}
 CSV_ENCODINGS = {"development": "utf-8", "validation": "latin-1", "evaluation": "cp1252"}
-# Rows that must be skipped: name -> how the fixture breaks it.
-BAD_ROWS = {"d4_broken.wav": "garbage bytes", "d4_missing.wav": "no file", "d4_nocaption.wav": "empty captions",
-            "d9_short.wav": "100 samples"}
+# Rows that must be skipped (garbage bytes, no file, empty captions, 100 samples): name -> reported reason.
+BAD_ROWS = {"d4_broken.wav": "unreadable_audio", "d4_missing.wav": "missing_audio", "d4_nocaption.wav": "no_caption",
+            "d9_short.wav": "too_short"}
 
 
 def _captions(split: str, name: str) -> list[str]:
@@ -81,16 +80,6 @@ def _make_raw_dir(raw_dir: str) -> None:
     _write_csv(clotho.captions_csv_path(raw_dir, split), rows, CSV_ENCODINGS[split])
 
 
-class _Records(logging.Handler):
-
-  def __init__(self):
-    super().__init__()
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("raw"))
@@ -99,21 +88,8 @@ def raw_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(raw_dir, tmp_path_factory):
-  """(builder, warnings logged while preparing)."""
-  records = _Records()
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addHandler(records)
-  try:
-    builder = clotho.prepare(raw_dir, str(tmp_path_factory.mktemp("prepared")))
-  finally:
-    absl_logger.removeHandler(records)
-  return builder, records.messages
-
-
-@pytest.fixture(scope="module")
-def builder(prepared):
-  return prepared[0]
+def builder(raw_dir, tmp_path_factory):
+  return clotho.prepare(raw_dir, str(tmp_path_factory.mktemp("prepared")))
 
 
 def _records(builder, split) -> dict[str, dict]:
@@ -133,7 +109,7 @@ def _epoch_pairs(batches) -> list[tuple[int, str]]:
 
 def _train_batches(builder, split, **kwargs):
   args = dict(batch_size=8, max_frames=MAX_FRAMES, seed=3, epoch=0) | kwargs
-  return list(input_pipeline.train_dataset(builder, split, **args).as_numpy_iterator())
+  return list(input_pipeline.train_dataset([(builder, split)], **args).as_numpy_iterator())
 
 
 def test_default_data_dir_is_per_raw_folder(tmp_path):
@@ -175,14 +151,11 @@ def test_ids_names_and_captions_round_trip(builder):
   assert "a “smart” quote — and a dash" in input_pipeline.eval_captions(builder, "evaluation")[0]  # cp1252 CSV
 
 
-def test_bad_rows_are_skipped_and_listed(prepared):
-  builder, warnings = prepared
+def test_bad_rows_are_skipped_and_reported(builder):
   assert builder.info.splits["development"].num_examples == len(GOOD_AUDIO["development"])
-  skip_report = [m for m in warnings if "clotho development: skipped 4 of 12 rows" in m]
-  assert len(skip_report) == 1
-  for name in BAD_ROWS:
-    assert name in skip_report[0]
-  assert not any(good in skip_report[0] for good in GOOD_AUDIO["development"])
+  with open(clip_builder.report_path(builder), newline="", encoding="utf-8") as f:
+    skipped = {row["item"]: row["reason"] for row in csv.DictReader(f) if row["outcome"] == extraction.SKIPPED_CLIP}
+  assert skipped == BAD_ROWS
 
 
 @pytest.mark.parametrize("header, missing", [(["name", "caption_1"], "file_name"),
@@ -197,20 +170,13 @@ def test_missing_column_is_a_clear_error(tmp_path, header, missing):
   assert not clotho.Clotho(data_dir=str(tmp_path / "prepared")).data_path.exists()
 
 
-def test_duplicate_file_name_is_a_clear_error(tmp_path):
-  path = str(tmp_path / "clotho_captions_development.csv")
-  _write_csv(path, [["a.wav", "one"], ["b.wav", "two"], ["a.wav", "three"]], "utf-8")
-  with pytest.raises(ValueError, match=r"clotho_captions_development\.csv: file name 'a.wav' appears in more"):
-    clotho.read_captions_csv(path)
-
-
 @pytest.mark.parametrize("split, batch_size", [("development", 8), ("validation", 4)])
 def test_one_epoch_visits_each_pair_once(builder, split, batch_size):
   expected = _all_pairs(split)
   assert sum(expected.values()) % batch_size == 0
   assert input_pipeline.train_pairs_per_epoch(builder, split) == sum(expected.values())
   batches = _train_batches(builder, split, batch_size=batch_size)
-  assert len(batches) == input_pipeline.steps_per_epoch(builder, split, batch_size) == sum(expected.values()) // batch_size
+  assert len(batches) == input_pipeline.steps_per_epoch([(builder, split)], batch_size) == sum(expected.values()) // batch_size
   assert collections.Counter(_epoch_pairs(batches)) == expected
 
 
@@ -258,19 +224,19 @@ def test_skip_batches_resumes_the_epoch(builder):
       np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_two_processes_split_the_pairs(builder):
-  per_process = [_epoch_pairs(_train_batches(builder, "development", batch_size=4, process_index=p,
-                                             process_count=2)) for p in range(2)]
-  steps = input_pipeline.steps_per_epoch(builder, "development", 8)
+def test_two_shards_split_the_pairs(builder):
+  per_process = [_epoch_pairs(_train_batches(builder, "development", batch_size=4, shard_index=p,
+                                             num_shards=2)) for p in range(2)]
+  steps = input_pipeline.steps_per_epoch([(builder, "development")], 8)
   assert [len(pairs) for pairs in per_process] == [steps * 4] * 2
   assert not set(per_process[0]) & set(per_process[1])
   assert collections.Counter(per_process[0] + per_process[1]) == _all_pairs("development")
 
 
-def test_processes_stay_in_step_when_shards_differ_in_pairs(builder):
-  # validation: 4 clips with 5, 4, 2 and 1 captions; each process gets 2 clips, so the pair counts differ.
-  steps = input_pipeline.steps_per_epoch(builder, "validation", 4)
-  per_process = [_train_batches(builder, "validation", batch_size=2, process_index=p, process_count=2)
+def test_shards_stay_in_step_when_they_differ_in_pairs(builder):
+  # validation: 4 clips with 5, 4, 2 and 1 captions; each shard gets 2 clips, so the pair counts differ.
+  steps = input_pipeline.steps_per_epoch([(builder, "validation")], 4)
+  per_process = [_train_batches(builder, "validation", batch_size=2, shard_index=p, num_shards=2)
                  for p in range(2)]
   assert [len(batches) for batches in per_process] == [steps, steps]
   clip_sets = [{clip_id for clip_id, _ in _epoch_pairs(batches)} for batches in per_process]
@@ -310,7 +276,7 @@ def test_eval_batches_hold_every_clip_once(builder, split, batch_size, process_c
 def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypatch):
   def fail(path):
     raise AssertionError(f"prepare re-read {path}")
-  monkeypatch.setattr(features, "load_audio", fail)
+  monkeypatch.setattr(features, "read_audio", fail)
   start = time.perf_counter()
   again = clotho.prepare(raw_dir, builder.data_dir_root)
   assert time.perf_counter() - start < 1.0
@@ -318,15 +284,15 @@ def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypa
 
 
 _KILLED_PREPARE = textwrap.dedent("""
-    import pathlib, sys, time
-    from data_pipelines import clotho, features
-    read = features.load_audio
-    def stall_in_validation(path):  # development is written by then.
-      if "/validation/" in path:
+    import itertools, pathlib, sys, time
+    from data_pipelines import clotho, extraction
+    read, records = extraction.load_log_mel, itertools.count()
+    def stall_after_development(cache_path):  # The 8 development records are written by then.
+      if next(records) == 8:
         pathlib.Path(sys.argv[3]).write_text("stalled")
         time.sleep(600)
-      return read(path)
-    features.load_audio = stall_in_validation
+      return read(cache_path)
+    extraction.load_log_mel = stall_after_development
     clotho.prepare(sys.argv[1], sys.argv[2])
 """)
 
@@ -362,3 +328,33 @@ def test_prepare_cli_prints_counts(raw_dir, builder):
   assert "development: 8 clips, 40 captions" in result.stdout
   assert "validation: 4 clips, 12 captions" in result.stdout
   assert "evaluation: 3 clips, 15 captions" in result.stdout
+
+
+def test_global_batches_do_not_depend_on_the_process_count(builder):
+  sources = [(builder, "development")]
+  args = dict(global_batch_size=8, num_shards=2, max_frames=MAX_FRAMES, seed=4, epoch=1, skip_batches=1)
+  one_process = list(input_pipeline.process_train_batches(sources, process_index=0, process_count=1, **args))
+  two_processes = [list(input_pipeline.process_train_batches(sources, process_index=p, process_count=2, **args))
+                   for p in range(2)]
+  assert len(one_process) == input_pipeline.steps_per_epoch(sources, 8) - 1
+  for whole, first, second in zip(one_process, *two_processes, strict=True):
+    for key in whole:
+      np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
+  with pytest.raises(ValueError, match="num_input_shards=3 must be a positive multiple of the process count"):
+    input_pipeline.process_train_batches(sources, process_index=0, process_count=2, **(args | {"num_shards": 3}))
+
+
+def test_sources_are_combined_with_unique_clip_ids(builder):
+  sources = [(builder, "development"), (builder, "validation")]
+  dev_clips = len(GOOD_AUDIO["development"])
+  expected = _all_pairs("development") + collections.Counter(
+      {(clip_id + dev_clips, caption): n for (clip_id, caption), n in _all_pairs("validation").items()})
+  total = sum(expected.values())
+  batch_size = 4
+  assert input_pipeline.steps_per_epoch(sources, batch_size) == total // batch_size
+  batches = list(input_pipeline.train_dataset(sources, batch_size=batch_size, max_frames=MAX_FRAMES, seed=3,
+                                              epoch=0).as_numpy_iterator())
+  pairs = collections.Counter(_epoch_pairs(batches))
+  assert sum(pairs.values()) == total // batch_size * batch_size
+  assert not pairs - expected  # Every pair is a real one, with its clip id offset past the first source's clips.
+  assert {clip_id for clip_id, _ in pairs} & set(range(dev_clips, dev_clips + len(GOOD_AUDIO["validation"])))

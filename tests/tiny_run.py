@@ -2,6 +2,7 @@
 that uses MiniLM's tokenizer (the real loading path at a fraction of the cost)."""
 import json
 import os
+import pathlib
 import shutil
 
 from atr_jax.models.bert import minilm_dir
@@ -10,7 +11,7 @@ from configs import demo
 
 def _tiny_text_model(path):
   """A 2-layer random BERT with MiniLM's tokenizer: the real loading path at a fraction of the cost."""
-  os.makedirs(path)
+  os.makedirs(path, exist_ok=True)  # Idempotent: configs of subprocess runs rebuild it.
   for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     shutil.copy(os.path.join(minilm_dir(), name), path)
   with open(os.path.join(minilm_dir(), "config.json")) as f:
@@ -22,6 +23,8 @@ def _tiny_text_model(path):
 
 
 def tiny_config(tmp_path):
+  """The tiny config with every path under `tmp_path` (a pathlib.Path or str; calling it again is harmless)."""
+  tmp_path = pathlib.Path(tmp_path)
   config = demo.get_config()
   config.data.raw_dir = str(tmp_path / "raw")
   config.data.data_dir = str(tmp_path / "prepared")

@@ -1,7 +1,8 @@
-"""PyTorch references for the tests, written from SPEC 2-3: the PANNs CNN14 and ResNet38 towers (eval forward up to
-the 2048-d clip embedding, PANNs state_dict names), a torch.stft + librosa log-mel front end, random weights and
-BatchNorm statistics, and the PANNs checkpoint layout ({'iteration', 'model', 'sampler'}) with a sampler state
-pickled under numpy 1.x module names, as in the released files."""
+"""PyTorch references for the tests, written from SPEC 2-3: the PANNs CNN14 (scripts/torch_reference.py) and
+ResNet38 towers with the released files' extra modules (eval forward up to the 2048-d clip embedding, PANNs
+state_dict names), a torch.stft + librosa log-mel front end, random weights and BatchNorm statistics, and the PANNs
+checkpoint layout ({'iteration', 'model', 'sampler'}) with a sampler state pickled under numpy 1.x module names, as in
+the released files."""
 import pickle
 import types
 
@@ -11,23 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_MELS = 64
-
-
-def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False)
-
-
-class ConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv1, self.bn1 = _conv3x3(cin, cout), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = _conv3x3(cout, cout), nn.BatchNorm2d(cout)
-
-    def forward(self, x, pool):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return F.avg_pool2d(x, kernel_size=pool)
+from scripts import torch_reference
+from scripts.torch_reference import NUM_MELS, conv3x3
 
 
 class LogMelFrontEnd(nn.Module):
@@ -48,50 +34,33 @@ class LogMelFrontEnd(nn.Module):
         return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
 
 
-class _PannsTower(nn.Module):
-    """bn0 over mel bins + trunk + frequency mean, time max + mean; fc1/fc_audioset exist as in the releases."""
+class _ReleasedLayout:
+    """What the released PANNs files hold beside the tower: the log-mel front end and the fc1 / fc_audioset
+    heads (unused by the reference), so that state_dicts have the released keys."""
 
-    def __init__(self, embed: int):
-        super().__init__()
+    def add_release_modules(self, embed: int) -> None:
         self.logmel_extractor = LogMelFrontEnd()
-        self.bn0 = nn.BatchNorm2d(NUM_MELS)
         self.fc1 = nn.Linear(embed, embed)
         self.fc_audioset = nn.Linear(embed, 527)
 
-    def trunk(self, x):
-        raise NotImplementedError
-
-    def forward(self, log_mel):
-        x = log_mel[:, None]  # (B, 1, T, mel): H = time, W = mel
-        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
-        x = self.trunk(x).mean(dim=3)
-        return x.max(dim=2).values + x.mean(dim=2)
-
     def embed_waveform(self, waveform):
-        return self.forward(self.logmel_extractor(waveform))
+        return self(self.logmel_extractor(waveform))
 
 
-class Cnn14(_PannsTower):
+class Cnn14(_ReleasedLayout, torch_reference.Cnn14):
+    """The CNN14 of scripts/torch_reference.py with the released extras; no SpecAugment."""
+
     def __init__(self, channels=(64, 128, 256, 512, 1024, 2048), last_pool=(2, 2)):
-        super().__init__(channels[-1])
-        self.last_pool = tuple(last_pool)
-        for index, (cin, cout) in enumerate(zip((1, *channels[:-1]), channels), start=1):
-            setattr(self, f'conv_block{index}', ConvBlock(cin, cout))
-        self.num_blocks = len(channels)
-
-    def trunk(self, x):
-        for index in range(1, self.num_blocks + 1):
-            pool = self.last_pool if index == self.num_blocks else (2, 2)
-            x = F.dropout(getattr(self, f'conv_block{index}')(x, pool), 0.2, self.training)
-        return x
+        super().__init__(channels, last_pool, augment=False)
+        self.add_release_modules(channels[-1])
 
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, dropout: float):
         super().__init__()
         self.stride, self.dropout = stride, dropout
-        self.conv1, self.bn1 = _conv3x3(cin, cout), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = _conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.conv1, self.bn1 = conv3x3(cin, cout), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
         self.downsample = (nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
                            if stride == 2 else None)
 
@@ -119,12 +88,13 @@ class ResNet(nn.Module):
         return x
 
 
-class ResNet38(_PannsTower):
+class ResNet38(_ReleasedLayout, torch_reference.PannsTower):
     def __init__(self, widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), out_features=2048, block_dropout=0.1):
-        super().__init__(out_features)
-        self.conv_block1 = ConvBlock(1, widths[0])
+        super().__init__(augment=False)
+        self.add_release_modules(out_features)
+        self.conv_block1 = torch_reference.ConvBlock(1, widths[0])
         self.resnet = ResNet(widths, blocks, block_dropout)
-        self.conv_block_after1 = ConvBlock(widths[-1], out_features)
+        self.conv_block_after1 = torch_reference.ConvBlock(widths[-1], out_features)
 
     def trunk(self, x):
         x = F.dropout(self.conv_block1(x, (2, 2)), 0.2, self.training)

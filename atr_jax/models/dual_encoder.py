@@ -100,16 +100,23 @@ def _text_config(model_config: ml_collections.ConfigDict) -> BertConfig:
     return config
 
 
-def build_audio_tower(audio_config: ml_collections.ConfigDict, dtype=jnp.float32) -> Cnn14 | ResNet38:
+def _maybe_remat(module_class: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """`module_class`, or its rematerialised version (activations recomputed in the backward pass) when `remat`.
+    Towers are called as (x, mask, train): `train` (argument 3, counting self) is static."""
+    return nn.remat(module_class, static_argnums=(3,)) if remat else module_class
+
+
+def build_audio_tower(audio_config: ml_collections.ConfigDict, dtype=jnp.float32,
+                      remat: bool = False) -> Cnn14 | ResNet38:
     """The audio tower of `model.audio` (keys: arch, dropout, spec_augment; cnn14: channels, last_pool; resnet38:
-    resnet.{widths,blocks,out_features,block_dropout})."""
+    resnet.{widths,blocks,out_features,block_dropout}), rematerialised when `remat`."""
     arch = audio_config.get('arch', 'cnn14')
     if arch == 'cnn14':
-        return Cnn14(channels=tuple(audio_config.channels), last_pool=tuple(audio_config.last_pool),
+        return _maybe_remat(Cnn14, remat)(channels=tuple(audio_config.channels), last_pool=tuple(audio_config.last_pool),
                      dropout_rate=audio_config.dropout, spec_augment=audio_config.spec_augment, dtype=dtype)
     if arch == 'resnet38':
         resnet = audio_config.resnet
-        return ResNet38(widths=tuple(resnet.widths), blocks=tuple(resnet.blocks), out_features=resnet.out_features,
+        return _maybe_remat(ResNet38, remat)(widths=tuple(resnet.widths), blocks=tuple(resnet.blocks), out_features=resnet.out_features,
                         dropout_rate=audio_config.dropout, block_dropout_rate=resnet.block_dropout,
                         spec_augment=audio_config.spec_augment, dtype=dtype)
     raise ValueError(f'model.audio.arch {arch!r} is not one of {AUDIO_ARCHS}')
@@ -117,14 +124,15 @@ def build_audio_tower(audio_config: ml_collections.ConfigDict, dtype=jnp.float32
 
 def build_model(model_config: ml_collections.ConfigDict) -> DualEncoder:
     """DualEncoder from the `model` config (keys: audio.* (see build_audio_tower),
-    text.{model_dir,pretrained,pooling,dropout}, embed_dim, head_hidden, dtype)."""
+    text.{model_dir,pretrained,pooling,dropout}, embed_dim, head_hidden, dtype, remat)."""
     if model_config.dtype not in _DTYPES:
         raise ValueError(f'model.dtype {model_config.dtype!r} is not one of {sorted(_DTYPES)}')
     if model_config.text.pooling not in TEXT_POOLINGS:
         raise ValueError(f'model.text.pooling {model_config.text.pooling!r} is not one of {TEXT_POOLINGS}')
     dtype = _DTYPES[model_config.dtype]
-    audio = build_audio_tower(model_config.audio, dtype)
-    text = BertEncoder(_text_config(model_config), dtype)
+    remat = bool(model_config.get('remat', False))
+    audio = build_audio_tower(model_config.audio, dtype, remat)
+    text = _maybe_remat(BertEncoder, remat)(_text_config(model_config), dtype)
     return DualEncoder(audio=audio, text=text, text_pooling=model_config.text.pooling,
                        embed_dim=model_config.embed_dim, head_hidden=model_config.head_hidden, dtype=dtype)
 

@@ -1,0 +1,141 @@
+"""TFDS builder of an AudioCaps-layout folder (records and preparation: `clip_builder`), and `prepare`.
+
+Raw layout (SPEC section 7), read from the builder's `manual_dir`: `train.csv`, `val.csv`, `test.csv` (a split is
+built when its CSV exists) and the audio under `train/`, `val/`, `test/`. Each CSV is either
+- official: `audiocap_id,youtube_id,start_time,caption`, one caption a row; rows with the same (youtube_id,
+  start_time) are one clip, whose audio file name is the builder config's `file_pattern` filled with `{youtube_id}`,
+  `{start_time}` and `{audiocap_id}` (the clip's first row's id) - copies of AudioCaps name their files differently;
+- renamed (the reference's): `file_name,caption_1..caption_5` or `file_name,caption`.
+Audio is fetched from YouTube by users, so missing files are normal: they are reported and skipped.
+
+The file pattern is part of the builder's identity: each pattern has its own BuilderConfig (named from the pattern
+and its hash), so its own folder `<data_dir>/audiocaps/<config>/<version>`, and a changed pattern is prepared anew
+instead of being served from an older preparation.
+"""
+import dataclasses
+import hashlib
+import os
+import re
+import string
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipelines import clip_builder, extraction
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FILE_PATTERN = "{youtube_id}.wav"
+PATTERN_FIELDS = ("youtube_id", "start_time", "audiocap_id")
+OFFICIAL_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
+
+
+def captions_csv_path(raw_dir: str, split: str) -> str:
+  return os.path.join(raw_dir, f"{split}.csv")
+
+
+def check_file_pattern(pattern: str) -> None:
+  """A ValueError naming config.data.audiocaps_file_pattern unless `pattern` only uses the known fields and names
+  each clip (it holds {youtube_id} or {audiocap_id})."""
+  where = f"config.data.audiocaps_file_pattern (--audiocaps_file_pattern) {pattern!r}"
+  try:
+    fields = {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(pattern)
+              if field is not None}
+    pattern.format(youtube_id="x", start_time=30, audiocap_id=1)
+  except (ValueError, KeyError, IndexError) as e:
+    raise ValueError(f"{where} is not a valid pattern: {e}") from e
+  if not fields <= set(PATTERN_FIELDS) or not fields & {"youtube_id", "audiocap_id"}:
+    raise ValueError(f"{where} must use {{youtube_id}} or {{audiocap_id}} and no field other than "
+                     f"{', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
+
+
+@dataclasses.dataclass(eq=False)
+class AudioCapsConfig(tfds.core.BuilderConfig):
+  """How audio files are named for the official CSVs."""
+  file_pattern: str = DEFAULT_FILE_PATTERN
+
+
+def _config_name(pattern: str) -> str:
+  readable = re.sub(r"[^A-Za-z0-9_.]+", "_", pattern.replace("{", "").replace("}", "")).strip("_")
+  return f"{readable}-{hashlib.sha1(pattern.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _make_config(pattern: str) -> AudioCapsConfig:
+  check_file_pattern(pattern)
+  return AudioCapsConfig(name=_config_name(pattern), file_pattern=pattern,
+                         description=f"audio files named {pattern!r} (official CSVs)")
+
+
+def _cell_value(text: str) -> int | str:
+  """Integer cells as int, so that a pattern may format them (`{start_time:06d}`)."""
+  return int(text) if text.isdigit() else text
+
+
+class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
+  """AudioCaps as log-mel clips with their captions (one record per clip)."""
+
+  name = "audiocaps"
+  code_path = epath.Path(__file__)
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Log-mel (64 bins, 32 kHz, hop 320) float16 clips with all their captions."}
+  BUILDER_CONFIGS = [_make_config(DEFAULT_FILE_PATTERN)]
+  HOMEPAGE = "https://audiocaps.github.io"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Download the AudioCaps CSVs (https://github.com/cdjkim/audiocaps) and the audio of their YouTube clips; put "
+      "train.csv, val.csv and test.csv next to the train/, val/ and test/ audio folders and pass that folder as "
+      "the manual_dir. Set the file name pattern of your copy (default '{youtube_id}.wav').")
+
+  @classmethod
+  def config_for(cls, file_pattern: str) -> AudioCapsConfig:
+    """The builder config of `file_pattern` (the predefined one for the default pattern)."""
+    default = cls.BUILDER_CONFIGS[0]
+    return default if file_pattern == default.file_pattern else _make_config(file_pattern)
+
+  def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[clip_builder.ClipRow]]:
+    present = [split for split in SPLITS if os.path.isfile(captions_csv_path(raw_dir, split))]
+    if not present:
+      raise FileNotFoundError(f"{raw_dir} holds none of {[f'{split}.csv' for split in SPLITS]}")
+    tables = {}
+    for split in present:
+      table = clip_builder.read_csv(captions_csv_path(raw_dir, split), split, report)
+      audio_dir = os.path.join(raw_dir, split)
+      if "youtube_id" in table.header:
+        tables[split] = self._official_table(table, audio_dir, split, report)
+      elif clip_builder.FILE_NAME_COLUMN in table.header:
+        tables[split] = clip_builder.file_name_table(table, audio_dir, split, report)
+      else:
+        raise ValueError(f"{table.path}: required column 'youtube_id' (official AudioCaps CSV) or 'file_name' "
+                         f"(renamed CSV) is missing (header: {table.header})")
+    return {split: clip_builder.unique_clips(rows, split, report, need_captions=True) for split, rows in tables.items()}
+
+  def _official_table(self, table: clip_builder.CsvTable, audio_dir: str, split: str,
+                      report: extraction.Report) -> list[clip_builder.ClipRow]:
+    ids, youtube, start, caption = (table.column(name) for name in OFFICIAL_COLUMNS)
+    table.note_extra_columns([ids, youtube, start, caption], split, report)
+    groups = {}  # (youtube_id, start_time), or the line for a row without a youtube_id -> its rows, in CSV order.
+    for line, cells in table.rows:
+      groups.setdefault((cells[youtube], cells[start]) if cells[youtube] else line, []).append((line, cells))
+    clips = []
+    for group in groups.values():
+      first_line, first = group[0]
+      file_name = self._file_name(first[youtube], first[start], first[ids]) if first[youtube] else ""
+      report.read(split, len(group))
+      captions = clip_builder.non_empty_captions(
+          [(f"caption of audiocap_id {cells[ids]!r} ({table.where(line)})", cells[caption]) for line, cells in group],
+          file_name or f"line {first_line}", split, report)
+      clips.append(clip_builder.ClipRow(file_name, os.path.join(audio_dir, file_name), captions, first_line))
+    return clips
+
+  def _file_name(self, youtube_id: str, start_time: str, audiocap_id: str) -> str:
+    try:
+      return self.builder_config.file_pattern.format(youtube_id=youtube_id, start_time=_cell_value(start_time),
+                                                     audiocap_id=_cell_value(audiocap_id))
+    except (ValueError, TypeError):  # e.g. `{start_time:06d}` on a start_time that is not an integer.
+      return ""
+
+
+def prepare(raw_dir: str, data_dir: str, file_pattern: str = DEFAULT_FILE_PATTERN,
+            workers: int | None = None) -> AudioCaps:
+  """The `AudioCaps` builder of `data_dir` for `file_pattern`, built from `raw_dir` unless already complete."""
+  builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=AudioCaps.config_for(file_pattern),
+                      workers=workers)
+  return clip_builder.prepare(builder, raw_dir)

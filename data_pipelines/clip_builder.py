@@ -1,0 +1,267 @@
+"""The TFDS builder base shared by the raw-dataset layouts (Clotho, AudioCaps), its CSV helpers and `prepare`.
+
+Record schema (one record per clip, every split): `log_mel` (frames, 64) float16 stored as raw bytes, `captions`
+(n,) raw caption strings (empty for an audio-only split), `file_name`, and `clip_id` = the clip's position among the
+split's written clips sorted by file name.
+
+A subclass turns its raw layout into `ClipRow`s per split (`_read_splits`, with the CSV helpers below: every CSV is
+read and its columns checked before any audio is touched). Preparation then
+1. drops empty captions and skips rows without a file name, without a caption, or repeating a file name (the first
+   row is kept);
+2. extracts every clip's log-mel on all cores into a feature cache next to the dataset (`extraction`, resumable);
+3. writes the good clips from the cache through TFDS, which writes into an `incomplete.*` folder renamed only once
+   complete, together with `preparation_report.csv` and the counts (`info.metadata["preparation"]`). A split without
+   a single good clip is left out (with a warning). The cache is deleted once the dataset is complete.
+Nothing about a bad input stops the run except a CSV missing a required column (a ValueError naming it and the file).
+"""
+import abc
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import shutil
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from data_pipelines import extraction, features
+
+REPORT_FILE = "preparation_report.csv"
+FILE_NAME_COLUMN = "file_name"
+_CAPTION_COLUMN = re.compile(r"caption(?:_(\d+))?")
+_FALLBACK_ENCODINGS = ("cp1252", "latin-1")  # latin-1 decodes any byte string: the last resort.
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipRow:
+  """One clip as the raw tables describe it: `captions` are its non-empty captions, `line` the CSV line it starts
+  on (0 for a clip found in a folder)."""
+  file_name: str
+  audio_path: str
+  captions: tuple[str, ...]
+  line: int
+
+
+def default_data_dir(raw_dir: str) -> str:
+  """`~/.cache/atr_jax/prepared/<basename>-<8 hex of sha1(abspath)>`: one prepared folder per raw folder."""
+  path = os.path.abspath(os.path.expanduser(raw_dir))
+  digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
+  return os.path.join(os.path.expanduser("~/.cache/atr_jax/prepared"), f"{os.path.basename(path)}-{digest}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvTable:
+  """A decoded CSV: `header` lower-cased and stripped, `rows` (line number, stripped cells padded to the header's
+  length) without blank rows."""
+  path: str
+  header: list[str]
+  rows: list[tuple[int, list[str]]]
+
+  def where(self, line: int) -> str:
+    return f"{os.path.basename(self.path)} line {line}"
+
+  def column(self, name: str) -> int:
+    """Index of column `name`; a ValueError naming the column and the CSV when it is missing."""
+    if name not in self.header:
+      raise ValueError(f"{self.path}: required column {name!r} is missing (header: {self.header})")
+    return self.header.index(name)
+
+  def caption_columns(self) -> list[int]:
+    """Indices of the `caption` / `caption_<k>` columns in k order; a ValueError when there is none."""
+    found = sorted((int(m.group(1) or 0), i) for i, name in enumerate(self.header)
+                   if (m := _CAPTION_COLUMN.fullmatch(name)))
+    if not found:
+      raise ValueError(f"{self.path}: required column 'caption_1' (or 'caption') is missing (header: {self.header})")
+    return [i for _, i in found]
+
+  def note_extra_columns(self, used: list[int], split: str, report: extraction.Report) -> None:
+    for i, name in enumerate(self.header):
+      if i not in used:
+        report.note(split, os.path.basename(self.path), "extra_column",
+                    f"column {name or f'#{i + 1} (unnamed)'!r} ignored")
+
+
+def read_csv(path: str, split: str, report: extraction.Report) -> CsvTable:
+  """The CSV at `path`, each line decoded as UTF-8, else cp1252, else latin-1 (noted in the report)."""
+  with open(path, "rb") as f:
+    raw = f.read().removeprefix(_UTF8_BOM)
+  lines = []
+  for number, line in enumerate(raw.split(b"\n"), 1):
+    try:
+      lines.append(line.decode("utf-8"))
+      continue
+    except UnicodeDecodeError:
+      pass
+    for encoding in _FALLBACK_ENCODINGS:
+      try:
+        lines.append(line.decode(encoding))
+        break
+      except UnicodeDecodeError:
+        continue
+    report.note(split, f"{os.path.basename(path)} line {number}", "csv_encoding", f"not UTF-8, decoded as {encoding}")
+  reader = csv.reader(io.StringIO("\n".join(lines), newline=""))
+  header = [name.strip().lower() for name in next(reader, [])]
+  rows, line_number = [], reader.line_num
+  for cells in reader:
+    start, line_number = line_number + 1, reader.line_num
+    if any(cell.strip() for cell in cells):
+      rows.append((start, [cell.strip() for cell in cells] + [""] * (len(header) - len(cells))))
+  return CsvTable(path, header, rows)
+
+
+def non_empty_captions(cells: list[tuple[str, str]], item: str, split: str,
+                       report: extraction.Report) -> tuple[str, ...]:
+  """The non-empty texts of (label, text) caption cells; each empty one is reported as a skipped caption."""
+  for label, text in cells:
+    if not text:
+      report.skip_caption(split, item, "empty_caption", f"{label} is empty")
+  return tuple(text for _, text in cells if text)
+
+
+def file_name_table(table: CsvTable, audio_dir: str, split: str, report: extraction.Report) -> list[ClipRow]:
+  """Clips of a `file_name,caption_1..caption_5` (or `file_name,caption`) CSV, audio in `audio_dir/<file_name>`."""
+  name_index, captions = table.column(FILE_NAME_COLUMN), table.caption_columns()
+  table.note_extra_columns([name_index] + captions, split, report)
+  clips = []
+  for line, cells in table.rows:
+    file_name = cells[name_index]
+    report.read(split, len(captions))
+    kept = non_empty_captions([(f"{table.header[i]} ({table.where(line)})", cells[i]) for i in captions],
+                              file_name or f"line {line}", split, report)
+    clips.append(ClipRow(file_name, os.path.join(audio_dir, file_name), kept, line))
+  return clips
+
+
+def folder_table(audio_dir: str, split: str, report: extraction.Report) -> list[ClipRow]:
+  """Caption-less clips: every audio file of `audio_dir` (by extension; other files are noted and ignored)."""
+  clips, extensions = [], features.audio_extensions()
+  for name in sorted(os.listdir(audio_dir)):
+    if name.startswith("."):
+      continue
+    if os.path.splitext(name)[1].lower() not in extensions:
+      report.note(split, name, "ignored_file", "not an audio file extension")
+      continue
+    report.read(split, 0)
+    clips.append(ClipRow(name, os.path.join(audio_dir, name), (), 0))
+  return clips
+
+
+def unique_clips(clips: list[ClipRow], split: str, report: extraction.Report, *, need_captions: bool) -> list[ClipRow]:
+  """`clips` without those lacking a file name (or a caption, when `need_captions`) and without repeated file names
+  (the first row is kept), sorted by file name."""
+  kept = {}
+  for clip in clips:
+    item = clip.file_name or f"line {clip.line}"
+    if not clip.file_name:
+      report.skip_clip(split, item, "no_file_name", f"line {clip.line} gives no file name", len(clip.captions))
+    elif clip.file_name in kept:
+      report.skip_clip(split, item, "duplicate_file_name",
+                       f"line {clip.line} repeats the file name of line {kept[clip.file_name].line}",
+                       len(clip.captions))
+    elif need_captions and not clip.captions:
+      report.skip_clip(split, item, "no_caption", f"line {clip.line} has no non-empty caption", 0)
+    else:
+      kept[clip.file_name] = clip
+  return [kept[name] for name in sorted(kept)]
+
+
+class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base builder: a subclass sets VERSION, RELEASE_NOTES, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS and `code_path`,
+  and implements `_read_splits`. `workers` feature-extraction processes (default: one per core)."""
+
+  HOMEPAGE = ""
+
+  def __init__(self, *, workers: int | None = None, **kwargs):
+    super().__init__(**kwargs)
+    self.workers = workers
+    self.feature_cache_dir = os.fspath(self.data_path.parent / "feature_cache")
+
+  @abc.abstractmethod
+  def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[ClipRow]]:
+    """Clips to extract per split of the raw folder: every CSV checked first, every clip counted with
+    `report.read`, then filtered by `unique_clips`."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__class__.__doc__,
+        features=tfds.features.FeaturesDict({
+            # Raw bytes: 2 bytes a value (the default encoding stores a float list, 4 bytes a value).
+            "log_mel": tfds.features.Tensor(shape=(None, features.N_MELS), dtype=np.float16,
+                                            encoding=tfds.features.Encoding.BYTES),
+            "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
+            "file_name": tfds.features.Text(),
+            "clip_id": np.int32,
+        }),
+        homepage=self.HOMEPAGE,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    raw_dir = os.fspath(dl_manager.manual_dir)
+    report = extraction.Report(self.name)
+    tables = self._read_splits(raw_dir, report)
+    written = {}
+    with extraction.Extractor(self.feature_cache_dir, self.workers) as extractor:
+      for split, clips in tables.items():
+        outcomes = extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
+        written[split] = self._good_clips(split, clips, outcomes, report)
+    report.write_csv(os.path.join(self.data_dir, REPORT_FILE))
+    self.info.metadata["preparation"] = report.counts
+    summary = extraction.format_summary(self.name, report.counts)
+    for split, clips in written.items():
+      if not clips:
+        logging.warning("%s %s: no usable clip, the split is left out", self.name, split)
+    if not any(written.values()):
+      raise ValueError(f"{raw_dir}: no usable clip in any split of {self.name}:\n{summary}")
+    return {split: self._generate_examples(clips) for split, clips in written.items() if clips}
+
+  @staticmethod
+  def _good_clips(split: str, clips: list[ClipRow], outcomes: list[extraction.AudioOutcome],
+                  report: extraction.Report) -> list[tuple[ClipRow, str]]:
+    good = []
+    for clip, outcome in zip(clips, outcomes, strict=True):
+      for kind, detail in outcome.notes:
+        report.note(split, clip.file_name, kind, detail)
+      if outcome.cache_path is None:
+        report.skip_clip(split, clip.file_name, outcome.reason, outcome.detail, len(clip.captions))
+      else:
+        report.written(split, len(clip.captions))
+        good.append((clip, outcome.cache_path))
+    return good
+
+  def _generate_examples(self, clips: list[tuple[ClipRow, str]]):
+    for clip_id, (clip, cache_path) in enumerate(clips):
+      yield clip.file_name, {"log_mel": extraction.load_log_mel(cache_path), "captions": list(clip.captions),
+                             "file_name": clip.file_name, "clip_id": clip_id}
+
+
+def prepare(builder: CaptionedClips, raw_dir: str) -> CaptionedClips:
+  """`builder`, built from `raw_dir` unless it is already complete (then instant).
+
+  A folder left by a killed preparation is not complete (TFDS renames its temporary folder only at the end): the
+  build is redone, reusing the features the killed run cached; leftover `incomplete.*` folders are reported.
+  """
+  if builder.data_path.exists() and builder.is_prepared():
+    return builder
+  raw_dir = os.path.abspath(os.path.expanduser(raw_dir))
+  if not os.path.isdir(raw_dir):
+    raise FileNotFoundError(f"raw_dir {raw_dir} does not exist (expected a {builder.name}-layout folder)")
+  leftovers = sorted(builder.data_path.parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*"))
+  if leftovers:
+    logging.warning("Leftovers of interrupted preparations (delete them unless a preparation is running): %s",
+                    [os.fspath(p) for p in leftovers])
+  logging.info("Preparing %s into %s", raw_dir, builder.data_path)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+  shutil.rmtree(builder.feature_cache_dir, ignore_errors=True)
+  logging.info("%s\nreport: %s", extraction.format_summary(builder.name, builder.info.metadata["preparation"]),
+               report_path(builder))
+  return builder
+
+
+def report_path(builder: CaptionedClips) -> str:
+  return os.fspath(builder.data_path / REPORT_FILE)

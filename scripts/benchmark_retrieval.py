@@ -1,0 +1,80 @@
+"""Retrieval latency: one text query against an index of N clips, end to end (tokenize, text tower, similarity,
+top-k) as `python -m atr_jax.retrieve text` serves it, with the workdir load time apart.
+
+python -m scripts.benchmark_retrieval --config configs/demo.py [--num_clips 10000] [--repeats 20]
+python -m scripts.benchmark_retrieval --workdir runs/demo   # a trained workdir instead of fresh weights
+
+With --config, a workdir holding the config's freshly initialised model is made in a temporary folder (latency does
+not depend on the weights). The index holds random unit embeddings of the model's dimension.
+"""
+from atr_jax import xla_flags
+
+xla_flags.set_defaults()  # Before jax is imported.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from atr_jax import checkpointing, sharding  # noqa: E402
+from atr_jax.models.dual_encoder import build_model  # noqa: E402
+from atr_jax.retrieve import Retriever, top_k  # noqa: E402
+from atr_jax.train import CONFIG_FILE  # noqa: E402
+from atr_jax.train_state import create_train_state, make_optimizer  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose model is benchmarked (fresh weights).",
+                                          lock_config=True)
+_NUM_CLIPS = flags.DEFINE_integer("num_clips", 10000, "Clips in the index.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed queries after 3 warm-up queries.")
+_QUERY = "a dog barks"
+
+
+def _fresh_workdir(config) -> str:
+  workdir = tempfile.mkdtemp(prefix="atr_jax_retrieval_bench_")
+  model = build_model(config.model)
+  tx, _ = make_optimizer(config.optim, steps_per_epoch=1)
+  state, _ = create_train_state(config, model, tx, sharding.create_mesh(), jax.random.key(0, impl="rbg"))
+  manager = checkpointing.create_manager(workdir, config.eval.selection_metric)
+  checkpointing.save(manager, 0, state, {config.eval.selection_metric: 0.0})
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort())
+  return workdir
+
+
+def main(argv):
+  del argv
+  trained = flags.FLAGS.workdir  # The flag of atr_jax.retrieve, imported above.
+  if bool(trained) == bool(_CONFIG.value):
+    raise app.UsageError("give exactly one of --workdir and --config")
+  workdir = trained or _fresh_workdir(_CONFIG.value)
+  start = time.perf_counter()
+  retriever = Retriever(workdir)
+  load_s = time.perf_counter() - start
+  rng = np.random.default_rng(0)
+  index = rng.standard_normal((_NUM_CLIPS.value, retriever.config.model.embed_dim)).astype(np.float32)
+  index /= np.linalg.norm(index, axis=1, keepdims=True)
+  end_to_end, search = [], []
+  for i in range(3 + _REPEATS.value):
+    start = time.perf_counter()
+    query = retriever.embed_texts([_QUERY])[0]
+    middle = time.perf_counter()
+    top_k(index, query, 10)
+    end = time.perf_counter()
+    if i >= 3:
+      end_to_end.append(end - start)
+      search.append(end - middle)
+  print(json.dumps({"workdir": workdir}))
+  print(f"| clips | embed dim | text tower | load s | query ms (median) | of which top-10 search ms |\n"
+        f"|---|---|---|---|---|---|\n"
+        f"| {_NUM_CLIPS.value} | {retriever.config.model.embed_dim} | "
+        f"{retriever.config.model.text.model_dir.rstrip('/').split('/')[-2:][0]} | {load_s:.1f} | "
+        f"{1e3 * np.median(end_to_end):.1f} | {1e3 * np.median(search):.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,528 @@
+"""Preparation of Clotho- and AudioCaps-layout folders (clip_builder, clotho, audiocaps, extraction, datasets, the
+prepare CLI) on fixtures made of synthetic clips plus a broken input of every kind, and caption cleaning.
+
+Each fixture row says what must become of it; the tests check that every good clip is stored with the log-mel of the
+front end and all its non-empty captions, that every broken input is in the report with its reason and nothing
+else is, that the counts add up, and that a preparation killed midway and restarted gives the same dataset.
+"""
+import collections
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from configs.base import get_base_config
+from data_pipelines import audiocaps, captions, clip_builder, clotho, datasets, extraction, features, synthetic
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 7
+CLIP_S = 1.0
+CLOTHO_HEADER = ["file_name"] + [f"caption_{k}" for k in range(1, 6)] + ["sound_id"]  # sound_id: an extra column.
+# Clip-level skip reason of each broken development row (None: kept). The audio of each is made by `_write_audio`.
+CLOTHO_BROKEN = {"missing.wav": "missing_audio", "garbage.wav": "unreadable_audio", "truncated.wav": "truncated_audio",
+                 "zero_bytes.wav": "empty_file", "tiny.wav": "too_short", "silent.wav": "silent",
+                 "nocaption.wav": "no_caption"}
+# Good development clips in other formats: name -> (sample rate, channels, notes expected).
+CLOTHO_CONVERTED = {"stereo_44k.wav": (44100, 2, {"downmixed", "resampled"}), "mono_16k.wav": (16000, 1, {"resampled"})}
+CP1252_CAPTION = "a café door – naïvely slammed"
+
+
+def _synthetic_clip(index: int) -> tuple[list[str], np.ndarray]:
+  """(5 captions, int16 32 kHz waveform) of synthetic clip `index`."""
+  _, clip_captions, audio = synthetic.make_clip(SEED, "development", index, duration_s=CLIP_S)
+  return clip_captions, audio
+
+
+def _write_audio(path: str, kind: str, index: int) -> None:
+  """A wav of `kind`: 'good' (synthetic, 32 kHz), a CLOTHO_CONVERTED name's format, or a broken kind."""
+  _, audio = _synthetic_clip(index)
+  if kind == "good":
+    sf.write(path, audio, features.SAMPLE_RATE, subtype="PCM_16")
+  elif kind in CLOTHO_CONVERTED:
+    rate, channels, _ = CLOTHO_CONVERTED[kind]
+    wave = np.stack([audio, audio[::-1]], axis=1) if channels == 2 else audio
+    sf.write(path, wave, rate, subtype="PCM_16")  # Same samples declared at another rate: a valid, longer clip.
+  elif kind == "garbage.wav":
+    with open(path, "wb") as f:
+      f.write(b"RIFF not really a wav file")
+  elif kind == "truncated.wav":
+    sf.write(path, audio, 44100, subtype="PCM_16")
+    with open(path, "rb") as f:
+      data = f.read()
+    with open(path, "wb") as f:
+      f.write(data[:len(data) // 2])
+  elif kind == "zero_bytes.wav":
+    open(path, "wb").close()
+  elif kind == "tiny.wav":
+    sf.write(path, audio[:100], features.SAMPLE_RATE, subtype="PCM_16")
+  elif kind == "silent.wav":
+    sf.write(path, np.zeros(features.SAMPLE_RATE, np.int16), features.SAMPLE_RATE, subtype="PCM_16")
+  elif kind != "missing.wav":
+    raise ValueError(kind)
+
+
+def _csv_line(cells: list[str]) -> str:
+  buffer = io.StringIO()
+  csv.writer(buffer, lineterminator="\n").writerow(cells)
+  return buffer.getvalue()
+
+
+class ClothoFixture:
+  """A Clotho-layout folder and what its preparation must give: `expected[split][file_name]` = stored captions,
+  `report` = Counter of (split, item, outcome, reason) rows."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.expected = collections.defaultdict(dict)
+    self.report = collections.Counter()
+    self.decodable = 0  # Unique clips whose audio file exists: each is decoded once by an uncached preparation.
+    self._write_development()
+    for split, count in (("validation", 3), ("evaluation", 2)):
+      self._write_plain_split(split, count)
+    self._write_retrieval()
+
+  def _good(self, split: str, name: str, index: int, kind: str = "good") -> list[str]:
+    clip_captions, _ = _synthetic_clip(index)
+    _write_audio(os.path.join(self.root, split, name), kind, index)
+    self.expected[split][name] = clip_captions
+    self.decodable += 1
+    return clip_captions
+
+  def _write_plain_split(self, split: str, count: int) -> None:
+    os.makedirs(os.path.join(self.root, split))
+    lines = [_csv_line(CLOTHO_HEADER[:-1])]
+    for i in range(count):
+      name = f"{split}_{i}.wav"
+      lines.append(_csv_line([name] + self._good(split, name, 100 + i)))
+    with open(clotho.captions_csv_path(self.root, split), "w", encoding="utf-8", newline="") as f:
+      f.write("".join(lines))
+
+  def _write_development(self) -> None:
+    split, csv_name = "development", "clotho_captions_development.csv"
+    os.makedirs(os.path.join(self.root, split))
+    lines = [_csv_line(CLOTHO_HEADER).encode("utf-8"), b"\n"]  # The header, then a blank line (not a row).
+    self.report[(split, csv_name, extraction.NOTE, "extra_column")] += 1
+
+    def add(cells, encoding="utf-8"):
+      lines.append(_csv_line(cells + [str(len(lines))]).encode(encoding))
+      return len(lines)  # Its line number.
+
+    for i in range(4):
+      add([f"good_{i}.wav"] + self._good(split, f"good_{i}.wav", i))
+    for i, (name, (_, _, notes)) in enumerate(CLOTHO_CONVERTED.items()):
+      add([name] + self._good(split, name, 10 + i, kind=name))
+      self.report.update((split, name, extraction.NOTE, note) for note in notes)
+    # Empty cells 2 and 4: the clip keeps its 3 other captions.
+    full = self._good(split, "some_empty.wav", 20)
+    add(["some_empty.wav", full[0], "", full[2], " ", full[4]])
+    self.expected[split]["some_empty.wav"] = [full[0], full[2], full[4]]
+    self.report[(split, "some_empty.wav", extraction.SKIPPED_CAPTION, "empty_caption")] += 2
+    # A line in cp1252 (the rest of the file is UTF-8).
+    full = self._good(split, "cp1252.wav", 21)
+    line = add(["cp1252.wav", CP1252_CAPTION] + full[1:], encoding="cp1252")
+    self.expected[split]["cp1252.wav"] = [CP1252_CAPTION] + full[1:]
+    self.report[(split, f"{csv_name} line {line}", extraction.NOTE, "csv_encoding")] += 1
+    for i, (name, reason) in enumerate(CLOTHO_BROKEN.items()):
+      _write_audio(os.path.join(self.root, split, name), "good" if name == "nocaption.wav" else name, 30 + i)
+      if reason == "no_caption":
+        add([name, "", "", "", "", ""])
+        self.report[(split, name, extraction.SKIPPED_CAPTION, "empty_caption")] += 5
+      else:
+        add([name] + [f"caption {k} of {name}" for k in range(5)])
+        self.decodable += name != "missing.wav"
+      self.report[(split, name, extraction.SKIPPED_CLIP, reason)] += 1
+    add(["good_0.wav"] + [f"another caption {k}" for k in range(5)])  # A repeated file name: the first row stays.
+    self.report[(split, "good_0.wav", extraction.SKIPPED_CLIP, "duplicate_file_name")] += 1
+    line = add(["", "a caption without a file"] + [""] * 4)
+    self.report[(split, f"line {line}", extraction.SKIPPED_CAPTION, "empty_caption")] += 4
+    self.report[(split, f"line {line}", extraction.SKIPPED_CLIP, "no_file_name")] += 1
+    with open(clotho.captions_csv_path(self.root, split), "wb") as f:
+      f.write(b"".join(lines))
+    self.development_rows = len(lines) - 2
+
+  def _write_retrieval(self) -> None:
+    split, folder = "retrieval", os.path.join(self.root, clotho.RETRIEVAL_AUDIO_DIR)
+    os.makedirs(folder)
+    for i in range(2):
+      _write_audio(os.path.join(folder, f"query_clip_{i}.wav"), "good", 200 + i)
+      self.expected[split][f"query_clip_{i}.wav"] = []
+      self.decodable += 1
+    _write_audio(os.path.join(folder, "garbage.wav"), "garbage.wav", 0)
+    self.decodable += 1
+    with open(os.path.join(folder, "README.txt"), "w") as f:
+      f.write("not audio")
+    self.report[(split, "garbage.wav", extraction.SKIPPED_CLIP, "unreadable_audio")] += 1
+    self.report[(split, "README.txt", extraction.NOTE, "ignored_file")] += 1
+    with open(os.path.join(self.root, "retrieval_captions.csv"), "w") as f:
+      f.write("caption\na dog barks\n")
+
+  def audio_path(self, split: str, name: str) -> str:
+    folder = clotho.RETRIEVAL_AUDIO_DIR if split == "retrieval" else split
+    return os.path.join(self.root, folder, name)
+
+
+AUDIOCAPS_PATTERN = "{youtube_id}_{start_time}.wav"
+OFFICIAL_HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
+
+
+class AudioCapsFixture:
+  """An AudioCaps-layout folder: train and val in the official format (files named by AUDIOCAPS_PATTERN), test in
+  the renamed format."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.expected = collections.defaultdict(dict)
+    self.report = collections.Counter()
+    for split in audiocaps.SPLITS:
+      os.makedirs(os.path.join(root, split))
+    # (audiocap_id, youtube_id, start_time, caption, audio written?)
+    train = [(101, "yt_a", 30, "a car passes by", True), (102, "yt_b", 0, "people talk", True),
+             (103, "yt_b", 0, "a crowd murmurs", True), (104, "yt_c", 10, "", True),
+             (105, "yt_c", 10, "rain falls on a roof", True), (106, "yt_gone", 20, "a dog barks", False),
+             (107, "", 5, "a caption without a video", False), (108, "yt_b", 40, "a door closes", True)]
+    val = [(200 + k, "yt_v", 0, f"caption {k} of yt_v", True) for k in range(5)]
+    val += [(210 + k, "yt_w", 60, f"caption {k} of yt_w", False) for k in range(5)]
+    for split, rows in (("train", train), ("val", val)):
+      self._write_official(split, rows)
+    self.report[("train", "yt_c_10.wav", extraction.SKIPPED_CAPTION, "empty_caption")] += 1
+    self.report[("train", "yt_gone_20.wav", extraction.SKIPPED_CLIP, "missing_audio")] += 1
+    self.report[("train", f"line {1 + 7}", extraction.SKIPPED_CLIP, "no_file_name")] += 1
+    self.report[("train", "train.csv", extraction.NOTE, "extra_column")] += 1
+    self.report[("val", "yt_w_60.wav", extraction.SKIPPED_CLIP, "missing_audio")] += 1
+    self.report[("val", "val.csv", extraction.NOTE, "extra_column")] += 1
+    self._write_renamed()
+
+  def _write_official(self, split: str, rows) -> None:
+    with open(audiocaps.captions_csv_path(self.root, split), "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(OFFICIAL_HEADER + ["source"])
+      for audiocap_id, youtube_id, start, caption, present in rows:
+        writer.writerow([audiocap_id, youtube_id, start, caption, "youtube"])
+        name = AUDIOCAPS_PATTERN.format(youtube_id=youtube_id, start_time=start)
+        if present and name not in self.expected[split]:
+          _write_audio(os.path.join(self.root, split, name), "good", audiocap_id)
+          self.expected[split][name] = []
+        if present and caption:
+          self.expected[split][name].append(caption)
+
+  def _write_renamed(self) -> None:
+    with open(audiocaps.captions_csv_path(self.root, "test"), "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 6)])
+      for i in range(2):
+        clip_captions = _synthetic_clip(300 + i)[0]
+        writer.writerow([f"t{i}.wav"] + clip_captions)
+        _write_audio(os.path.join(self.root, "test", f"t{i}.wav"), "good", 300 + i)
+        self.expected["test"][f"t{i}.wav"] = clip_captions
+      writer.writerow(["t0.wav"] + ["again"] * 5)
+      writer.writerow(["t_missing.wav"] + ["lost"] * 5)
+    self.report[("test", "t0.wav", extraction.SKIPPED_CLIP, "duplicate_file_name")] += 1
+    self.report[("test", "t_missing.wav", extraction.SKIPPED_CLIP, "missing_audio")] += 1
+
+
+@pytest.fixture(scope="module")
+def clotho_raw(tmp_path_factory):
+  return ClothoFixture(str(tmp_path_factory.mktemp("clotho_raw")))
+
+
+@pytest.fixture(scope="module")
+def clotho_builder(clotho_raw, tmp_path_factory):
+  return clotho.prepare(clotho_raw.root, str(tmp_path_factory.mktemp("clotho_prepared")), workers=2)
+
+
+@pytest.fixture(scope="module")
+def audiocaps_raw(tmp_path_factory):
+  return AudioCapsFixture(str(tmp_path_factory.mktemp("audiocaps_raw")))
+
+
+@pytest.fixture(scope="module")
+def audiocaps_cli(audiocaps_raw, tmp_path_factory):
+  """(builder, stdout) of the prepare CLI on the AudioCaps fixture."""
+  out_dir = str(tmp_path_factory.mktemp("audiocaps_prepared"))
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.prepare", "--dataset=audiocaps", f"--raw_dir={audiocaps_raw.root}",
+       f"--out_dir={out_dir}", f"--audiocaps_file_pattern={AUDIOCAPS_PATTERN}", "--workers=1"],
+      cwd=REPO_ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return audiocaps.prepare(audiocaps_raw.root, out_dir, file_pattern=AUDIOCAPS_PATTERN), result.stdout
+
+
+def _records(builder, split) -> dict[str, dict]:
+  return {r["file_name"].decode(): r for r in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator()}
+
+
+def _report_rows(builder) -> list[tuple[str, ...]]:
+  with open(clip_builder.report_path(builder), newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  assert tuple(rows[0]) == extraction.REPORT_COLUMNS
+  return [tuple(row) for row in rows[1:]]
+
+
+def _check_records(builder, fixture, audio_path) -> None:
+  assert set(builder.info.splits) == set(fixture.expected)
+  for split, expected in fixture.expected.items():
+    records = _records(builder, split)
+    assert sorted(records) == sorted(expected), split
+    for clip_id, name in enumerate(sorted(expected)):
+      record = records[name]
+      assert record["clip_id"] == clip_id
+      assert [c.decode() for c in record["captions"]] == expected[name]
+      reference = features.log_mel(features.load_audio(audio_path(split, name)))
+      assert record["log_mel"].dtype == np.float16 and record["log_mel"].shape == reference.shape
+      np.testing.assert_allclose(record["log_mel"].astype(np.float32), reference, rtol=2.0**-11 * 1.01, atol=1e-6)
+
+
+def _check_report(builder, fixture) -> None:
+  rows = _report_rows(builder)
+  assert {row[0] for row in rows} == {builder.name}
+  assert collections.Counter(row[1:5] for row in rows) == fixture.report
+
+
+def _check_counts_add_up(builder, fixture) -> None:
+  counts = builder.info.metadata["preparation"]
+  for split, c in counts.items():
+    assert c["clips_read"] == c["clips_written"] + sum(c["skipped_clips"].values()), split
+    assert c["captions_read"] == c["captions_written"] + sum(c["skipped_captions"].values()), split
+    assert c["clips_written"] == builder.info.splits[split].num_examples == len(fixture.expected[split])
+    assert c["captions_written"] == sum(len(v) for v in fixture.expected[split].values())
+    reported = collections.Counter((reason, outcome) for s, _, outcome, reason in fixture.report.elements()
+                                   if s == split)
+    assert c["skipped_clips"] == {r: n for (r, o), n in reported.items() if o == extraction.SKIPPED_CLIP}
+    assert c["notes"] == {r: n for (r, o), n in reported.items() if o == extraction.NOTE}
+
+
+def test_clotho_good_clips_are_stored_with_the_front_end_log_mel(clotho_raw, clotho_builder):
+  _check_records(clotho_builder, clotho_raw, clotho_raw.audio_path)
+  assert CP1252_CAPTION in [c.decode() for c in _records(clotho_builder, "development")["cp1252.wav"]["captions"]]
+
+
+def test_clotho_every_broken_input_is_reported_with_its_reason(clotho_raw, clotho_builder):
+  _check_report(clotho_builder, clotho_raw)
+
+
+def test_clotho_counts_add_up(clotho_raw, clotho_builder):
+  _check_counts_add_up(clotho_builder, clotho_raw)
+  development = clotho_builder.info.metadata["preparation"]["development"]
+  assert (development["clips_read"], development["captions_read"]) == (clotho_raw.development_rows,
+                                                                       5 * clotho_raw.development_rows)
+  # 6 broken audio files, the repeated and the nameless row take their captions along; 5 + 2 + 4 empty cells.
+  assert development["skipped_captions"] == {reason: 5 for reason in CLOTHO_BROKEN.values() if reason != "no_caption"
+                                             } | {"duplicate_file_name": 5, "no_file_name": 1, "empty_caption": 11}
+  assert not os.path.exists(clotho_builder.feature_cache_dir)  # Deleted once the dataset is complete.
+
+
+def test_audiocaps_official_and_renamed_csvs(audiocaps_raw, audiocaps_cli):
+  builder, _ = audiocaps_cli
+  _check_records(builder, audiocaps_raw, lambda split, name: os.path.join(audiocaps_raw.root, split, name))
+  _check_report(builder, audiocaps_raw)
+  _check_counts_add_up(builder, audiocaps_raw)
+  train = builder.info.metadata["preparation"]["train"]
+  assert (train["clips_read"], train["captions_read"]) == (6, 8)  # Rows grouped by (youtube_id, start_time).
+  assert [c.decode() for c in _records(builder, "train")["yt_b_0.wav"]["captions"]] == ["people talk",
+                                                                                        "a crowd murmurs"]
+
+
+def test_prepare_cli_prints_counts_and_the_report(audiocaps_cli):
+  builder, stdout = audiocaps_cli
+  assert "  train: 4 clips, 5 captions" in stdout
+  assert "audiocaps train: clips 6 read, 4 written, 2 skipped; captions 8 read, 5 written, 3 skipped" in stdout
+  assert "  skipped clips: missing_audio 1, no_file_name 1" in stdout
+  assert clip_builder.report_path(builder) in stdout
+  assert "val: 1 clips, 5 captions" in stdout and "test: 2 clips, 10 captions" in stdout
+
+
+def test_file_pattern_names_the_files_and_the_builder(tmp_path):
+  raw = tmp_path / "raw"
+  (raw / "train").mkdir(parents=True)
+  with open(raw / "train.csv", "w", newline="") as f:
+    csv.writer(f).writerows([OFFICIAL_HEADER, [1, "yt_x", 0, "first"], [2, "yt_x", 30, "second"]])
+  for name in ("yt_x.wav", "yt_x_1.wav", "yt_x_2.wav"):
+    _write_audio(str(raw / "train" / name), "good", len(name))
+  # The default pattern names both clips yt_x.wav: the second group is a repeated file name.
+  default = audiocaps.prepare(str(raw), str(tmp_path / "prepared"), workers=1)
+  assert [c.decode() for c in _records(default, "train")["yt_x.wav"]["captions"]] == ["first"]
+  assert [(r[2], r[4]) for r in _report_rows(default)] == [("yt_x.wav", "duplicate_file_name")]
+  by_id = audiocaps.prepare(str(raw), str(tmp_path / "prepared"), file_pattern="yt_x_{audiocap_id:d}.wav", workers=1)
+  assert by_id.data_path != default.data_path and by_id.data_path.parent.parent == default.data_path.parent.parent
+  assert {name: [c.decode() for c in r["captions"]] for name, r in _records(by_id, "train").items()} == {
+      "yt_x_1.wav": ["first"], "yt_x_2.wav": ["second"]}
+  assert _report_rows(by_id) == []
+  # Preparing again with the first pattern serves the first preparation: each pattern has its own folder.
+  again = audiocaps.prepare(str(raw), str(tmp_path / "prepared"), workers=1)
+  assert again.data_path == default.data_path and again.is_prepared()
+
+
+@pytest.mark.parametrize("pattern", ["{video}.wav", "{youtube_id", "{start_time}.wav", "clip.wav"])
+def test_bad_file_pattern_is_a_clear_error(pattern):
+  with pytest.raises(ValueError, match="config.data.audiocaps_file_pattern"):
+    audiocaps.AudioCaps.config_for(pattern)
+
+
+@pytest.mark.parametrize("dataset, file_name, header, missing", [
+    ("clotho", "clotho_captions_development.csv", ["name", "caption_1"], "'file_name'"),
+    ("clotho", "clotho_captions_development.csv", ["file_name", "description"], "'caption_1'"),
+    ("audiocaps", "train.csv", ["audiocap_id", "youtube_id", "caption"], "'start_time'"),
+    ("audiocaps", "val.csv", ["id", "caption"], "'youtube_id'.*or 'file_name'"),
+])
+def test_missing_column_is_a_clear_error(tmp_path, dataset, file_name, header, missing):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  with open(raw / file_name, "w", newline="") as f:
+    csv.writer(f).writerows([header, ["a.wav", "a caption", "x"]])
+  with pytest.raises(ValueError, match=rf"{file_name}: required column {missing}"):
+    datasets.prepare(dataset, str(raw), str(tmp_path / "prepared"))
+  assert not list((tmp_path / "prepared").glob(f"{dataset}/**/dataset_info.json"))
+
+
+def _env_with_sitecustomize(folder, code: str) -> dict:
+  """Environment whose Python processes (the preparation and its worker processes alike) first run `code`."""
+  (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), REPO_ROOT]))
+
+
+_SLOW_LOG_MEL = """
+    import time
+    from data_pipelines import features
+
+    _log_mel = features.log_mel
+
+    def slow_log_mel(waveform):
+      time.sleep(0.3)
+      return _log_mel(waveform)
+
+    features.log_mel = slow_log_mel
+"""
+
+
+@pytest.mark.slow
+def test_killed_preparation_restarts_where_it_stopped(clotho_raw, clotho_builder, tmp_path, monkeypatch):
+  data_dir = tmp_path / "prepared"
+  cache_dir = data_dir / "clotho" / "feature_cache"
+  (tmp_path / "site").mkdir()
+  child = subprocess.Popen([sys.executable, "-m", "data_pipelines.prepare", f"--raw_dir={clotho_raw.root}",
+                            f"--out_dir={data_dir}", "--workers=2"], cwd=REPO_ROOT,
+                           env=_env_with_sitecustomize(tmp_path / "site", _SLOW_LOG_MEL),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (cache_dir.exists() and len(list(cache_dir.glob("*.npz"))) >= 4):
+      assert child.poll() is None, "the preparing process ended early"
+      assert time.monotonic() < deadline, "the preparing process cached no clip"
+      time.sleep(0.05)
+  finally:
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+  cached = len(list(cache_dir.glob("*.npz")))
+  good_clips = sum(len(clips) for clips in clotho_raw.expected.values())
+  assert 4 <= cached < good_clips  # Killed during the extraction ...
+  assert not clotho.Clotho(data_dir=str(data_dir)).is_prepared()  # ... and nothing looks complete.
+
+  decoded = []
+  read_audio = features.read_audio
+  monkeypatch.setattr(features, "read_audio", lambda path: decoded.append(path) or read_audio(path))
+  resumed = clotho.prepare(clotho_raw.root, str(data_dir), workers=1)
+  assert len(decoded) == clotho_raw.decodable - cached  # Only what the killed run had not cached.
+
+  assert resumed.info.metadata["preparation"] == clotho_builder.info.metadata["preparation"]
+  assert _report_rows(resumed) == _report_rows(clotho_builder)
+  for split in clotho_builder.info.splits:
+    whole, again = _records(clotho_builder, split), _records(resumed, split)
+    assert whole.keys() == again.keys()
+    for name in whole:
+      for key in whole[name]:
+        np.testing.assert_array_equal(whole[name][key], again[name][key])
+  files = lambda builder: sorted(p.name for p in builder.data_path.glob("*.tfrecord*"))
+  assert files(resumed) == files(clotho_builder)
+  for name in files(clotho_builder):  # The very same shards, byte for byte.
+    assert (resumed.data_path / name).read_bytes() == (clotho_builder.data_path / name).read_bytes()
+
+
+_CRASH_ON_A_FILE = """
+    import os
+    from data_pipelines import features
+
+    _read_audio = features.read_audio
+
+    def read_audio(path):  # A decoder that crashes on one file.
+      if path.endswith("crash.wav"):
+        os._exit(3)
+      return _read_audio(path)
+
+    features.read_audio = read_audio
+"""
+
+_RUN_EXTRACTOR = """
+import json, os, sys
+from data_pipelines import extraction
+paths = sys.argv[2:]
+with extraction.Extractor(sys.argv[1], workers=2) as extractor:
+  outcomes = extractor.run(paths, "crash test")
+print(json.dumps([[os.path.basename(p), o.reason, o.detail, o.cache_path is not None] for p, o in zip(paths, outcomes)]))
+"""
+
+
+def test_a_worker_killed_by_one_file_skips_only_that_file(tmp_path):
+  names = ["a.wav", "b.wav", "crash.wav", "c.wav", "d.wav", "e.wav"]
+  for index, name in enumerate(names):
+    _write_audio(str(tmp_path / name), "good", index)
+  (tmp_path / "site").mkdir()
+  result = subprocess.run([sys.executable, "-c", _RUN_EXTRACTOR, str(tmp_path / "cache")]
+                          + [str(tmp_path / n) for n in names], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=_env_with_sitecustomize(tmp_path / "site", _CRASH_ON_A_FILE), timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  outcomes = {name: (reason, detail, good) for name, reason, detail, good in json.loads(result.stdout)}
+  assert {name: (reason, good) for name, (reason, _, good) in outcomes.items()} == {
+      name: ("unreadable_audio", False) if name == "crash.wav" else ("", True) for name in names}
+  assert "crash.wav killed its worker process (exit status 3" in outcomes["crash.wav"][1]
+
+
+def test_train_sources_main_first_then_extra(clotho_raw, clotho_builder, audiocaps_raw, audiocaps_cli, monkeypatch):
+  monkeypatch.setattr(clip_builder, "default_data_dir", lambda raw_dir: os.fspath(audiocaps_cli[0].data_dir_root))
+  config = get_base_config().data
+  config.raw_dir, config.data_dir = clotho_raw.root, os.fspath(clotho_builder.data_dir_root)
+  config.audiocaps_file_pattern = AUDIOCAPS_PATTERN
+  config.extra_train = f" audiocaps:{audiocaps_raw.root}:train , audiocaps:{audiocaps_raw.root}:test"
+  sources = datasets.train_sources(config)
+  assert [(b.name, os.fspath(b.data_path), split) for b, split in sources] == [
+      ("clotho", os.fspath(clotho_builder.data_path), "development"),
+      ("audiocaps", os.fspath(audiocaps_cli[0].data_path), "train"),
+      ("audiocaps", os.fspath(audiocaps_cli[0].data_path), "test")]
+  config.extra_train = f"audiocaps:{audiocaps_raw.root}:training"
+  with pytest.raises(ValueError, match="extra_train entry .*split 'training' is not in"):
+    datasets.train_sources(config)
+
+
+@pytest.mark.parametrize("entry", ["audiocaps:/data/ac", "wavcaps:/data/w:train", ":/data:train", "clotho::train",
+                                   "clotho:/data:"])
+def test_malformed_extra_train_entry_is_named(entry):
+  with pytest.raises(ValueError, match=f"config.data.extra_train entry '{entry}'"):
+    datasets.parse_extra_train(f"clotho:/ok:development,{entry}")
+
+
+def test_parse_extra_train_keeps_colons_inside_the_folder():
+  assert datasets.parse_extra_train("audiocaps:/mnt/a:b/ac:train,") == [("audiocaps", "/mnt/a:b/ac", "train")]
+  assert datasets.parse_extra_train("") == []
+
+
+@pytest.mark.parametrize("text, cleaned", [
+    ('A Dog barks , loudly!  Then "silence" ; done .', "a dog barks loudly then silence done"),
+    ("Rain: on a ROOF?yes", "rain on a roof yes"),
+    ("it's a bird-like trill", "it's a bird-like trill"),
+])
+def test_reference_caption_cleaning(text, cleaned):
+  assert captions.clean_caption(text, "reference") == cleaned
+  assert captions.clean_caption(text, "raw") == text
+
+
+def test_unknown_caption_cleaning_names_the_config_key():
+  with pytest.raises(ValueError, match="config.data.caption_cleaning='lower'"):
+    captions.clean_caption("a", "lower")
