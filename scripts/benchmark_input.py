@@ -7,13 +7,17 @@ each later epoch is timed from building the dataset to its last batch, as the tr
 
 python -m scripts.benchmark_input [--duration_s=10] [--max_frames=1001] [--batch_size=64] [--epochs=3]
 """
-import os
-import time
+from atr_jax import xla_flags
 
-import numpy as np
-from absl import app, flags
+xla_flags.set_defaults()  # The process defaults of the training entry point, which runs this pipeline.
 
-from data_pipelines import clotho, input_pipeline, synthetic
+import os  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from data_pipelines import clotho, input_pipeline, synthetic  # noqa: E402
 
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "~/.cache/atr_jax/benchmark_input", "Generated and prepared data.")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 1000, "Training clips (5 captions each).")

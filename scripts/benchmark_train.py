@@ -6,38 +6,50 @@ both frameworks.
 
 Each framework runs in its own subprocess (`--worker`), so that peak memory is measured apart (CPU: the process's
 peak RSS; GPU: the device's peak bytes in use) and XLA's and torch's thread pools do not compete; torch uses
-`os.cpu_count()` threads. Ours runs with our entry points' process defaults (atr_jax.xla_flags), PyTorch with its
-own. After set-up and warm-up, the workers take turns of --steps_per_round timed steps, so that
-on a shared machine both see the same load.
+`os.cpu_count()` threads. Ours runs with our entry points' process defaults (atr_jax.xla_flags: XLA flags and the
+glibc malloc setting that stops page-faulting fresh memory every step), PyTorch with its own; --torch_keep_freed_memory
+adds a PyTorch row with the same malloc setting. After set-up and warm-up, the workers take turns of
+--steps_per_round timed steps, so that on a shared machine all see the same load.
 
 python -m scripts.benchmark_train --config configs/clotho_infonce.py --bert_base --torch \
     --config.train.global_batch_size=8 --config.data.train_max_frames=1001 --config.loss.name=ntxent
 """
-import json
-import os
-import resource
-import subprocess
 import sys
-import tempfile
-import time
-from typing import Callable, NamedTuple
-
-import ml_collections
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from atr_jax import xla_flags
+
+# Before numpy starts threads or jax loads: our entry points' process defaults for ours, and for the extra PyTorch
+# row (--torch_keep_freed_memory) the same C allocator setting.
+if "--worker=jax" in sys.argv:
+  xla_flags.set_defaults()
+elif "--worker=torch_keep_freed_memory" in sys.argv:
+  xla_flags.keep_freed_memory()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Callable, NamedTuple  # noqa: E402
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps of each framework, after the warm-up steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (ours: after compilation).")
 _STEPS_PER_ROUND = flags.DEFINE_integer("steps_per_round", 2, "The frameworks take turns, this many steps each.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference step, in the same run.")
+_TORCH_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "torch_keep_freed_memory", False, "With --torch, one more PyTorch row that runs with our glibc malloc setting "
+    "(atr_jax.xla_flags.keep_freed_memory), to show how much of the difference is the C allocator.")
 _BERT_BASE = flags.DEFINE_bool(
     "bert_base", False, "Text tower: a randomly initialised BERT of bert-base-uncased shape (hidden 768, 12 layers, "
     "12 heads, intermediate 3072, vocab 30522) in place of model.text.model_dir.")
-_WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"],
+_WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch", "torch_keep_freed_memory"],
                             "Internal: serve one framework's step to the parent process over stdin/stdout.")
 
 _REPLY_PREFIX = "BENCHMARK_WORKER "
@@ -98,7 +110,6 @@ def _peak_rss_bytes() -> int:
 
 
 def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
-  xla_flags.set_defaults()  # As our entry points do, before jax is imported.
   # Imported here, so that the torch worker holds no jax (nor the TensorFlow that atr_jax.train imports).
   import functools
   import jax
@@ -141,7 +152,7 @@ def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
   return _Bench(info, run_step, finish)
 
 
-def _setup_torch(config: ml_collections.ConfigDict) -> _Bench:
+def _setup_torch(config: ml_collections.ConfigDict, name: str = "PyTorch") -> _Bench:
   import torch
   from scripts import torch_reference
 
@@ -164,8 +175,8 @@ def _setup_torch(config: ml_collections.ConfigDict) -> _Bench:
     peak = _peak_rss_bytes() if on_cpu else torch.cuda.max_memory_allocated()
     return {"peak_bytes": peak, "peak_kind": "RSS" if on_cpu else "device", "loss": losses[-1]}
 
-  name = f"{torch.get_num_threads()} threads" if on_cpu else torch.cuda.get_device_name()
-  info = {"name": "PyTorch", "device": f"{device.type} ({name})", "dtype": "float32", "init_s": init_s,
+  threads = f"{torch.get_num_threads()} threads" if on_cpu else torch.cuda.get_device_name()
+  info = {"name": name, "device": f"{device.type} ({threads})", "dtype": "float32", "init_s": init_s,
           "compile_s": None}
   return _Bench(info, run_step, finish)
 
@@ -251,9 +262,12 @@ def main(argv):
     if _BERT_BASE.value:
       _use_random_bert_base(config, folder)
     if _WORKER.value is not None:
-      _serve((_setup_jax if _WORKER.value == "jax" else _setup_torch)(config), _WARMUP.value)
+      setups = {"jax": _setup_jax, "torch": _setup_torch,
+                "torch_keep_freed_memory": lambda c: _setup_torch(c, "PyTorch + keep_freed_memory")}
+      _serve(setups[_WORKER.value](config), _WARMUP.value)
       return
     frameworks = ["jax"] + (["torch"] if _TORCH.value else [])
+    frameworks += ["torch_keep_freed_memory"] if _TORCH.value and _TORCH_KEEP_FREED_MEMORY.value else []
     print(format_table(config, measure(frameworks, _WARMUP.value, _REPEATS.value, _STEPS_PER_ROUND.value)),
           flush=True)
 
