@@ -97,7 +97,7 @@ class Retriever:
 
 def audio_files(folder: str) -> list:
   """Every file below `folder` whose extension is an audio format soundfile reads, sorted."""
-  extensions = {f".{name.lower()}" for name in sf.available_formats()} | {".oga", ".opus"}
+  extensions = features.audio_extensions()
   found = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
            if os.path.splitext(name)[1].lower() in extensions]
   return sorted(found)
