@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from atr_jax.models.cnn14 import (ConvBlock, batch_norm, bn_mask, clip_embedding, conv3x3, log_mel_stem,
+from atr_jax.models.cnn14 import (ConvBlock, batch_norm, bn_mask, clip_embedding, conv3x3, dropout, log_mel_stem,
                                   mask_frames, masked_avg_pool)
 
 
@@ -56,7 +56,7 @@ class ResnetBasicBlock(nn.Module):
         out = conv3x3(self.features, self.dtype, 'conv1')(out)
         out = batch_norm('bn1', train, self.dtype)(out, mask=bn_mask(frame_mask, train))
         out = mask_frames(nn.relu(out), frame_mask)
-        out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+        out = dropout(self, out, self.dropout_rate, train)
         out = conv3x3(self.features, self.dtype, 'conv2')(out)
         out = batch_norm('bn2', train, self.dtype, scale_init=nn.initializers.zeros)(
             out, mask=bn_mask(frame_mask, train))
@@ -118,15 +118,12 @@ class ResNet38(nn.Module):
         time_factor = 2 * 2 ** (len(self.widths) - 1) * 2  # stem pool, stride-2 stages, pool after the trunk
         x, frame_mask, lengths = log_mel_stem(self, log_mel, frame_mask, time_factor, train, self.spec_augment,
                                               self.dtype)
-
-        def dropout(x):
-            return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-
         x, frame_mask, lengths = ConvBlock(self.widths[0], (2, 2), self.dtype, name='conv_block1')(
             x, frame_mask, lengths, train)
         x, frame_mask, lengths = ResnetTrunk(self.widths, self.blocks, self.block_dropout_rate, self.dtype,
-                                             name='resnet')(dropout(x), frame_mask, lengths, train)
+                                             name='resnet')(dropout(self, x, self.dropout_rate, train), frame_mask,
+                                                            lengths, train)
         x, frame_mask, lengths = masked_avg_pool(x, lengths, (2, 2))
         x, frame_mask, lengths = ConvBlock(self.out_features, (1, 1), self.dtype, name='conv_block_after1')(
-            dropout(x), frame_mask, lengths, train)
-        return clip_embedding(dropout(x), frame_mask, lengths)
+            dropout(self, x, self.dropout_rate, train), frame_mask, lengths, train)
+        return clip_embedding(dropout(self, x, self.dropout_rate, train), frame_mask, lengths)
