@@ -123,8 +123,8 @@ def test_benchmark_train_prints_both_frameworks_at_tiny_size(tmp_path):
     assert ours[3:7] == pytorch[3:7] == [str(BATCH), str(FRAMES), str(TOKENS), "2x32"]
     assert float(ours[8]) > 0 and pytorch[8] == "-"  # compile time: ours only
     our_median, pytorch_median = (float(re.match(r"[\d.]+", row[9]).group()) for row in (ours, pytorch))
-    # The ratio is of the unrounded medians.
-    assert float(ours[12]) == pytest.approx(our_median / pytorch_median, abs=0.02) and pytorch[12] == "1.00"
+    # The ratio is of the unrounded medians; the printed ones are rounded to 1 ms (~1% of a tiny PyTorch step).
+    assert float(ours[12]) == pytest.approx(our_median / pytorch_median, rel=0.03) and pytorch[12] == "1.00"
     assert float(ours[11].split()[0]) > 0.1 and float(pytorch[11].split()[0]) > 0.1  # peak RSS in GB
 
 
