@@ -22,7 +22,6 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import soundfile as sf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
