@@ -13,8 +13,11 @@ import torch
 from atr_jax.models.cnn14 import BN_EPSILON, BatchNorm, Conv3x3, dropout, same_conv
 
 
-@pytest.mark.parametrize('shape, kernel_size', [((2, 9, 7, 3), (3, 3)), ((3, 6, 5, 4), (1, 1)), ((1, 8, 4, 2), (5, 3))])
-def test_same_conv_value_and_gradients_match_torch_float64(shape, kernel_size):
+@pytest.mark.parametrize('shape, kernel_size, patch_matmul', [
+    ((2, 9, 7, 3), (3, 3), False), ((3, 6, 5, 4), (1, 1), False), ((1, 8, 4, 2), (5, 3), False),
+    # Few positions next to the 6 output features, a kernel taller than the input, one input channel.
+    ((2, 3, 2, 5), (3, 3), True), ((1, 2, 3, 4), (5, 3), True), ((2, 9, 7, 1), (3, 3), True)])
+def test_same_conv_value_and_gradients_match_torch_float64(shape, kernel_size, patch_matmul):
     rng = np.random.default_rng(sum(shape))
     x = rng.normal(size=shape).astype(np.float32)
     kernel = rng.normal(size=(*kernel_size, shape[-1], 6)).astype(np.float32)
@@ -22,6 +25,7 @@ def test_same_conv_value_and_gradients_match_torch_float64(shape, kernel_size):
 
     y, pullback = jax.vjp(jax.jit(same_conv), jnp.asarray(x), jnp.asarray(kernel))
     dx, dkernel = pullback(jnp.asarray(cotangent))
+    assert ('dot_general' in str(jax.make_jaxpr(pullback)(jnp.asarray(cotangent)))) == patch_matmul
 
     x_t = torch.tensor(x, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()
     k_t = torch.tensor(kernel, dtype=torch.float64).permute(3, 2, 0, 1).requires_grad_()

@@ -137,9 +137,13 @@ def _correlate(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 NHWC convolution (cross-correlation) with an odd-sized HWIO kernel and 'same' zero padding.
 
-    The function of `lax.conv_general_dilated`, with a cheaper backward pass: the input gradient needs the kernel
-    with its taps reversed and its in/out features swapped, which XLA CPU emits as one reverse-transpose copy ~5x
-    slower than reversing the taps (contiguous blocks) and then transposing, as done here."""
+    The function of `lax.conv_general_dilated`, with a cheaper backward pass on XLA CPU:
+    - the input gradient needs the kernel with its taps reversed and its in/out features swapped, which XLA emits
+      as one reverse-transpose copy ~5x slower than reversing the taps (contiguous blocks) and then transposing, as
+      done here;
+    - where the activations are small next to the kernel (CNN14's blocks 5-6) or have one channel (the first
+      convolution), both gradients are plain matrix products with the zero-padded patches instead, which needs no
+      kernel-sized copy at all (`_patch_matmul_gradients`)."""
     return _correlate(x, kernel)
 
 
@@ -147,8 +151,33 @@ def _same_conv_fwd(x, kernel):
     return _correlate(x, kernel), (x, kernel)
 
 
+def _patches(x: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
+    """(N, H, W, C) -> (N, H, W, kh * kw * C): each position's zero-padded kh x kw neighbourhood, taps in HWIO order."""
+    (kh, kw), (_, h, w, _) = kernel_hw, x.shape
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    return jnp.concatenate([padded[:, a:a + h, b:b + w] for a in range(kh) for b in range(kw)], axis=-1)
+
+
+def _patch_matmul_gradients(x, kernel, dy):
+    """Both gradients of `same_conv` as matrix products: dkernel = patchesᵀ dy, and dx sums the patch gradients
+    dy kernelᵀ back onto the positions they were taken from."""
+    (kh, kw, features, _), (n, h, w, _) = kernel.shape, x.shape
+    dy_rows = dy.reshape(n * h * w, -1)
+    dkernel = jax.lax.dot_general(_patches(x, (kh, kw)).reshape(n * h * w, -1), dy_rows, (((0,), (0,)), ((), ())))
+    dpatches = jax.lax.dot_general(dy_rows, kernel.reshape(-1, kernel.shape[-1]), (((1,), (1,)), ((), ())))
+    dpatches = dpatches.reshape(n, h, w, kh * kw, features)
+    dx_padded = sum(jnp.pad(dpatches[:, :, :, a * kw + b], ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
+                    for a in range(kh) for b in range(kw))
+    return dx_padded[:, kh // 2:kh // 2 + h, kw // 2:kw // 2 + w], dkernel.reshape(kernel.shape)
+
+
 def _same_conv_bwd(residuals, dy):
     x, kernel = residuals
+    positions = x.shape[0] * x.shape[1] * x.shape[2]
+    # Measured on CNN14's layers (batch 8, 10 s clips): the patches win for 31x2 and 62x4 positions at 1024-2048
+    # output features (positions <= 3 x out) and for the 1-channel input; the convolutions win everywhere else.
+    if positions <= 3 * kernel.shape[-1] or kernel.shape[2] == 1:
+        return _patch_matmul_gradients(x, kernel, dy)
     taps = kernel.reshape(-1, *kernel.shape[2:])
     reversed_taps = jnp.concatenate([taps[index:index + 1] for index in reversed(range(taps.shape[0]))])
     dx = _correlate(dy, jnp.swapaxes(reversed_taps.reshape(kernel.shape), 2, 3))
