@@ -28,10 +28,14 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _python(script: str, *args: str, env: dict | None = None) -> list[str]:
+  """Runs `script` in a fresh interpreter at the repository root -> its stdout's words."""
+  return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=_REPO, env=env,
+                        check=True).stdout.split()
+
+
 def _refaults(mode: str) -> tuple[str, int]:
-  result = subprocess.run([sys.executable, "-c", _REFAULT_SCRIPT, mode], capture_output=True, text=True, cwd=_REPO,
-                          check=True)
-  took, faults = result.stdout.split()
+  took, faults = _python(_REFAULT_SCRIPT, mode)
   return took, int(faults)
 
 
@@ -46,14 +50,9 @@ def test_keep_freed_memory_reuses_a_freed_block_over_2_gib_without_page_faults()
 
 
 def test_set_defaults_keeps_the_users_ynn_fusion_choice():
-  script = ("import os; from atr_jax import xla_flags; xla_flags.set_defaults(); "
-            "print(os.environ['XLA_FLAGS'])")
-  env = dict(os.environ, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=+individual_dot")
-  user = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=_REPO, env=env,
-                        check=True).stdout.split()
-  assert user == ["--xla_cpu_experimental_ynn_fusion_type=+individual_dot"]
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  ours = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=_REPO, env=env,
-                        check=True).stdout.split()
-  assert ours == ["--xla_force_host_platform_device_count=2",
-                  "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+  script = "import os; from atr_jax import xla_flags; xla_flags.set_defaults(); print(os.environ['XLA_FLAGS'])"
+  users_choice = "--xla_cpu_experimental_ynn_fusion_type=+individual_dot"
+  assert _python(script, env=dict(os.environ, XLA_FLAGS=users_choice)) == [users_choice]
+  other_flag = "--xla_force_host_platform_device_count=2"
+  assert _python(script, env=dict(os.environ, XLA_FLAGS=other_flag)) == [
+      other_flag, "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
