@@ -1,8 +1,9 @@
 """Embedding a whole split (every clip and caption) or any caption list, for retrieval metrics and submissions.
 
-Every clip is embedded once and every caption once, in fixed-size padded batches (the last one masked), so the
-jitted functions compile once and every process runs the same number of steps. A clip's embedding never depends on
-its batch-mates: padding frames are masked inside the audio tower.
+Every clip is embedded once and whole, and every caption once, in fixed-size batches (padding rows masked): clips
+are padded to a few lengths (`input_pipeline.padded_frames`), so the jitted functions compile a few times, and every
+process runs the same steps. A clip's embedding never depends on its batch-mates or on its padding: padding frames
+are masked inside the audio tower.
 """
 import dataclasses
 
@@ -51,8 +52,9 @@ class Embedder:
 
 
 def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenize: CaptionTokenizer,
-                global_batch_size: int, max_frames: int) -> SplitEmbeddings:
-  """Embeddings of every clip and caption of `split` (identical on every process)."""
+                global_batch_size: int, max_frames: int | None) -> SplitEmbeddings:
+  """Embeddings of every clip and caption of `split` (identical on every process); `max_frames` is the longest clip
+  the audio tower supports (None: any), a longer clip is an error."""
   local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
   captions, caption_clip_ids, file_names = input_pipeline.eval_captions(builder, split)
 

@@ -28,11 +28,10 @@ from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
 from atr_jax.train import CONFIG_FILE  # noqa: E402
-from data_pipelines import features  # noqa: E402
+from data_pipelines import features, input_pipeline  # noqa: E402
 
 EMBEDDINGS_FILE = "embeddings.npy"
 FILES_FILE = "files.json"
-FRAME_BUCKET = 512  # Audio batches are padded to a multiple of this many frames: few shapes, few compilations.
 
 
 class Retriever:
@@ -61,18 +60,22 @@ class Retriever:
     return -(-max(requested, 1) // devices) * devices
 
   def embed_log_mels(self, log_mels: list, batch_size: int = 16) -> np.ndarray:
-    """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths."""
-    rows, batch_size = [], self._batch_size(batch_size)
-    for start in range(0, len(log_mels), batch_size):
-      chunk = log_mels[start:start + batch_size]
-      frames = -(-max(len(x) for x in chunk) // FRAME_BUCKET) * FRAME_BUCKET
-      batch = np.zeros((batch_size, frames, features.N_MELS), np.float32)
-      mask = np.zeros((batch_size, frames), bool)
-      for i, log_mel in enumerate(chunk):
-        batch[i, :len(log_mel)] = log_mel
-        mask[i, :len(log_mel)] = True
-      rows.append(self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[:len(chunk)])
-    return np.concatenate(rows) if rows else np.zeros((0, self.config.model.embed_dim), np.float32)
+    """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths, each whole: batches of clips of
+    one padded length (`input_pipeline.padded_frames`, as in evaluation)."""
+    embeddings = np.zeros((len(log_mels), self.config.model.embed_dim), np.float32)
+    batch_size = self._batch_size(batch_size)
+    padded = np.array([input_pipeline.padded_frames(len(x)) for x in log_mels], np.int64)
+    for frames in sorted(set(padded.tolist())):
+      ids = np.flatnonzero(padded == frames)
+      for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        batch = np.zeros((batch_size, frames, features.N_MELS), np.float32)
+        mask = np.zeros((batch_size, frames), bool)
+        for row, index in enumerate(chunk):
+          batch[row, :len(log_mels[index])] = log_mels[index]
+          mask[row, :len(log_mels[index])] = True
+        embeddings[chunk] = self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[:len(chunk)]
+    return embeddings
 
   def embed_audio_files(self, paths: list, batch_size: int = 16) -> tuple[np.ndarray, list, list]:
     """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones)."""

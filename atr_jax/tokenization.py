@@ -27,7 +27,7 @@ class CaptionTokenizer:
                config.data.get("caption_cleaning", "raw"))
 
   def __call__(self, captions) -> dict:
-    cleaned = [caption_text.clean_caption(str(c), self.cleaning) for c in captions]
+    cleaned = [caption_text.clean_caption(caption_text.as_text(c), self.cleaning) for c in captions]
     encoded = self.tokenizer(cleaned, padding="max_length", truncation=True, max_length=self.max_len,
                              return_tensors="np")
     return {"input_ids": encoded["input_ids"].astype(np.int32),

@@ -23,7 +23,7 @@ from clu import metric_writers
 from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
-from atr_jax.models.dual_encoder import build_model
+from atr_jax.models.dual_encoder import AUDIO_MAX_FRAMES, build_model
 from data_pipelines import datasets, input_pipeline
 
 CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
@@ -152,7 +152,7 @@ class _Setup:
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
     return evaluation.embed_split(
         self.embedder, variables, self.builder, split, tokenize=self.tokenize,
-        global_batch_size=self.config.eval.batch_size, max_frames=self.config.data.eval_max_frames)
+        global_batch_size=self.config.eval.batch_size, max_frames=AUDIO_MAX_FRAMES[self.config.model.audio.arch])
 
   def evaluate(self, state, split: str) -> dict:
     emb = self.embed(state, split)

@@ -34,7 +34,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.val_split = "validation"
   config.data.test_split = "evaluation"
   config.data.train_max_frames = 3001  # Random crop (or pad + mask) of each training clip, frames at 100/s.
-  config.data.eval_max_frames = 3001  # Evaluation clips are embedded whole (padding is masked) up to this length.
   config.data.shuffle_buffer = 2000  # (clip, caption) pairs held by the shuffle buffer of each input shard.
   # Input shards: each reads its own TFRecord files and fills its own slice of every global batch; each process
   # runs num_input_shards / process_count of them. 0 = one per process. Fixing it (e.g. 8) makes the global batches

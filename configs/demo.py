@@ -22,9 +22,8 @@ def get_config():
   config.data.generate_synthetic = True
   config.data.synthetic.num_development = 600
   config.data.synthetic.num_validation = 100
-  config.data.synthetic.duration_s = 2.0  # 1.67-2.33 s: every clip fits the 240 frames whole.
+  config.data.synthetic.duration_s = 2.0  # 1.67-2.33 s: every clip fits the 240-frame training crop whole.
   config.data.train_max_frames = 240
-  config.data.eval_max_frames = 240
   config.data.shuffle_buffer = 5000
 
   config.model.audio.channels = (8, 16, 32, 64, 128, 256)

@@ -11,12 +11,14 @@ Every shard yields `steps_per_epoch` batches (a short shard is repeated) so that
 its contiguous group of shards and concatenates their batches, so global batches do not depend on the process count.
 """
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from data_pipelines import captions as caption_text
 from data_pipelines import features
 
 try:
@@ -26,31 +28,40 @@ except RuntimeError:  # TensorFlow was initialised before this import; its devic
 
 DEFAULT_PAIR_SHUFFLE_BUFFER = 2048
 DEFAULT_CLIP_SHUFFLE_BUFFER = 4096
-_EVAL_KEYS = ("log_mel", "frame_mask", "clip_id", "valid")
+MIN_PADDED_FRAMES = 64  # Shortest padded length of an embedded clip (`padded_frames`).
 
 
 def _num_clips(builder: tfds.core.DatasetBuilder, split) -> int:
   return builder.info.splits[split].num_examples
 
 
+class _ClipTable(NamedTuple):
+  captions: tuple[tuple[str, ...], ...]  # Per clip id.
+  file_names: tuple[str, ...]
+  num_frames: tuple[int, ...]
+
+
 @functools.cache
-def _caption_table(builder: tfds.core.DatasetBuilder, split: str) -> tuple[tuple[tuple[str, ...], ...],
-                                                                         tuple[str, ...]]:
-  """(captions, file_name) per clip id of `split`, read once per builder and split (log-mels left undecoded)."""
+def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
+  """Captions, file name and frame count per clip id of `split`, read once per builder and split (log-mels left
+  undecoded: their byte length gives the frames)."""
   clips = builder.as_dataset(split=split, shuffle_files=False, decoders={"log_mel": tfds.decode.SkipDecoding()},
                              read_config=tfds.ReadConfig(try_autocache=False))
-  clips = clips.map(lambda clip: {k: clip[k] for k in ("captions", "file_name", "clip_id")})
+  clips = clips.map(lambda clip: {"captions": clip["captions"], "file_name": clip["file_name"],
+                                  "clip_id": clip["clip_id"], "log_mel_bytes": tf.strings.length(clip["log_mel"])})
   by_id = {int(clip["clip_id"]): clip for clip in clips.as_numpy_iterator()}
   if sorted(by_id) != list(range(len(by_id))):
     raise ValueError(f"{builder.data_dir} split {split}: clip ids are not 0..{len(by_id) - 1}")
-  captions = tuple(tuple(c.decode("utf-8") for c in by_id[i]["captions"]) for i in range(len(by_id)))
-  file_names = tuple(by_id[i]["file_name"].decode("utf-8") for i in range(len(by_id)))
-  return captions, file_names
+  clips = [by_id[i] for i in range(len(by_id))]
+  frame_bytes = features.N_MELS * np.dtype(np.float16).itemsize
+  return _ClipTable(captions=tuple(tuple(caption_text.as_text(c) for c in clip["captions"]) for clip in clips),
+                    file_names=tuple(caption_text.as_text(clip["file_name"]) for clip in clips),
+                    num_frames=tuple(int(clip["log_mel_bytes"]) // frame_bytes for clip in clips))
 
 
 def train_pairs_per_epoch(builder: tfds.core.DatasetBuilder, split: str) -> int:
   """Number of (clip, caption) pairs of `split`."""
-  return sum(len(captions) for captions in _caption_table(builder, split)[0])
+  return sum(len(captions) for captions in _clip_table(builder, split).captions)
 
 
 def steps_per_epoch(sources, global_batch: int) -> int:
@@ -65,7 +76,7 @@ def steps_per_epoch(sources, global_batch: int) -> int:
 
 def eval_captions(builder: tfds.core.DatasetBuilder, split: str) -> tuple[list[str], np.ndarray, list[str]]:
   """All captions of `split` (ordered by clip id), the clip id of each (int32), and the file name per clip id."""
-  captions, file_names = _caption_table(builder, split)
+  captions, file_names, _ = _clip_table(builder, split)
   flat = [caption for clip_captions in captions for caption in clip_captions]
   clip_ids = np.repeat(np.arange(len(captions), dtype=np.int32), [len(c) for c in captions])
   return flat, clip_ids, list(file_names)
@@ -176,41 +187,68 @@ def process_train_batches(sources, *, global_batch_size: int, num_shards: int, p
   return zipped.prefetch(2).as_numpy_iterator()
 
 
-def _eval_row(clip: dict, max_frames: int) -> dict:
-  log_mel, frame_mask = _crop_and_pad(clip["log_mel"], 0, max_frames)
-  return {"log_mel": log_mel, "frame_mask": frame_mask, "clip_id": clip["clip_id"], "valid": tf.constant(True),
-          "num_frames": tf.shape(clip["log_mel"])[0]}
+def padded_frames(num_frames: int) -> int:
+  """The length a clip of `num_frames` frames is padded to for embedding (evaluation, validation and retrieval alike):
+  the smallest m * 2**k >= num_frames with m in 4..7, at least MIN_PADDED_FRAMES. Four lengths per octave bound the
+  compilations and keep the padding under 25 % (and under MIN_PADDED_FRAMES frames for short clips)."""
+  if num_frames < 1:
+    raise ValueError(f"num_frames={num_frames}: a clip has at least one frame")
+  octave = 1 << max(int(num_frames - 1).bit_length() - 3, 0)  # 2**k with 4 * 2**k <= num_frames - 1 < 8 * 2**k.
+  return max(-(-num_frames // octave) * octave, MIN_PADDED_FRAMES)
 
 
-def _padding_row(max_frames: int) -> dict:
-  return {"log_mel": tf.zeros((max_frames, features.N_MELS), tf.float32), "frame_mask": tf.zeros(max_frames, tf.bool),
-          "clip_id": tf.constant(-1, tf.int32), "valid": tf.constant(False), "num_frames": tf.constant(0, tf.int32)}
+def eval_clip_frames(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """Frames of every clip of `split`, by clip id (int64)."""
+  return np.asarray(_clip_table(builder, split).num_frames, np.int64)
 
 
-def _numpy_batches(batches: tf.data.Dataset, split: str, max_frames: int):
-  for batch in batches.as_numpy_iterator():
-    cropped = batch["clip_id"][batch["num_frames"] > max_frames]
-    if cropped.size:
-      logging.warning("%s: clips %s are longer than max_frames=%d; only their first %d frames are used", split,
-                      cropped.tolist(), max_frames, max_frames)
-    yield {k: batch[k] for k in _EVAL_KEYS}
+def _bucket_rows(clip: dict, log_mel_feature, frames: int) -> dict:
+  log_mel = tf.cast(log_mel_feature.decode_example(clip["log_mel"]), tf.float32)
+  length = tf.shape(log_mel)[0]
+  return {"log_mel": tf.ensure_shape(tf.pad(log_mel, [[0, frames - length], [0, 0]]), (frames, features.N_MELS)),
+          "frame_mask": tf.range(frames) < length, "clip_id": clip["clip_id"], "valid": tf.constant(True)}
 
 
-def eval_clip_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int, max_frames: int,
-                      process_index: int = 0, process_count: int = 1):
-  """Iterator of numpy batches of this process's share of the clips of `split`, each clip exactly once.
+def _padding_rows(frames: int, count: int) -> tf.data.Dataset:
+  row = {"log_mel": tf.zeros((frames, features.N_MELS), tf.float32), "frame_mask": tf.zeros(frames, tf.bool),
+         "clip_id": tf.constant(-1, tf.int32), "valid": tf.constant(False)}
+  return tf.data.Dataset.from_tensors(row).repeat(count)
 
-  Batches hold `batch_size` rows: `log_mel` float32 (b, max_frames, 64) (the clip from frame 0, zero padded, or
-  cropped to its first `max_frames` frames with a warning), `frame_mask` bool (b, max_frames), `clip_id` int32 (b,)
-  and `valid` bool (b,); padding rows (valid False, clip_id -1, all zero) fill the last batches so that every
-  process yields ceil(ceil(clips / process_count) / batch_size) batches.
+
+def eval_clip_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int, process_index: int = 0,
+                      process_count: int = 1, max_frames: int | None = None):
+  """Iterator of numpy batches of this process's share of the clips of `split`: every clip exactly once and whole.
+
+  Clips are grouped by `padded_frames` of their length (a few lengths per split, read from the prepared data);
+  the groups come in increasing length, and in each group process p takes the clips p, p + P, ... (by clip id) of
+  the P processes. A batch holds `batch_size` rows of one group: `log_mel` float32 (b, padded, 64) zero padded,
+  `frame_mask` bool (b, padded), `clip_id` int32 (b,) and `valid` bool (b,); padding rows (valid False, clip id -1)
+  complete each group's last batch, so that every process yields batches of the same shapes in the same order.
+  `max_frames`: the longest clip the audio tower supports (None: any); a longer clip is a ValueError naming it.
   """
-  clips_per_process = -(-_num_clips(builder, split) // process_count)
-  num_batches = -(-clips_per_process // batch_size)
-  shard = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
-  clips = builder.as_dataset(split=shard, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
-  rows = clips.map(functools.partial(_eval_row, max_frames=max_frames), num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors(_padding_row(max_frames)).repeat(
-      num_batches * batch_size - _num_clips(builder, shard))
-  batches = rows.concatenate(padding).batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(_deterministic(batches), split, max_frames)
+  lengths = eval_clip_frames(builder, split)
+  if max_frames is not None and lengths.size and lengths.max() > max_frames:
+    too_long = np.flatnonzero(lengths > max_frames)
+    names = [_clip_table(builder, split).file_names[i] for i in too_long[:5]]
+    raise ValueError(f"{builder.name} split {split}: {too_long.size} clips are longer than the {max_frames} frames "
+                     f"the audio tower supports, e.g. {names} ({lengths[too_long[0]]} frames); they cannot be "
+                     "embedded whole")
+  buckets = np.array([padded_frames(int(n)) for n in lengths], np.int64)
+  log_mel_feature = builder.info.features["log_mel"]
+  groups = []
+  for frames in sorted(set(buckets.tolist())):
+    ids = np.flatnonzero(buckets == frames)
+    mine = np.zeros(len(lengths), bool)
+    mine[ids[process_index::process_count]] = True
+    rows = int(mine.sum())
+    num_batches = -(-(-(-ids.size // process_count)) // batch_size)
+    clips = builder.as_dataset(split=split, shuffle_files=False, decoders={"log_mel": tfds.decode.SkipDecoding()},
+                               read_config=tfds.ReadConfig(try_autocache=False))
+    group = (clips.filter(lambda clip, mine=tf.constant(mine): tf.gather(mine, clip["clip_id"]))
+             .map(functools.partial(_bucket_rows, log_mel_feature=log_mel_feature, frames=frames),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+             .concatenate(_padding_rows(frames, num_batches * batch_size - rows))
+             .batch(batch_size, drop_remainder=True))
+    groups.append(group)
+  batches = functools.reduce(tf.data.Dataset.concatenate, groups).prefetch(tf.data.AUTOTUNE)
+  return _deterministic(batches).as_numpy_iterator()

@@ -31,7 +31,8 @@ GOOD_AUDIO = {
     "evaluation": {"e0.wav": (32000, 2.0, 1), "e1.wav": (44100, 1.0, 1), "e2.wav": (32000, 0.7, 1)},
 }
 CAPTION_COUNTS = {"validation": {"v0.wav": 5, "v1.wav": 4, "v2.wav": 2, "v3.wav": 1}}
-SPECIAL_CAPTIONS = {"d1.wav": 'a "quoted", comma caption', "v0.wav": "café naïve façade",
+SPECIAL_CAPTIONS = {"d1.wav": 'a "quoted", comma caption', "d5.wav": "A café's naïve façade: “smart” quotes!",
+                    "v0.wav": "café naïve façade",
                     "e1.wav": "a “smart” quote — and a dash"}
 CSV_ENCODINGS = {"development": "utf-8", "validation": "latin-1", "evaluation": "cp1252"}
 # Rows that must be skipped (garbage bytes, no file, empty captions, 100 samples): name -> reported reason.
@@ -244,19 +245,25 @@ def test_shards_stay_in_step_when_they_differ_in_pairs(builder):
 
 
 @pytest.mark.parametrize("split, batch_size, process_count", [("evaluation", 2, 1), ("evaluation", 2, 2),
-                                                             ("development", 3, 3)])
-def test_eval_batches_hold_every_clip_once(builder, split, batch_size, process_count):
+                                                             ("development", 3, 3), ("development", 2, 2)])
+def test_eval_batches_hold_every_clip_once_and_whole(builder, split, batch_size, process_count):
   stored = {int(r["clip_id"]): r["log_mel"].astype(np.float32) for r in _records(builder, split).values()}
-  max_frames = 100
-  per_process = [list(input_pipeline.eval_clip_batches(builder, split, batch_size=batch_size, max_frames=max_frames,
+  np.testing.assert_array_equal(input_pipeline.eval_clip_frames(builder, split),
+                                [len(stored[i]) for i in range(len(stored))])
+  per_process = [list(input_pipeline.eval_clip_batches(builder, split, batch_size=batch_size,
                                                        process_index=p, process_count=process_count))
                  for p in range(process_count)]
-  expected_batches = -(-(-(-len(stored) // process_count)) // batch_size)
-  assert [len(batches) for batches in per_process] == [expected_batches] * process_count
+  buckets = collections.Counter(input_pipeline.padded_frames(len(clip)) for clip in stored.values())
+  # Every process runs the same batch shapes in the same order: each length group in increasing length.
+  expected_shapes = [frames for frames in sorted(buckets)
+                     for _ in range(-(-(-(-buckets[frames] // process_count)) // batch_size))]
+  for batches in per_process:
+    assert [batch["log_mel"].shape[1] for batch in batches] == expected_shapes
   seen = []
   for batches in per_process:
     for batch in batches:
-      assert batch["log_mel"].shape == (batch_size, max_frames, features.N_MELS)
+      frames = batch["log_mel"].shape[1]
+      assert batch["log_mel"].shape == (batch_size, frames, features.N_MELS)
       assert batch["valid"].dtype == bool and batch["clip_id"].dtype == np.int32
       for log_mel, mask, clip_id, valid in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"],
                                                batch["valid"]):
@@ -264,13 +271,53 @@ def test_eval_batches_hold_every_clip_once(builder, split, batch_size, process_c
           assert clip_id == -1 and not mask.any() and not log_mel.any()
           continue
         seen.append(int(clip_id))
-        clip = stored[int(clip_id)][:max_frames]
-        np.testing.assert_array_equal(mask, np.arange(max_frames) < len(clip))
-        np.testing.assert_array_equal(log_mel[:len(clip)], clip)
+        clip = stored[int(clip_id)]
+        assert frames == input_pipeline.padded_frames(len(clip))
+        np.testing.assert_array_equal(mask, np.arange(frames) < len(clip))
+        np.testing.assert_array_equal(log_mel[:len(clip)], clip)  # The whole clip, never cut.
         np.testing.assert_array_equal(log_mel[len(clip):], 0.0)
   assert sorted(seen) == list(range(len(stored)))
-  assert any(len(clip) > max_frames for clip in stored.values())  # One clip was cropped,
-  assert any(len(clip) < max_frames for clip in stored.values())  # one padded.
+  assert len(buckets) > 1
+
+
+def test_padded_frames_are_few_lengths_with_little_padding():
+  lengths = np.arange(1, 40_000)
+  padded = np.array([input_pipeline.padded_frames(int(n)) for n in lengths])
+  assert (padded >= lengths).all()
+  assert (padded <= np.maximum(1.25 * lengths, input_pipeline.MIN_PADDED_FRAMES)).all()
+  assert (np.diff(padded) >= 0).all()
+  # Four lengths per octave: 30 s Clotho clips (1500-3001 frames) share 5 lengths.
+  assert len(set(padded[1499:3001])) == 5
+  assert input_pipeline.padded_frames(1001) == 1024 and input_pipeline.padded_frames(3001) == 3072
+
+
+def test_eval_clip_longer_than_the_tower_supports_is_an_error(builder):
+  longest = int(input_pipeline.eval_clip_frames(builder, "development").max())
+  with pytest.raises(ValueError, match=r"split development: 1 clips are longer than the 300 frames .*'d0\.wav'"):
+    input_pipeline.eval_clip_batches(builder, "development", batch_size=2, max_frames=longest - 1)
+  assert longest == 301
+
+
+def test_training_and_evaluation_tokenize_the_same_text(builder):
+  """Token ids of real training batches (what tf.data hands over: bytes) equal those of the evaluation path for
+  the same (clip, caption) pairs, quotes, punctuation and non-ASCII captions included."""
+  from atr_jax.models.bert import minilm_dir
+  from atr_jax.tokenization import CaptionTokenizer, load_tokenizer
+  tokenize = CaptionTokenizer(load_tokenizer(minilm_dir()), max_len=24, cleaning="reference")
+  captions, clip_ids, _ = input_pipeline.eval_captions(builder, "development")
+  assert {SPECIAL_CAPTIONS["d1.wav"], SPECIAL_CAPTIONS["d5.wav"]} <= set(captions)
+  expected = collections.Counter(zip(clip_ids.tolist(), map(tuple, tokenize(captions)["input_ids"].tolist())))
+  batches = list(input_pipeline.process_train_batches(
+      [(builder, "development")], global_batch_size=8, num_shards=1, process_index=0, process_count=1,
+      max_frames=MAX_FRAMES, seed=3, epoch=0))
+  trained = collections.Counter((int(clip_id), tuple(ids)) for batch in batches
+                                for clip_id, ids in zip(batch["clip_id"], tokenize(batch["caption"])["input_ids"]))
+  assert isinstance(batches[0]["caption"][0], bytes)
+  assert sum(trained.values()) == sum(expected.values()) == 40
+  assert trained == expected
+  ids = tokenize([SPECIAL_CAPTIONS["d5.wav"]])["input_ids"][0]
+  # The cleaned text (lower case, ':' and '!' removed), accents stripped by the uncased tokenizer.
+  assert load_tokenizer(minilm_dir()).decode(ids, skip_special_tokens=True) == "a cafe ' s naive facade “ smart ” quotes"
 
 
 def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypatch):

@@ -30,7 +30,6 @@ def tiny_config(tmp_path):
   config.data.data_dir = str(tmp_path / "prepared")
   config.data.synthetic.update(num_development=24, num_validation=8, num_evaluation=8, duration_s=1.5)
   config.data.train_max_frames = 128
-  config.data.eval_max_frames = 201
   config.model.audio.channels = (4, 4, 8, 8, 16, 16)
   config.model.text.model_dir = _tiny_text_model(tmp_path / "tiny_bert")
   config.model.text.pretrained = False

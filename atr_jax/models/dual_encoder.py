@@ -22,6 +22,8 @@ from atr_jax.models.resnet38 import ResNet38
 from atr_jax.sharding import place_like
 
 AUDIO_ARCHS = ('cnn14', 'resnet38')
+# Longest input (frames) each audio tower embeds whole; None: any length (the PANNs towers mask their padding).
+AUDIO_MAX_FRAMES = {'cnn14': None, 'resnet38': None}
 TEXT_POOLINGS = ('cls', 'mean')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _NORM_EPSILON = 1e-12
