@@ -26,12 +26,14 @@ class SplitEmbeddings:
 
 
 class Embedder:
-  """Jitted, mesh-sharded embedding of audio and caption batches with fixed shapes."""
+  """Jitted, mesh-sharded embedding of audio and caption batches. `variable_shardings`: the shardings of the
+  model variables it will be given ({'params', 'batch_stats'} trees, e.g. FSDP ones), or one sharding for all
+  (default: replicated over the mesh)."""
 
-  def __init__(self, model, mesh):
+  def __init__(self, model, mesh, variable_shardings=None):
     self._mesh = mesh
     batch = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
+    variables = sharding.replicated(mesh) if variable_shardings is None else variable_shardings
 
     def embed_audio(variables, log_mel, frame_mask):
       return model.apply(variables, log_mel, frame_mask, train=False, method="embed_audio")
@@ -39,8 +41,8 @@ class Embedder:
     def embed_text(variables, input_ids, attention_mask):
       return model.apply(variables, input_ids, attention_mask, train=False, method="embed_text")
 
-    self._audio = jax.jit(embed_audio, in_shardings=(replicated, batch, batch), out_shardings=batch)
-    self._text = jax.jit(embed_text, in_shardings=(replicated, batch, batch), out_shardings=batch)
+    self._audio = jax.jit(embed_audio, in_shardings=(variables, batch, batch), out_shardings=batch)
+    self._text = jax.jit(embed_text, in_shardings=(variables, batch, batch), out_shardings=batch)
 
   def audio(self, variables, local_batch: dict) -> np.ndarray:
     batch = sharding.global_batch({k: local_batch[k] for k in ("log_mel", "frame_mask")}, self._mesh)

@@ -139,10 +139,13 @@ class _Setup:
     self.init_rng = jax.random.key(config.seed, impl="rbg")
     self.train_rng = jax.random.key(config.seed)
     self.manager = checkpointing.create_manager(self.workdir, config.eval.selection_metric)
-    self.embedder = evaluation.Embedder(self.model, self.mesh)
+    self.embedder = None  # Made by `fresh_state`, for the state's shardings.
 
   def fresh_state(self):
-    return create_train_state(self.config, self.model, self.tx, self.mesh, self.init_rng)
+    state, shardings = create_train_state(self.config, self.model, self.tx, self.mesh, self.init_rng)
+    self.embedder = evaluation.Embedder(self.model, self.mesh, {"params": shardings.params["model"],
+                                                                "batch_stats": shardings.batch_stats})
+    return state, shardings
 
   def restore(self, step: int, state, shardings):
     abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)

@@ -2,7 +2,7 @@
 that every PANNs tower shares (ResNet38 imports them from here).
 
 Owns: `Cnn14` (log-mel (B, T, 64) + frame mask -> clip embedding (B, channels[-1])), `ConvBlock`, `Conv3x3`
-(`same_conv`), `BatchNorm`, `dropout`, the masked helpers (`log_mel_stem`, `masked_avg_pool`, `mask_frames`,
+(`conv_same`: `same_conv` on CPU), `BatchNorm`, `dropout`, the masked helpers (`log_mel_stem`, `masked_avg_pool`, `mask_frames`,
 `batch_norm`, `clip_embedding`) and the pure `spec_augment`.
 Layout is NHWC with H = time and W = mel, so a PyTorch PANNs state_dict maps onto the parameter names (bn0,
 conv_block{1..6}/{conv1,bn1,conv2,bn2}) one to one.
@@ -137,7 +137,8 @@ def _correlate(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 NHWC convolution (cross-correlation) with an odd-sized HWIO kernel and 'same' zero padding.
 
-    The function of `lax.conv_general_dilated`, with a cheaper backward pass on XLA CPU:
+    The function of `lax.conv_general_dilated`, with a cheaper backward pass on XLA CPU (used on CPU only, see
+    `conv_same`):
     - the input gradient needs the kernel with its taps reversed and its in/out features swapped, which XLA emits
       as one reverse-transpose copy ~5x slower than reversing the taps (contiguous blocks) and then transposing, as
       done here;
@@ -189,7 +190,7 @@ same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
 class Conv3x3(nn.Module):
-    """3x3 convolution, stride 1, zero padding 1, no bias, NHWC (`same_conv`); parameter 'kernel' (3, 3, in, out)
+    """3x3 convolution, stride 1, zero padding 1, no bias, NHWC (`conv_same`); parameter 'kernel' (3, 3, in, out)
     as nn.Conv."""
     features: int
     dtype: jnp.dtype = jnp.float32
@@ -198,7 +199,13 @@ class Conv3x3(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param('kernel', nn.initializers.xavier_uniform(), (3, 3, x.shape[-1], self.features),
                             jnp.float32)
-        return same_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+        return conv_same(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 'same' convolution by backend: `same_conv` (gradients tuned for XLA CPU) on the CPU, plain
+    `lax.conv_general_dilated` (XLA's own gradients, which cuDNN and the GPU/TPU fusions are tuned for) elsewhere."""
+    return same_conv(x, kernel) if jax.default_backend() == 'cpu' else _correlate(x, kernel)
 
 
 def conv3x3(features: int, dtype, name: str) -> Conv3x3:
