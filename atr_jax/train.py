@@ -23,20 +23,22 @@ from clu import metric_writers
 from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
+from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
 from atr_jax.models.dual_encoder import AUDIO_MAX_FRAMES, build_model
 from data_pipelines import datasets, input_pipeline
 
 CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
 
 
-def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng):
-  """Training-mode embeddings of `batch` and the updated BatchNorm statistics."""
+def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, collection: str = "batch_stats"):
+  """Training-mode embeddings of `batch` and the new value of the mutable `collection`: the updated BatchNorm
+  running statistics, or with BATCH_MOMENTS each BatchNorm layer's batch moments (running statistics unchanged)."""
   dropout_rng, augment_rng = jax.random.split(rng)
   (audio_emb, text_emb), updates = state.apply_fn(
       {"params": model_params, "batch_stats": batch_stats}, batch["log_mel"], batch["frame_mask"],
-      batch["input_ids"], batch["attention_mask"], train=True, mutable=["batch_stats"],
+      batch["input_ids"], batch["attention_mask"], train=True, mutable=[collection],
       rngs={"dropout": dropout_rng, "augment": augment_rng})
-  return (audio_emb, text_emb), updates["batch_stats"]
+  return (audio_emb, text_emb), updates.get(collection, {})
 
 
 def _split_micro_batches(x: jax.Array, accum_steps: int, num_shards: int) -> jax.Array:
@@ -59,9 +61,11 @@ def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps:
 
   Pass 1 computes every micro-batch's embeddings without gradients; the loss and its gradient with respect to the
   embeddings are taken on the whole batch; pass 2 recomputes each micro-batch's forward pass and back-propagates
-  its slice of those embedding gradients, summing the parameter gradients. Both passes use the same random keys, so
-  the result equals the one-batch gradient up to rounding, except that BatchNorm normalises each micro-batch with
-  its own statistics. BatchNorm running statistics are updated once per micro-batch, in order.
+  its slice of those embedding gradients, summing the parameter gradients. Both passes give a micro-batch the same
+  random keys, so the gradients are those of the loss of the whole batch when each micro-batch runs the model apart:
+  the one-batch gradient up to rounding, except that BatchNorm normalises each micro-batch by its own moments (and
+  micro-batches draw different dropout and SpecAugment bits than one batch would). BatchNorm running statistics take
+  one momentum update per step, from each layer's moments pooled over all micro-batches (`update_running_statistics`).
   """
   params = state.params
   micro = jax.tree.map(lambda x: _split_micro_batches(x, accum_steps, num_shards), batch)
@@ -69,25 +73,24 @@ def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps:
 
   def embed(_, inputs):
     micro_batch, micro_rng = inputs
-    embeddings, _ = _forward(state, params["model"], state.batch_stats, micro_batch, micro_rng)
-    return None, embeddings
+    return None, _forward(state, params["model"], state.batch_stats, micro_batch, micro_rng, BATCH_MOMENTS)
 
-  _, (audio_emb, text_emb) = jax.lax.scan(embed, None, (micro, rngs))
+  _, ((audio_emb, text_emb), moments) = jax.lax.scan(embed, None, (micro, rngs))
   audio_emb, text_emb = (_join_micro_batches(jax.lax.stop_gradient(e), num_shards) for e in (audio_emb, text_emb))
   loss, (audio_grad, text_grad, loss_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1, 3))(
       audio_emb, text_emb, batch["clip_id"], params["loss"])
   embedding_grads = tuple(_split_micro_batches(g, accum_steps, num_shards) for g in (audio_grad, text_grad))
 
-  def backprop(carry, inputs):
-    grads, batch_stats = carry
+  def backprop(grads, inputs):
     micro_batch, micro_rng, micro_grads = inputs
-    _, pullback, new_batch_stats = jax.vjp(
-        lambda p: _forward(state, p, batch_stats, micro_batch, micro_rng), params["model"], has_aux=True)
+    _, pullback, _ = jax.vjp(lambda p: _forward(state, p, state.batch_stats, micro_batch, micro_rng, BATCH_MOMENTS),
+                             params["model"], has_aux=True)
     (model_grads,) = pullback(micro_grads)
-    return (jax.tree.map(jnp.add, grads, model_grads), new_batch_stats), None
+    return jax.tree.map(jnp.add, grads, model_grads), None
 
   zeros = jax.tree.map(jnp.zeros_like, params["model"])
-  (model_grads, batch_stats), _ = jax.lax.scan(backprop, (zeros, state.batch_stats), (micro, rngs, embedding_grads))
+  model_grads, _ = jax.lax.scan(backprop, zeros, (micro, rngs, embedding_grads))
+  batch_stats = update_running_statistics(state.batch_stats, moments)
   return loss, {"model": model_grads, "loss": loss_grads}, batch_stats
 
 

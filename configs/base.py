@@ -109,8 +109,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # at most this many steps; it resumes exactly (same data order and random streams).
   config.train.checkpoint_every_steps = 500
   # Micro-batches per step: the global batch's embeddings are computed in pieces and the contrastive loss still sees
-  # the whole global batch (gradient caching), so the step equals one big batch up to rounding (BatchNorm statistics
-  # are per micro-batch). Must divide global_batch_size / device_count.
+  # the whole global batch (gradient caching). Equal to one big batch up to rounding except that BatchNorm normalises
+  # each micro-batch by its own statistics (running statistics: one update per step from the pooled moments) and
+  # dropout/SpecAugment bits are drawn per micro-batch; see README. Must divide global_batch_size / device_count.
   config.train.grad_accum_steps = 1
   # "replicated" (pure data parallelism) or "fsdp" (parameters and Adam state sharded over the data axis along their
   # largest divisible dimension; for large text towers such as RoBERTa-large).

@@ -2,8 +2,8 @@
 that every PANNs tower shares (ResNet38 imports them from here).
 
 Owns: `Cnn14` (log-mel (B, T, 64) + frame mask -> clip embedding (B, channels[-1])), `ConvBlock`, `Conv3x3`
-(`conv_same`: `same_conv` on CPU), `BatchNorm`, `dropout`, the masked helpers (`log_mel_stem`, `masked_avg_pool`, `mask_frames`,
-`batch_norm`, `clip_embedding`) and the pure `spec_augment`.
+(`conv_same`: `same_conv` on CPU), `BatchNorm` (with `update_running_statistics`), `dropout`, the masked helpers
+(`log_mel_stem`, `masked_avg_pool`, `mask_frames`, `batch_norm`, `clip_embedding`) and the pure `spec_augment`.
 Layout is NHWC with H = time and W = mel, so a PyTorch PANNs state_dict maps onto the parameter names (bn0,
 conv_block{1..6}/{conv1,bn1,conv2,bn2}) one to one.
 
@@ -23,6 +23,7 @@ import flax.linen as nn
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch (PyTorch momentum 0.1)
+BATCH_MOMENTS = 'batch_moments'  # Collection where training-mode BatchNorm puts its batch moments when it is mutable.
 TIME_STRIPES, TIME_MAX_WIDTH = 2, 64
 FREQ_STRIPES, FREQ_MAX_WIDTH = 2, 8
 
@@ -62,7 +63,10 @@ def spec_augment(rng: jax.Array, x: jax.Array, lengths: jax.Array | None = None)
 class BatchNorm(nn.Module):
     """BatchNorm over every axis but the last, with Flax's variable names (params scale/bias, batch_stats mean/var)
     and numerics (biased batch variance E[x^2] - E[x]^2, running = momentum * running + (1 - momentum) * batch).
-    In training, `mask` (bool, broadcastable to x, last axis 1) restricts the statistics to the True positions.
+    In training, `mask` (bool, broadcastable to x, last axis 1) restricts the statistics to the True positions,
+    and the running statistics take one momentum update from the batch moments; when the collection BATCH_MOMENTS
+    is mutable they are left alone and the moments (count, mean, mean_of_squares) are put there instead, for
+    `update_running_statistics` to combine the moments of several batches into one update.
 
     Written out rather than `nn.BatchNorm(mask=...)`, whose masked statistics materialise full-size broadcasts of
     the mask and of constants on XLA CPU: the two masked sums here read x once, in one fused reduction."""
@@ -82,25 +86,52 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
         else:
-            mean, var = _moments(x.astype(jnp.float32), mask)
-            if not self.is_initializing():
+            count, mean, mean_of_squares = _moments(x.astype(jnp.float32), mask)
+            var = _variance(mean, mean_of_squares)
+            if self.is_mutable_collection(BATCH_MOMENTS) and not self.is_initializing():
+                for name, value in (('count', count), ('mean', mean), ('mean_of_squares', mean_of_squares)):
+                    self.put_variable(BATCH_MOMENTS, name, value)
+            elif not self.is_initializing():
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
                 running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
         multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
         return (x * multiplier.astype(self.dtype) + (bias - mean * multiplier).astype(self.dtype)).astype(self.dtype)
 
 
-def _moments(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Per-channel mean and biased variance of float32 x over every axis but the last (masked positions only)."""
+def _moments(x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(count, per-channel mean, per-channel mean of squares) of float32 x over every axis but the last, over the
+    masked positions only; count is a float32 scalar."""
     axes = tuple(range(x.ndim - 1))
     if mask is None:
+        count = jnp.float32(x.size // x.shape[-1])
         mean, mean_of_squares = jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)
     else:
         weights = mask.astype(jnp.float32)
         count = jnp.sum(weights) * (x.size // (weights.size * x.shape[-1]))
         mean = jnp.sum(x * weights, axes) / count
         mean_of_squares = jnp.sum(jnp.square(x) * weights, axes) / count
-    return mean, jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+    return count, mean, mean_of_squares
+
+
+def _variance(mean: jax.Array, mean_of_squares: jax.Array) -> jax.Array:
+    """Biased variance E[x^2] - E[x]^2, clipped at 0."""
+    return jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
+
+
+def update_running_statistics(batch_stats: dict, moments: dict, momentum: float = BN_MOMENTUM) -> dict:
+    """`batch_stats` after one momentum update per BatchNorm layer from the moments it put in BATCH_MOMENTS in K
+    forward passes (leaves stacked on a leading axis of size K), pooled over all K passes' positions (weighted by
+    count): the update a single pass over their union would make from the same layer inputs. `momentum` is the
+    layers' (BN_MOMENTUM, as `batch_norm` builds them); layers without moments (run on running statistics) keep
+    their statistics."""
+    if 'count' in moments:
+        weights = moments['count'][:, None] / jnp.sum(moments['count'])
+        mean = jnp.sum(weights * moments['mean'], axis=0)
+        var = _variance(mean, jnp.sum(weights * moments['mean_of_squares'], axis=0))
+        return {'mean': momentum * batch_stats['mean'] + (1 - momentum) * mean,
+                'var': momentum * batch_stats['var'] + (1 - momentum) * var}
+    return {**batch_stats, **{name: update_running_statistics(batch_stats[name], value, momentum)
+                              for name, value in moments.items()}}
 
 
 def batch_norm(name: str, train: bool, dtype, scale_init=nn.initializers.ones) -> BatchNorm:
