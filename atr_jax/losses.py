@@ -21,8 +21,9 @@ pairs of the global batch, already divided by the global normaliser, so that the
 - unsharded: one share, the local block being the whole batch;
 - sharded (``make_loss_fn`` with a mesh): inside ``jax.shard_map`` each device L2-normalises its rows, all-gathers
   both modalities and the clip ids over the batch axis (memory O(B_local x B_global)), computes its share and the
-  shares are summed with ``psum``. Autodiff turns the all-gathers into reduce-scatters, so the value and the
-  gradients equal the unsharded computation on the same global batch.
+  shares are summed with ``psum``. Autodiff turns the all-gathers into reduce-scatters (in multi-process CPU jobs
+  into all-reduces, see ``atr_jax.collectives``), so the value and the gradients equal the unsharded computation on
+  the same global batch.
 - chunked (``chunked=True``, siglip only): a pairwise loss needs no all-gather: the caption blocks travel round the
   ring of devices (``ppermute``), each device scoring its B_local audio rows against one B_local block at a time, so
   no device holds more than B_local x B_local scores (the loop body is rematerialised in the backward pass).
@@ -43,6 +44,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from atr_jax import collectives
 
 TEMPERATURE_RANGE = (0.01, 1.0)
 DEFAULT_MARGIN = 0.2
@@ -115,7 +118,7 @@ def make_loss_fn(name: str, mesh: jax.sharding.Mesh | None, axis: str = "data", 
     n_devices = mesh.shape[axis]
 
     def gathered_share(audio, text, clip_ids, loss_params):
-        gather = lambda x: jax.lax.all_gather(x, axis, tiled=True)  # noqa: E731
+        gather = lambda x: collectives.all_gather(x, axis)  # noqa: E731
         offset = jax.lax.axis_index(axis) * audio.shape[0]
         return loss.share(_Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset),
                           loss_params, fixed)

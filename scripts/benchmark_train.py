@@ -129,7 +129,9 @@ def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
   step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=jax.random.key(1)),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  batch = sharding.global_batch(_random_batch(config), mesh)
+  rows = config.train.global_batch_size // jax.process_count()  # This process's slice of the global batch.
+  local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in _random_batch(config).items()}
+  batch = sharding.global_batch(local, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

@@ -5,6 +5,11 @@ Each process runs `python <arguments after -->` plus `--coordinator_address=127.
 --process_id=K`, with D fake CPU devices (XLA_FLAGS --xla_force_host_platform_device_count=D, the other XLA flags
 kept; JAX_PLATFORMS=cpu unless set). Output lines are prefixed with [pK]. If a process fails, the others are
 stopped and the launcher exits with its exit code; stopping the launcher (Ctrl-C, SIGTERM) stops them all.
+
+Stalls end with an error after --stall_timeout_s seconds (default: $ATR_JAX_STALL_TIMEOUT_S, else 600; 0: wait
+forever): each process gets ATR_JAX_STALL_TIMEOUT_S (atr_jax.watchdog: a training step that does not finish names
+its process and step) and, unless XLA_FLAGS already sets it, XLA's --xla_cpu_collective_timeout_seconds (any CPU
+collective, e.g. in evaluation or at the data-preparation barrier, fails with gloo's timeout).
 """
 import argparse
 import os
@@ -17,6 +22,9 @@ import threading
 import time
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
+_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
+STALL_TIMEOUT_ENV = "ATR_JAX_STALL_TIMEOUT_S"  # Read by atr_jax.watchdog (not imported here: it imports jax).
+DEFAULT_STALL_TIMEOUT_S = 600
 
 
 def free_port() -> int:
@@ -25,11 +33,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(devices_per_process: int, environ=os.environ) -> dict:
-  """`environ` with D fake CPU devices per process (other XLA flags kept)."""
+def process_env(devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S, environ=os.environ) -> dict:
+  """`environ` with D fake CPU devices per process (other XLA flags kept) and the stall timeouts (module
+  docstring)."""
   flags = _DEVICE_COUNT_FLAG.sub("", environ.get("XLA_FLAGS", "")).split()
+  flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
+  if stall_timeout_s > 0 and not any(flag.startswith(_COLLECTIVE_TIMEOUT_FLAG) for flag in flags):
+    flags.append(f"{_COLLECTIVE_TIMEOUT_FLAG}={stall_timeout_s}")
   env = dict(environ)
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+  env["XLA_FLAGS"] = " ".join(flags)
+  env[STALL_TIMEOUT_ENV] = str(stall_timeout_s)
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"  # Lines reach the prefixer as they are printed.
   return env
@@ -51,14 +64,17 @@ def _stop(processes: list[subprocess.Popen]) -> None:
     process.wait()
 
 
-def launch(command: list[str], num_processes: int, devices_per_process: int) -> int:
+def launch(command: list[str], num_processes: int, devices_per_process: int,
+           stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S) -> int:
   """Runs `python command...` as `num_processes` coordinated processes; returns 0 or the first failure's code."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"--num_processes={num_processes} and --devices_per_process={devices_per_process} must be >= 1")
+  if stall_timeout_s < 0:
+    raise ValueError(f"--stall_timeout_s={stall_timeout_s} must be >= 0 (0: no timeout)")
   if not command:
     raise ValueError("nothing to run: give the Python arguments after --, e.g. -- -m atr_jax.main --config ...")
   coordinator = f"127.0.0.1:{free_port()}"
-  env = process_env(devices_per_process)
+  env = process_env(devices_per_process, stall_timeout_s)
   lock = threading.Lock()
   processes, relays = [], []
   for process_id in range(num_processes):
@@ -99,11 +115,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--devices_per_process", type=int, default=1, help="fake CPU devices per process")
+  parser.add_argument("--stall_timeout_s", type=int,
+                      default=int(os.environ.get(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S)),
+                      help="a training step or CPU collective stalled this long ends its process with an error "
+                           "naming it (0: wait forever)")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the arguments of python")
   args = parser.parse_args()
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
   try:
-    sys.exit(launch(command, args.num_processes, args.devices_per_process))
+    sys.exit(launch(command, args.num_processes, args.devices_per_process, args.stall_timeout_s))
   except ValueError as e:
     parser.error(str(e))
 

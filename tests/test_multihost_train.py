@@ -1,12 +1,15 @@
 """Multi-host training through scripts/launch_local.py: 2 processes x 2 fake CPU devices train step for step as
 1 process x 4 devices (same global batches through a fixed data.num_input_shards), across a checkpoint save and a
-resume of the 2-process job. Also: the launcher's failure handling and atr_jax.distributed's launch detection and
-flag checks."""
+resume of the 2-process job; 2 processes x 2 devices train a model of the demo's size step by step without stalling.
+Also: the launcher's failure and stall handling and atr_jax.distributed's launch detection and flag checks."""
 import glob
 import json
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -110,6 +113,108 @@ def test_two_processes_train_and_resume_as_one(tmp_path):
     assert json.load(f)["checkpoint_step"] in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)  # Tested at the end.
 
 
+DEMO_SIZE_STEPS = 20
+FIRST_STEP_TIMEOUT_S = 480  # Start-up, data, initialisation and compilation of both processes on 2 cores.
+STEP_TIMEOUT_S = 60  # A demo-size step takes ~1-2 s; a stalled gradient all-reduce took ~70 s per step (issue 18).
+DEMO_SIZE_RUN_TIMEOUT_S = 900
+_STEP_LINE = re.compile(r"^\[p(\d+)\] .*\bstep (\d+)/(\d+) epoch")
+
+
+def _demo_size_config(tmp_path) -> str:
+  """A config file for main.py: the demo's model (MiniLM + the demo's narrow CNN14, gradients of its size) on a
+  shrunk synthetic dataset: DEMO_SIZE_STEPS steps of 8 short clips, one per process and step logged."""
+  from configs import demo
+  from data_pipelines import datasets
+  config = demo.get_config()
+  config.data.raw_dir = str(tmp_path / "raw")
+  config.data.data_dir = str(tmp_path / "prepared")
+  config.data.synthetic.update(num_development=DEMO_SIZE_STEPS * 8 // 5, num_validation=4, num_evaluation=4,
+                               duration_s=1.5)
+  config.data.train_max_frames = 64  # Random crops; evaluation embeds the whole clips.
+  config.data.num_input_shards = NUM_INPUT_SHARDS
+  config.train.global_batch_size = 8
+  config.train.num_epochs = 1
+  config.train.log_every_steps = 1  # Every step is logged, hence finished before the next one starts.
+  config.eval.batch_size = 8
+  config.eval.num_retrieval_examples = 0
+  datasets.prepare_builder(config.data)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  path = tmp_path / "demo_size_config.py"
+  path.write_text("import json\n\nimport ml_collections\n\n\ndef get_config():\n"
+                  f"  with open({str(tmp_path / 'config.json')!r}) as f:\n"
+                  "    return ml_collections.ConfigDict(json.load(f))\n")
+  return str(path)
+
+
+def _parameter_count(config_path: str) -> int:
+  import importlib.util
+  from atr_jax.models.dual_encoder import build_model
+  spec = importlib.util.spec_from_file_location("demo_size_config", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  frames, tokens = config.data.train_max_frames, config.model.text.max_len
+  inputs = (np.zeros((1, frames, 64), np.float32), np.ones((1, frames), bool), np.zeros((1, tokens), np.int32),
+            np.ones((1, tokens), np.int32))
+  variables = jax.eval_shape(lambda: build_model(config.model).init(jax.random.key(0), *inputs, train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+def _watched_launch(command: list[str], env: dict, total_steps: int) -> tuple[int, str]:
+  """Runs the launcher, following each process's logged steps; stops the job and fails, naming the process and the
+  step, when a process's first step takes over FIRST_STEP_TIMEOUT_S or a later one over STEP_TIMEOUT_S (or the run
+  over DEMO_SIZE_RUN_TIMEOUT_S)."""
+  launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+  lines = queue.Queue()
+  reader = threading.Thread(target=lambda: [lines.put(line) for line in launcher.stdout], daemon=True)
+  reader.start()
+  start = time.monotonic()
+  output, last_step, since = [], {0: 0, 1: 0}, {0: start, 1: start}
+  while launcher.poll() is None or not lines.empty():
+    try:
+      line = lines.get(timeout=1)
+      output.append(line)
+      if match := _STEP_LINE.match(line):
+        process, step = int(match[1]), int(match[2])
+        last_step[process], since[process] = step, time.monotonic()
+    except queue.Empty:
+      pass
+    for process, step in last_step.items():
+      limit = FIRST_STEP_TIMEOUT_S if step == 0 else STEP_TIMEOUT_S
+      if step < total_steps and time.monotonic() - since[process] > limit and launcher.poll() is None:
+        launcher.terminate()  # The launcher stops its processes.
+        launcher.wait()
+        pytest.fail(f"stalled: process {process} did not finish step {step + 1} within {limit} s of "
+                    f"{'its start' if step == 0 else f'step {step}'} (steps per process: {last_step}):\n"
+                    + "".join(output)[-6000:])
+    if time.monotonic() - start > DEMO_SIZE_RUN_TIMEOUT_S and launcher.poll() is None:
+      launcher.terminate()
+      launcher.wait()
+      pytest.fail(f"the run took over {DEMO_SIZE_RUN_TIMEOUT_S} s (steps per process: {last_step}):\n"
+                  + "".join(output)[-6000:])
+  reader.join(timeout=5)
+  return launcher.returncode, "".join(output)
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_a_demo_size_model_without_stalling(tmp_path):
+  config_path = _demo_size_config(tmp_path)
+  assert _parameter_count(config_path) > 20e6  # The demo's model, not a shrunk one: its gradients are ~100 MB.
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "scripts.launch_local", "--num_processes=2", "--devices_per_process=2",
+             f"--stall_timeout_s={STEP_TIMEOUT_S}", "--", "-m", "atr_jax.main", "--config", config_path,
+             "--workdir", workdir]
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # Not for multi-process CPU.
+  returncode, output = _watched_launch(command, {**env, "PYTHONPATH": REPO}, DEMO_SIZE_STEPS)
+  assert returncode == 0, output[-6000:]
+  assert "jax.distributed: process 1 of 2; 2 local devices of 4 global" in output
+  losses = _scalars(workdir, "train/loss")
+  assert sorted(losses) == list(range(1, DEMO_SIZE_STEPS + 1))
+  assert np.all(np.isfinite(list(losses.values()))) and np.ptp(list(losses.values())) > 1e-3
+  assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
 def test_launcher_stops_the_job_when_one_process_fails():
   program = ("import sys, time\n"
              "process_id = int(next(a for a in sys.argv if a.startswith('--process_id=')).split('=')[1])\n"
@@ -147,7 +252,7 @@ def test_a_failing_process_ends_the_job_at_once():
 
 def test_launcher_gives_each_process_its_devices_and_coordinator_flags():
   program = ("import os, sys\n"
-             "print(os.environ['XLA_FLAGS'], *sys.argv[1:], flush=True)\n")
+             "print(os.environ['XLA_FLAGS'], os.environ['ATR_JAX_STALL_TIMEOUT_S'], *sys.argv[1:], flush=True)\n")
   env_flags = os.environ.get("XLA_FLAGS", "")
   result = _launch(3, 5, "-c", program)
   assert result.returncode == 0, result.stderr
@@ -160,9 +265,37 @@ def test_launcher_gives_each_process_its_devices_and_coordinator_flags():
     assert words.count("--xla_force_host_platform_device_count=5") == 1
     assert not any(w.startswith("--xla_force_host_platform_device_count=") and not w.endswith("=5") for w in words)
     assert {w for w in env_flags.split() if "device_count" not in w} <= set(words)  # Other XLA flags kept.
+    assert "--xla_cpu_collective_timeout_seconds=600" in words and "600" in words  # The default stall timeouts.
     assert "--num_processes=3" in words and f"--process_id={process_id}" in words
     ports |= {w for w in words if w.startswith("--coordinator_address=127.0.0.1:")}
   assert len(ports) == 1  # Every process gets the same coordinator.
+
+
+@pytest.mark.slow
+def test_a_stalled_collective_ends_the_job_with_a_timeout_error():
+  """Process 1 never joins process 0's collective: with --stall_timeout_s=5, process 0 fails with gloo's timeout
+  (XLA's --xla_cpu_collective_timeout_seconds set by the launcher) and the launcher stops the job."""
+  program = ("import sys, time\n"
+             "import jax\n"
+             "from jax.experimental import multihost_utils\n"
+             "from atr_jax import distributed\n"
+             "flags = dict(arg[2:].split('=') for arg in sys.argv[1:])\n"
+             "distributed.maybe_initialize(flags['coordinator_address'], int(flags['num_processes']),\n"
+             "                             int(flags['process_id']))\n"
+             "with distributed.exit_fast_on_failure():\n"
+             "  multihost_utils.sync_global_devices('both arrive')\n"
+             "  if jax.process_index() == 1:\n"
+             "    time.sleep(120)\n"
+             "  multihost_utils.sync_global_devices('process 1 never arrives')\n")
+  start = time.monotonic()
+  command = [sys.executable, "-m", "scripts.launch_local", "--num_processes=2", "--stall_timeout_s=5", "--", "-c",
+             program]
+  result = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+  assert time.monotonic() - start < 90, "the stalled collective did not time out"
+  assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+  assert "process 0 exited with code 1" in result.stderr, result.stdout[-3000:] + result.stderr
+  assert "Timed out waiting 5000ms" in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.parametrize("environ, expected", [
