@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization
+from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization, watchdog
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
@@ -224,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "micro-batches)", config.train.num_epochs, setup.steps_per_epoch, config.train.global_batch_size,
                jax.device_count(), jax.process_count(), setup.num_input_shards, setup.accum_steps)
   progress = _Progress(total_steps, step)
+  stall_watchdog = watchdog.StepWatchdog.for_this_job()  # Multi-process: a stalled step ends with an error.
   for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):
     for local in setup.train_batches(epoch, skip_batches=step - epoch * setup.steps_per_epoch):
       tokens = setup.tokenize(local["caption"])
@@ -231,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      "clip_id": local["clip_id"], **tokens}, setup.mesh)
       state, metrics = step_fn(state, batch)
       step += 1
+      stall_watchdog.dispatched(step, metrics)
       if step == progress.first_step + 1:
         progress.restart_clock(step)  # Rates and ETA leave out the compilation of the first step.
       epoch_end = step % setup.steps_per_epoch == 0

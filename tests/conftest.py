@@ -14,3 +14,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="atr_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+  """(config, workdir) of one tiny run trained for 2 epochs, shared by the tests that need a trained workdir
+  (treat it as read-only: copy the workdir to change it)."""
+  from tiny_run import tiny_config
+
+  from atr_jax import train
+  tmp_path = tmp_path_factory.mktemp("tiny_trained")
+  config = tiny_config(tmp_path)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  return config, workdir

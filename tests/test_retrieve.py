@@ -8,20 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_run import tiny_config
-
-from atr_jax import retrieve, train
+from atr_jax import retrieve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp("retrieve")
-  config = tiny_config(tmp_path)
-  config.train.num_epochs = 1
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+def trained(tiny_trained):
+  config, workdir = tiny_trained
   return workdir, config.data.raw_dir
 
 
