@@ -33,9 +33,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S, environ=os.environ) -> dict:
+def process_env(num_processes: int, devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S,
+                environ=os.environ) -> dict:
   """`environ` with D fake CPU devices per process (other XLA flags kept) and the stall timeouts (module
-  docstring)."""
+  docstring); without JAX's persistent compilation cache when there are several processes: only process 0 writes
+  it and its keys differ per process, so on a rerun process 0 races ahead and gloo's 30 s setup deadline fails the
+  first collective."""
   flags = _DEVICE_COUNT_FLAG.sub("", environ.get("XLA_FLAGS", "")).split()
   flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
   if stall_timeout_s > 0 and not any(flag.startswith(_COLLECTIVE_TIMEOUT_FLAG) for flag in flags):
@@ -44,6 +47,8 @@ def process_env(devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_T
   env["XLA_FLAGS"] = " ".join(flags)
   env[STALL_TIMEOUT_ENV] = str(stall_timeout_s)
   env.setdefault("JAX_PLATFORMS", "cpu")
+  if num_processes > 1 and env.pop("JAX_COMPILATION_CACHE_DIR", None):
+    print("launch_local: JAX_COMPILATION_CACHE_DIR is not passed to the processes (multi-process CPU)", flush=True)
   env["PYTHONUNBUFFERED"] = "1"  # Lines reach the prefixer as they are printed.
   return env
 
@@ -74,7 +79,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
   if not command:
     raise ValueError("nothing to run: give the Python arguments after --, e.g. -- -m atr_jax.main --config ...")
   coordinator = f"127.0.0.1:{free_port()}"
-  env = process_env(devices_per_process, stall_timeout_s)
+  env = process_env(num_processes, devices_per_process, stall_timeout_s)
   lock = threading.Lock()
   processes, relays = [], []
   for process_id in range(num_processes):

@@ -87,7 +87,16 @@ def test_batch_norm_training_matches_torch_float64(masked):
     np.testing.assert_allclose(dparams['bias'], bias_t.grad.numpy(), rtol=1e-4, atol=1e-4)
     stats = updates['batch_stats']
     np.testing.assert_allclose(stats['mean'], 0.9 * running['mean'] + 0.1 * mean_t.detach().numpy(), rtol=1e-5)
-    np.testing.assert_allclose(stats['var'], 0.9 * running['var'] + 0.1 * var_t.detach().numpy(), rtol=1e-5)
+    count = valid[..., 0].sum()
+    np.testing.assert_allclose(stats['var'], 0.9 * running['var'] + 0.1 * var_t.detach().numpy() * count / (count - 1),
+                               rtol=1e-5)
+    if not masked:  # PyTorch's own BatchNorm2d: its running variance is the unbiased one.
+        torch_bn = torch.nn.BatchNorm2d(4, eps=BN_EPSILON, momentum=0.1).double().train()
+        torch_bn.running_mean.copy_(torch.tensor(running['mean'], dtype=torch.float64))
+        torch_bn.running_var.copy_(torch.tensor(running['var'], dtype=torch.float64))
+        torch_bn(torch.tensor(x, dtype=torch.float64).permute(0, 3, 1, 2))
+        np.testing.assert_allclose(stats['mean'], torch_bn.running_mean.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(stats['var'], torch_bn.running_var.numpy(), rtol=1e-5)
 
 
 def test_batch_norm_eval_uses_running_statistics():

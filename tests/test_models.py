@@ -159,7 +159,7 @@ def test_cnn14_batch_norm_running_stats_use_valid_frames_and_momentum_0_9(cnn_va
     valid = log_mel.astype(np.float64)[frame_mask]  # (valid frames, mel): padded frames are not counted
     old, new = cnn_variables['batch_stats']['bn0'], batch_stats['bn0']
     np.testing.assert_allclose(new['mean'], 0.9 * np.asarray(old['mean']) + 0.1 * valid.mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(new['var'], 0.9 * np.asarray(old['var']) + 0.1 * valid.var(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(new['var'], 0.9 * np.asarray(old['var']) + 0.1 * valid.var(axis=0, ddof=1), rtol=1e-4)
     for index in range(1, 7):  # every block's statistics moved
         old, new = (stats[f'conv_block{index}']['bn2'] for stats in (cnn_variables['batch_stats'], batch_stats))
         assert np.abs(np.asarray(new['mean']) - np.asarray(old['mean'])).max() > 1e-6

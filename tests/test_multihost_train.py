@@ -205,8 +205,7 @@ def test_two_processes_of_two_devices_train_a_demo_size_model_without_stalling(t
   command = [sys.executable, "-m", "scripts.launch_local", "--num_processes=2", "--devices_per_process=2",
              f"--stall_timeout_s={STEP_TIMEOUT_S}", "--", "-m", "atr_jax.main", "--config", config_path,
              "--workdir", workdir]
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # Not for multi-process CPU.
-  returncode, output = _watched_launch(command, {**env, "PYTHONPATH": REPO}, DEMO_SIZE_STEPS)
+  returncode, output = _watched_launch(command, {**os.environ, "PYTHONPATH": REPO}, DEMO_SIZE_STEPS)
   assert returncode == 0, output[-6000:]
   assert "jax.distributed: process 1 of 2; 2 local devices of 4 global" in output
   losses = _scalars(workdir, "train/loss")
@@ -252,8 +251,10 @@ def test_a_failing_process_ends_the_job_at_once():
 
 def test_launcher_gives_each_process_its_devices_and_coordinator_flags():
   program = ("import os, sys\n"
-             "print(os.environ['XLA_FLAGS'], os.environ['ATR_JAX_STALL_TIMEOUT_S'], *sys.argv[1:], flush=True)\n")
+             "print(os.environ['XLA_FLAGS'], os.environ['ATR_JAX_STALL_TIMEOUT_S'],\n"
+             "      os.environ.get('JAX_COMPILATION_CACHE_DIR', 'no-compilation-cache'), *sys.argv[1:], flush=True)\n")
   env_flags = os.environ.get("XLA_FLAGS", "")
+  assert os.environ["JAX_COMPILATION_CACHE_DIR"]  # conftest's: the launcher keeps it from the processes.
   result = _launch(3, 5, "-c", program)
   assert result.returncode == 0, result.stderr
   lines = sorted(line for line in result.stdout.splitlines() if line.startswith("[p"))
@@ -267,6 +268,7 @@ def test_launcher_gives_each_process_its_devices_and_coordinator_flags():
     assert {w for w in env_flags.split() if "device_count" not in w} <= set(words)  # Other XLA flags kept.
     assert "--xla_cpu_collective_timeout_seconds=600" in words and "600" in words  # The default stall timeouts.
     assert "--num_processes=3" in words and f"--process_id={process_id}" in words
+    assert "no-compilation-cache" in words
     ports |= {w for w in words if w.startswith("--coordinator_address=127.0.0.1:")}
   assert len(ports) == 1  # Every process gets the same coordinator.
 

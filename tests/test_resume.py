@@ -1,9 +1,8 @@
-"""Exact resume: a training run killed (SIGKILL) at a random step and restarted with the same command ends with the
-same parameters, optimizer state and test metrics as an uninterrupted run; a NaN loss stops the run with a clear
+"""Exact resume: a training run killed (SIGKILL) at fixed steps around its checkpoints (every 2 steps) and its epoch
+end, restarted each time with the same command, ends with the same parameters, optimizer state and test metrics as an uninterrupted run; a NaN loss stops the run with a clear
 message and keeps the last good checkpoint."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,6 +19,9 @@ from data_pipelines import datasets
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 24 * 5 // 16
 NUM_EPOCHS = 2
+# Killed after step 3 (one after checkpoint 2, before checkpoint 4), after step 4 (a checkpoint step, its save
+# possibly in flight), and after step 9 (past the epoch end's validation at 7 and checkpoint 8).
+KILL_STEPS = (3, 4, 9)
 
 
 def _write_config(tmp_path) -> str:
@@ -52,15 +54,18 @@ def _final_state(workdir: str):
   return manager.best_step(), checkpointing.restore_on_one_device(manager, manager.latest_step())
 
 
-def _run_killed_at(command: list, kill_step: int) -> None:
-  """Runs `command` and SIGKILLs it as soon as it logs training step `kill_step`."""
+def _run_killed_at(command: list, kill_step: int) -> str:
+  """Runs `command`, SIGKILLs it as soon as it logs training step `kill_step` and returns its output until then."""
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
   for line in process.stdout:
+    lines.append(line)
     if f"step {kill_step}/" in line:
       process.send_signal(signal.SIGKILL)
       break
   process.wait(timeout=120)
   assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_step}"
+  return "".join(lines)
 
 
 @pytest.mark.slow
@@ -70,11 +75,12 @@ def test_killed_run_resumes_exactly(tmp_path):
   uninterrupted, resumed = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
   subprocess.run(_command(config_path, uninterrupted), cwd=REPO, check=True, capture_output=True, timeout=600)
 
-  kill_step = random.Random().randint(2, NUM_EPOCHS * STEPS_PER_EPOCH - 1)
-  _run_killed_at(_command(config_path, resumed), kill_step)
+  for kill_step in KILL_STEPS:  # Each run after the first resumes from whichever checkpoint the last kill left.
+    log = _run_killed_at(_command(config_path, resumed), kill_step)
+    assert (kill_step == KILL_STEPS[0]) != ("Resuming from the checkpoint of step" in log), log[-3000:]
   restart = subprocess.run(_command(config_path, resumed), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert restart.returncode == 0, restart.stderr[-3000:]
-  assert "Resuming from the checkpoint of step" in restart.stderr, f"kill step {kill_step}"
+  assert "Resuming from the checkpoint of step" in restart.stderr, restart.stderr[-3000:]
 
   best_a, state_a = _final_state(uninterrupted)
   best_b, state_b = _final_state(resumed)
@@ -84,7 +90,7 @@ def test_killed_run_resumes_exactly(tmp_path):
   assert len(leaves_a) == len(leaves_b)
   for (path, a), b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{jax.tree_util.keystr(path)} differs "
-                                  f"after a kill at step {kill_step}")
+                                  f"after kills at steps {KILL_STEPS}")
   results = [json.load(open(os.path.join(w, "results.json"))) for w in (uninterrupted, resumed)]
   assert results[0] == results[1]
 

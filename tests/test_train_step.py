@@ -114,7 +114,7 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
   # A trainable CNN14 without dropout and SpecAugment (whose random bits no reference could share): gradient caching
   # must give the loss and gradients of the step written out per micro-batch (BatchNorm normalising each micro-batch
   # by its own moments), and running statistics after one momentum update from each layer's moments over all
-  # micro-batches' valid positions.
+  # micro-batches' valid positions (the variance unbiased over their total count, as PyTorch's).
   config.model.audio.spec_augment, config.model.audio.dropout, config.model.text.dropout = False, 0.0, 0.0
   accum_steps = 4  # 1 row per device in each micro-batch.
   mesh = sharding.create_mesh()
@@ -143,7 +143,7 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
     valid = np.broadcast_to(np.concatenate([mask for _, mask in inputs]), x.shape[:-1] + (1,))
     axes = tuple(range(x.ndim - 1))
     mean = np.sum(x * valid, axes) / valid.sum()
-    moment = mean if path[-1].key == "mean" else np.sum(np.square(x - mean) * valid, axes) / valid.sum()
+    moment = mean if path[-1].key == "mean" else np.sum(np.square(x - mean) * valid, axes) / (valid.sum() - 1)
     np.testing.assert_allclose(stat, 0.9 * np.asarray(start, np.float64) + 0.1 * moment, rtol=1e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
 

@@ -62,7 +62,8 @@ def spec_augment(rng: jax.Array, x: jax.Array, lengths: jax.Array | None = None)
 
 class BatchNorm(nn.Module):
     """BatchNorm over every axis but the last, with Flax's variable names (params scale/bias, batch_stats mean/var)
-    and numerics (biased batch variance E[x^2] - E[x]^2, running = momentum * running + (1 - momentum) * batch).
+    and PyTorch's numerics: the batch is normalised by its biased variance E[x^2] - E[x]^2, and the running
+    statistics take running = momentum * running + (1 - momentum) * batch with the unbiased variance (n / (n - 1)).
     In training, `mask` (bool, broadcastable to x, last axis 1) restricts the statistics to the True positions,
     and the running statistics take one momentum update from the batch moments; when the collection BATCH_MOMENTS
     is mutable they are left alone and the moments (count, mean, mean_of_squares) are put there instead, for
@@ -93,7 +94,7 @@ class BatchNorm(nn.Module):
                     self.put_variable(BATCH_MOMENTS, name, value)
             elif not self.is_initializing():
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * _unbiased(var, count)
         multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
         return (x * multiplier.astype(self.dtype) + (bias - mean * multiplier).astype(self.dtype)).astype(self.dtype)
 
@@ -118,6 +119,11 @@ def _variance(mean: jax.Array, mean_of_squares: jax.Array) -> jax.Array:
     return jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
 
 
+def _unbiased(var: jax.Array, count: jax.Array) -> jax.Array:
+    """The biased variance of `count` positions made unbiased, as PyTorch's running variance takes it."""
+    return var * (count / jnp.maximum(count - 1.0, 1.0))
+
+
 def update_running_statistics(batch_stats: dict, moments: dict, momentum: float = BN_MOMENTUM) -> dict:
     """`batch_stats` after one momentum update per BatchNorm layer from the moments it put in BATCH_MOMENTS in K
     forward passes (leaves stacked on a leading axis of size K), pooled over all K passes' positions (weighted by
@@ -128,6 +134,7 @@ def update_running_statistics(batch_stats: dict, moments: dict, momentum: float 
         weights = moments['count'][:, None] / jnp.sum(moments['count'])
         mean = jnp.sum(weights * moments['mean'], axis=0)
         var = _variance(mean, jnp.sum(weights * moments['mean_of_squares'], axis=0))
+        var = _unbiased(var, jnp.sum(moments['count']))
         return {'mean': momentum * batch_stats['mean'] + (1 - momentum) * mean,
                 'var': momentum * batch_stats['var'] + (1 - momentum) * var}
     return {**batch_stats, **{name: update_running_statistics(batch_stats[name], value, momentum)
