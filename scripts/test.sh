@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-python -m pytest -q tests "$@"
+python -m pytest -q tests --durations=15 "$@"  # The 15 slowest stay visible.

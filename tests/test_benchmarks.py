@@ -60,6 +60,7 @@ def _torch_weights_as_ours(model: torch_reference.DualEncoder, text_dir: str, li
     return params, {"audio": audio["batch_stats"]}
 
 
+@pytest.mark.slow
 def test_torch_reference_step_matches_ours_on_the_same_weights(tmp_path):
     config = _tiny_config(_tiny_bert_dir(tmp_path / "bert"))
     torch.manual_seed(0)

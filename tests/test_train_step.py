@@ -110,6 +110,7 @@ def _per_micro_batch_reference(apply_fn, params, batch_stats, batch: dict, loss_
   return loss_fn(audio, text, batch["clip_id"], params["loss"]), inputs
 
 
+@pytest.mark.slow
 def test_micro_batches_equal_per_micro_batch_reference(config):
   # A trainable CNN14 without dropout and SpecAugment (whose random bits no reference could share): gradient caching
   # must give the loss and gradients of the step written out per micro-batch (BatchNorm normalising each micro-batch
@@ -148,6 +149,7 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_fsdp_equals_replicated_and_shards_large_arrays(config):
   replicated, replicated_losses = _baseline(config)
   config.train.param_sharding = "fsdp"
@@ -163,6 +165,7 @@ def test_fsdp_equals_replicated_and_shards_large_arrays(config):
   assert adam_mu and all(x.sharding == big.sharding for x in adam_mu)
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing(config):
   plain, plain_losses = _baseline(config)
   config.model.remat = True
@@ -172,6 +175,7 @@ def test_remat_changes_nothing(config):
   _assert_trees_close(remat.params, plain.params, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(config):
   _, fp32_losses = _baseline(config)
   config.model.dtype = "bfloat16"
