@@ -19,6 +19,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+  """Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup`) the tests that share the tiny trained workdir
+  go to one worker, which trains it once."""
+  for item in items:
+    if "tiny_trained" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("tiny_trained"))
+
+
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory):
   """(config, workdir) of one tiny run trained for 2 epochs, shared by the tests that need a trained workdir

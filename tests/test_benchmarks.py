@@ -132,10 +132,11 @@ def test_benchmark_train_prints_both_frameworks_at_tiny_size(tmp_path):
 @pytest.mark.slow
 def test_benchmark_input_times_full_epochs_of_cropped_batches(tmp_path):
     command = [sys.executable, "-m", "scripts.benchmark_input", f"--cache_dir={tmp_path}", "--num_clips=6",
-               "--duration_s=2", "--max_frames=150", "--batch_size=4", "--epochs=2", "--shuffle_buffer=50"]
+               "--duration_s=2", "--max_frames=150", "--batch_size=4", "--epochs=3", "--shuffle_buffer=50"]
     table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     row = [cell.strip() for cell in table.splitlines()[-1].strip("|").split("|")]
     assert row[:5] == ["6", "2", "150", "4", str(6 * 5 // 4 * 4)], table  # every full batch of the 30 pairs
     epoch_s, first_batch_s = float(row[6]), float(row[7])
     assert 0 < first_batch_s <= epoch_s
-    assert float(row[8].split()[0]) == pytest.approx(6 * 5 // 4 * 4 / epoch_s, rel=0.05)  # of the rounded epoch time
+    # An odd number of epochs: the median rate is that of the median epoch (its time rounded to 10 ms in the table).
+    assert float(row[8].split()[0]) == pytest.approx(6 * 5 // 4 * 4 / epoch_s, rel=0.03)
