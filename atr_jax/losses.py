@@ -318,6 +318,17 @@ def _temperature(name: str, loss_params: dict, fixed: dict) -> jax.Array | float
                      f"loss_params['log_temperature'] (learnable, from init_loss_params)")
 
 
+def learnable_values(loss_params: dict) -> dict[str, jax.Array]:
+    """The values the loss uses for its learnable hyper-parameters (for logging): ``temperature`` (clipped as in
+    the loss) or ``siglip_scale`` and ``siglip_bias``; ``{}`` when nothing is learnt."""
+    if "log_temperature" in loss_params:
+        return {"temperature": _temperature("", loss_params, {})}
+    if "log_scale" in loss_params:
+        scale, bias = _siglip_scale_bias(loss_params, {})
+        return {"siglip_scale": scale, "siglip_bias": bias}
+    return {}
+
+
 def _siglip_scale_bias(loss_params: dict, fixed: dict) -> tuple[jax.Array | float, jax.Array | float]:
     if "log_scale" in loss_params:
         return jnp.exp(loss_params["log_scale"]), loss_params["bias"]

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from atr_jax import checkpointing, evaluation, losses, sharding, summaries, tokenization, watchdog
+from atr_jax import checkpointing, evaluation, losses, preflight, sharding, summaries, tokenization, watchdog
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
@@ -41,6 +41,12 @@ def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, col
   return (audio_emb, text_emb), updates.get(collection, {})
 
 
+def _cut_frozen(model_params: dict, frozen: tuple[str, ...]) -> dict:
+  """`model_params` with the subtrees named in `frozen` (optim.frozen) cut from autodiff: their gradients are zeros
+  that are never computed (no backward pass through a frozen tower)."""
+  return {name: jax.lax.stop_gradient(p) if name in frozen else p for name, p in model_params.items()}
+
+
 def _split_micro_batches(x: jax.Array, accum_steps: int, num_shards: int) -> jax.Array:
   """(B, ...) -> (accum_steps, B / accum_steps, ...): micro-batch m holds the m-th piece of every device's rows, so
   that no row changes device."""
@@ -56,7 +62,8 @@ def _join_micro_batches(x: jax.Array, num_shards: int) -> jax.Array:
   return x.reshape(accum_steps * rows, *x.shape[3:])
 
 
-def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps: int, num_shards: int):
+def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps: int, num_shards: int,
+                      frozen: tuple[str, ...]):
   """Gradient caching: the loss on the whole global batch with activations held for one micro-batch at a time.
 
   Pass 1 computes every micro-batch's embeddings without gradients; the loss and its gradient with respect to the
@@ -83,8 +90,9 @@ def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps:
 
   def backprop(grads, inputs):
     micro_batch, micro_rng, micro_grads = inputs
-    _, pullback, _ = jax.vjp(lambda p: _forward(state, p, state.batch_stats, micro_batch, micro_rng, BATCH_MOMENTS),
-                             params["model"], has_aux=True)
+    _, pullback, _ = jax.vjp(
+        lambda p: _forward(state, _cut_frozen(p, frozen), state.batch_stats, micro_batch, micro_rng, BATCH_MOMENTS),
+        params["model"], has_aux=True)
     (model_grads,) = pullback(micro_grads)
     return jax.tree.map(jnp.add, grads, model_grads), None
 
@@ -94,34 +102,44 @@ def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps:
   return loss, {"model": model_grads, "loss": loss_grads}, batch_stats
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn, rng, accum_steps: int = 1, num_shards: int = 1):
-  """One optimizer step on a global batch; returns the new state and replicated scalar metrics.
+def train_step(state: TrainState, batch: dict, *, loss_fn, rng, accum_steps: int = 1, num_shards: int = 1,
+               frozen: tuple[str, ...] = ()):
+  """One optimizer step on a global batch; returns the new state and replicated scalar metrics (loss, grad_norm of
+  the trainable parameters, and the loss's learnable hyper-parameters: temperature, siglip_scale/bias).
 
   With `accum_steps` > 1 the batch is processed in that many micro-batches (gradient caching, see
-  `_cached_gradients`); `num_shards` is the number of devices the batch is sharded over.
+  `_cached_gradients`); `num_shards` is the number of devices the batch is sharded over. The model subtrees named
+  in `frozen` (optim.frozen) get zero gradients without a backward pass through them.
   """
   step_rng = jax.random.fold_in(rng, state.step)
   if accum_steps == 1:
     def compute_loss(params):
-      (audio_emb, text_emb), batch_stats = _forward(state, params["model"], state.batch_stats, batch, step_rng)
+      (audio_emb, text_emb), batch_stats = _forward(state, _cut_frozen(params["model"], frozen), state.batch_stats,
+                                                    batch, step_rng)
       return loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"]), batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   else:
-    loss, grads, batch_stats = _cached_gradients(state, batch, loss_fn, step_rng, accum_steps, num_shards)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    loss, grads, batch_stats = _cached_gradients(state, batch, loss_fn, step_rng, accum_steps, num_shards, frozen)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                     **losses.learnable_values(state.params["loss"])}
 
 
 class _Setup:
-  """Everything train and evaluate share, built once from the config."""
+  """Everything train and evaluate share, built once from the config. With training=False (test only) the
+  training sources (extra_train) are neither checked nor prepared."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, training: bool = True):
+    preflight.check(config, training=training)  # Missing folders and files fail here, before any work.
     self.config = config
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(self.workdir, exist_ok=True)
-    self.sources = datasets.train_sources(config.data)  # [(builder, split)]: the main dataset first.
-    self.builder = self.sources[0][0]  # Validation and test splits come from it.
+    if training:
+      self.sources = datasets.train_sources(config.data)  # [(builder, split)]: the main dataset first.
+      self.builder = self.sources[0][0]  # Validation and test splits come from it.
+    else:
+      self.sources, self.builder = None, datasets.prepare_builder(config.data)
     self.mesh = sharding.create_mesh()
     self.local_batch_size = sharding.check_global_batch(config.train.global_batch_size, "train.global_batch_size")
     sharding.check_global_batch(config.eval.batch_size, "eval.batch_size")
@@ -134,7 +152,9 @@ class _Setup:
     if self.accum_steps < 1 or per_device % self.accum_steps:
       raise ValueError(f"train.grad_accum_steps={self.accum_steps} must be a positive divisor of the per-device "
                        f"batch ({per_device} = train.global_batch_size / {jax.device_count()} devices)")
-    self.steps_per_epoch = input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size)
+    # Test only: the learning-rate schedule does not matter, only the optimizer state's structure.
+    self.steps_per_epoch = (input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size)
+                            if training else 1)
     self.tokenize = tokenization.CaptionTokenizer.from_config(config)
     self.model = build_model(config.model)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
@@ -213,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   loss_fn = losses.make_loss_fn_from_config(config.loss, setup.mesh)
   step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=setup.train_rng,
-                                      accum_steps=setup.accum_steps, num_shards=jax.device_count()),
+                                      accum_steps=setup.accum_steps, num_shards=jax.device_count(),
+                                      frozen=tuple(config.optim.frozen)),
                     in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
                     out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
   val_loss_fn = jax.jit(losses.make_loss_fn_from_config(config.loss, None))
@@ -271,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the workdir's best checkpoint on the test split and rewrites results.json."""
-  setup = _Setup(config, workdir)
+  setup = _Setup(config, workdir, training=False)
   if setup.manager.best_step() is None:
     raise FileNotFoundError(f"no checkpoint in {setup.manager.directory}: train first")
   state, shardings = setup.fresh_state()

@@ -124,8 +124,8 @@ def _load_audio_init(state: TrainState, directory: str) -> TrainState:
 
 def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):
   """A train state (params = {'model', 'loss'}) sharded as `train.param_sharding` says, and its shardings;
-  pretrained text weights loaded, and the audio tower from `model.audio.init_from` when set. The state's apply_fn runs frozen towers (optim.frozen) in
-  inference mode when `model.frozen_in_inference_mode` is True."""
+  pretrained text weights loaded, and the audio tower from `model.audio.init_from` unless "scratch". The state's
+  apply_fn runs frozen towers (optim.frozen) in inference mode when `model.frozen_in_inference_mode` is True."""
   model = with_frozen_towers_in_inference(model, tuple(config.optim.get("frozen", ())),
                                           config.model.get("frozen_in_inference_mode", True))
   frames = config.data.train_max_frames
@@ -145,6 +145,7 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):
   if config.model.text.pretrained:  # Adam's moments are zeros of the same shapes: only params change.
     model_params = load_pretrained_text(state.params["model"], config.model)
     state = state.replace(params={**state.params, "model": model_params})
-  if config.model.audio.get("init_from", ""):
-    state = _load_audio_init(state, config.model.audio.init_from)
+  audio_init = panns.audio_init_dir(config.model)
+  if audio_init is not None:
+    state = _load_audio_init(state, audio_init)
   return state, shardings

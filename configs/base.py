@@ -52,9 +52,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.audio.resnet.blocks = (3, 4, 6, 3)  # Basic blocks per stage.
   config.model.audio.resnet.out_features = 2048  # Width of conv_block_after1 = the clip embedding.
   config.model.audio.resnet.block_dropout = 0.2  # Inside each basic block: 0.2 as the reference, 0.1 as PANNs.
-  # Orbax folder written by `python -m scripts.convert_panns` (a converted PANNs Cnn14/ResNet38 .pth) whose params
-  # and batch_stats initialise the audio tower; "" = random init.
-  config.model.audio.init_from = ""
+  # Orbax folder written by `python -m scripts.convert_panns` (a converted PANNs Cnn14/ResNet38 .pth, as the
+  # reference starts from) whose params and batch_stats initialise the audio tower: a missing folder is an error.
+  # "scratch" = random initialisation, deliberately.
+  config.model.audio.init_from = "~/models/panns/cnn14"
   config.model.text = ml_collections.ConfigDict()
   # Local HF folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files) of a BERT or RoBERTa
   # model, or a hub name such as "bert-base-uncased" (downloaded where the network allows).

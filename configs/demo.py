@@ -27,6 +27,7 @@ def get_config():
   config.data.shuffle_buffer = 5000
 
   config.model.audio.channels = (8, 16, 32, 64, 128, 256)
+  config.model.audio.init_from = "scratch"  # A narrow CNN14: no released weights of this width.
   config.model.text.model_dir = _minilm_dir()
   config.model.text.pooling = "mean"
   config.model.text.dropout = 0.1

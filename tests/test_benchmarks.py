@@ -29,6 +29,7 @@ def _tiny_config(text_dir: str):
     config = get_base_config()
     config.data.train_max_frames = FRAMES
     config.model.audio.channels, config.model.audio.spec_augment, config.model.audio.dropout = NARROW, False, 0.0
+    config.model.audio.init_from = "scratch"
     config.model.text.model_dir, config.model.text.pretrained = text_dir, False
     config.model.text.max_len, config.model.text.dropout = TOKENS, 0.0
     config.model.embed_dim, config.model.head_hidden = 16, 24

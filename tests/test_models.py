@@ -431,7 +431,7 @@ def test_mean_pooling_matches_numpy():
 def _train_config(text_dir: str, frozen: tuple, inference_mode: bool, text_learning_rate=None):
     config = get_base_config()
     config.data.train_max_frames = 140
-    config.model.audio.channels = NARROW
+    config.model.audio.channels, config.model.audio.init_from = NARROW, 'scratch'
     config.model.text.model_dir = text_dir
     config.model.text.max_len = 9
     config.model.embed_dim, config.model.head_hidden = 24, 48

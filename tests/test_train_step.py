@@ -14,7 +14,7 @@ from tiny_run import tiny_config
 from atr_jax import losses, sharding
 from atr_jax.models.cnn14 import BatchNorm
 from atr_jax.models.dual_encoder import build_model
-from atr_jax.train import train_step
+from atr_jax.train import _forward, train_step
 from atr_jax.train_state import create_train_state, make_optimizer, make_schedule, reduce_on_plateau
 
 
@@ -150,6 +150,43 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
 
 
 @pytest.mark.slow
+def _lowered_convolutions(config, frozen: tuple, accum_steps: int = 1) -> tuple[int, int]:
+  """Convolutions in the lowered (unoptimised) training step with optim.frozen = `frozen`, and in the training-mode
+  forward pass alone."""
+  config.optim.frozen = frozen
+  mesh = sharding.create_mesh()
+  model = build_model(config.model)
+  tx, _ = make_optimizer(config.optim, steps_per_epoch=10)
+  state, _ = create_train_state(config, model, tx, mesh, jax.random.key(0, impl="rbg"))
+  batch = sharding.global_batch(_batch(config, 0), mesh)
+  step = functools.partial(train_step, loss_fn=losses.make_loss_fn_from_config(config.loss, mesh),
+                           rng=jax.random.key(1, impl="rbg"), accum_steps=accum_steps, num_shards=mesh.size,
+                           frozen=frozen)
+  forward = functools.partial(_forward, rng=jax.random.key(1, impl="rbg"))
+  count = lambda fn, *args: jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")  # noqa: E731
+  return (count(step, state, batch),
+          count(lambda s, b: forward(s, s.params["model"], s.batch_stats, b), state, batch))
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_a_frozen_tower_is_not_back_propagated(config, accum_steps):
+  passes = 1 if accum_steps == 1 else 2  # Gradient caching: the embedding pass, and the pass recomputed for autodiff.
+  step_convolutions, forward_convolutions = _lowered_convolutions(config, (), accum_steps)
+  assert step_convolutions > passes * forward_convolutions > 0  # Trainable: the backward pass adds convolutions.
+  frozen_convolutions, frozen_forward = _lowered_convolutions(config, ("audio",), accum_steps)
+  assert frozen_convolutions == passes * frozen_forward  # Frozen: the forward passes only.
+
+
+def test_the_learnt_temperature_is_reported(config):
+  state, step_losses = _baseline(config)
+  mesh = sharding.create_mesh()
+  _, metrics = _jit_step(config, mesh, jax.tree.map(lambda x: x.sharding, state), 1)(
+      state, sharding.global_batch(_batch(config, 5), mesh))
+  np.testing.assert_allclose(float(metrics["temperature"]), np.exp(float(state.params["loss"]["log_temperature"])),
+                             rtol=1e-6)
+  assert float(metrics["temperature"]) != config.loss.temperature  # Two steps moved it.
+
+
 def test_fsdp_equals_replicated_and_shards_large_arrays(config):
   replicated, replicated_losses = _baseline(config)
   config.train.param_sharding = "fsdp"

@@ -12,7 +12,8 @@ def resolve_model_dir(name_or_dir: str) -> str:
   if os.path.isdir(path):
     return path
   if os.path.isabs(path) or name_or_dir.startswith(("~", ".")) or name_or_dir.count("/") > 1:
-    raise FileNotFoundError(f"text model folder {name_or_dir!r} does not exist (config.model.text.model_dir)")
+    raise FileNotFoundError(f"config.model.text.model_dir={name_or_dir!r}: the text model folder {path} does not "
+                            "exist")
   from huggingface_hub import snapshot_download
   try:
     return snapshot_download(repo_id=name_or_dir, allow_patterns=_FILES)

@@ -77,6 +77,22 @@ def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, s
     return variables
 
 
+SCRATCH = 'scratch'  # model.audio.init_from for a deliberately random audio tower.
+CONVERT_COMMAND = 'python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}'
+
+
+def audio_init_dir(model_config) -> str | None:
+    """The folder whose converted weights initialise the audio tower (`model.audio.init_from`, expanded), or None
+    for "scratch"; an empty value is an error (pretrained or random initialisation is always a deliberate choice)."""
+    value = model_config.audio.init_from
+    if value == SCRATCH:
+        return None
+    if not value:
+        raise ValueError(f'config.model.audio.init_from is empty: set it to a converted PANNs folder '
+                         f'({CONVERT_COMMAND.format("DIR")}) or to {SCRATCH!r} for a randomly initialised audio tower')
+    return os.path.abspath(os.path.expanduser(value))
+
+
 def save_audio_variables(variables: dict, out_dir: str) -> str:
     """Writes {'params', 'batch_stats'} with orbax to `out_dir` (replaced if present); returns its absolute path."""
     import orbax.checkpoint as ocp

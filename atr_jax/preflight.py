@@ -1,0 +1,62 @@
+"""What a run checks before any work (data generation or preparation, weight loading, compilation): every folder
+and file the config names exists. Each error names the config key, its value and the path it looked for."""
+import os
+
+import jax
+import ml_collections
+
+from atr_jax.models.hf_hub import resolve_model_dir
+from atr_jax.models.panns import CONVERT_COMMAND, SCRATCH, audio_init_dir
+from data_pipelines import audiocaps, clotho, datasets
+
+_CSV_PATH = {"clotho": clotho.captions_csv_path, "audiocaps": audiocaps.captions_csv_path}
+
+
+def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
+  """The text tower's folder (or hub name) and the audio tower's initial weights exist."""
+  resolve_model_dir(model_config.text.model_dir)
+  directory = audio_init_dir(model_config)
+  if directory is not None and not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f"config.model.audio.init_from={model_config.audio.init_from!r}: {directory} does not exist. Convert the "
+        f"released PANNs checkpoint once ({CONVERT_COMMAND.format(directory)}), point the key at the converted "
+        f"folder, or set it to {SCRATCH!r} to start the audio tower from random weights")
+
+
+def _check_split_source(dataset: str, raw_dir: str, split: str, key: str) -> None:
+  if split == clotho.RETRIEVAL_SPLIT and dataset == "clotho":
+    path = os.path.join(raw_dir, clotho.RETRIEVAL_AUDIO_DIR)
+    exists = os.path.isdir(path)
+  else:
+    path = _CSV_PATH[dataset](raw_dir, split)
+    exists = os.path.isfile(path)
+  if not exists:
+    raise FileNotFoundError(f"{key}={split!r}: {path} does not exist (the {dataset} layout of {raw_dir})")
+
+
+def check_data_paths(data_config: ml_collections.ConfigDict, *, training: bool) -> None:
+  """The raw folders and the caption CSVs of the splits the run reads exist: the test split (and, when `training`,
+  the training and validation splits and every config.data.extra_train source). A raw folder the run generates
+  (data.generate_synthetic) passes."""
+  raw_dir, _ = datasets.raw_and_data_dirs(data_config)
+  keys = ("train_split", "val_split", "test_split") if training else ("test_split",)
+  if not os.path.isdir(raw_dir):
+    if data_config.generate_synthetic:
+      return
+    raise FileNotFoundError(f"config.data.raw_dir={data_config.raw_dir!r}: {raw_dir} does not exist")
+  for key in keys:
+    _check_split_source(data_config.dataset, raw_dir, data_config[key], f"config.data.{key}")
+  if training:
+    for dataset, extra_dir, split in datasets.parse_extra_train(data_config.extra_train):
+      if not os.path.isdir(extra_dir):
+        raise FileNotFoundError(f"config.data.extra_train entry {dataset}:{extra_dir}:{split}: {extra_dir} does not "
+                                "exist")
+      _check_split_source(dataset, extra_dir, split, f"config.data.extra_train entry {dataset}:{extra_dir}:{split}")
+
+
+def check(config: ml_collections.ConfigDict, *, training: bool) -> None:
+  """Every path a training (or, with training=False, a test-only) run needs. Raw data is checked by process 0 only,
+  the process that prepares it."""
+  check_model_paths(config.model)
+  if jax.process_index() == 0:
+    check_data_paths(config.data, training=training)
