@@ -314,9 +314,12 @@ def test_load_hf_params_reports_missing_unexpected_and_misshaped_keys(tiny_bert_
         load_hf_params(str(tmp_path))
     message = str(error.value)
     assert 'model.safetensors' in message
-    assert 'missing keys' in message and 'encoder/layer/1/output/dense/bias' in message
-    assert 'shape mismatches' in message and 'encoder/layer/0/intermediate/dense/kernel' in message
-    assert 'unexpected keys' in message and 'encoder.extra.weight' in message
+    # Keys named as in the user's file, the model's name beside.
+    assert 'missing keys' in message and \
+        'encoder.layer.1.output.dense.bias (model: encoder/layer/1/output/dense/bias)' in message
+    assert 'shape mismatches' in message and \
+        'encoder.layer.0.intermediate.dense.weight (model: encoder/layer/0/intermediate/dense/kernel)' in message
+    assert 'unexpected keys' in message and "'encoder.extra.weight'" in message
 
 
 def test_bert_config_rejects_unsupported_or_incomplete_json(tmp_path):

@@ -98,9 +98,14 @@ def test_mapping_reports_missing_unexpected_and_misshaped_keys_at_once():
         panns.state_dict_to_variables(state_dict, convert_panns.tower_variables_shape(tower), 'my.pth')
     message = str(error.value)
     assert 'my.pth' in message
-    assert 'missing keys' in message and 'batch_stats/conv_block3/bn2/var' in message
-    assert 'shape mismatches' in message and 'params/conv_block1/conv2/kernel' in message
-    assert 'unexpected keys' in message and 'params/conv_block7/conv1/kernel' in message and 'mystery_buffer' in message
+    # Keys named as in the user's file, the model's name beside.
+    assert 'missing keys' in message and \
+        'conv_block3.bn2.running_var (model: batch_stats/conv_block3/bn2/var)' in message
+    assert 'shape mismatches' in message and \
+        'conv_block1.conv2.weight (model: params/conv_block1/conv2/kernel): expected (3, 3, 8, 8), got (5, 5, 8, 8)' \
+        in message
+    assert 'unexpected keys' in message and 'conv_block7.conv1.weight (model: params/conv_block7/conv1/kernel)' in \
+        message and "'mystery_buffer'" in message
 
 
 def test_mapping_layouts_and_skipped_entries():

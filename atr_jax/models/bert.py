@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -234,16 +234,22 @@ _IGNORED_KEYS = ('embeddings.position_ids', 'embeddings.token_type_ids')
 _WEIGHT_LEAVES = ('kernel', 'embedding', 'scale')  # what a PyTorch `weight`/`gamma` becomes, by target module
 
 
-def check_params_match(expected: Any, actual: Any, source: str) -> None:
+def check_params_match(expected: Any, actual: Any, source: str, file_key: Callable[[str], str] | None = None
+                       ) -> None:
     """Raises ValueError listing missing keys, unexpected keys and shape mismatches of `actual` vs `expected`
-    (nested dicts of arrays or ShapeDtypeStructs; keys shown '/'-joined)."""
+    (nested dicts of arrays or ShapeDtypeStructs; model keys '/'-joined). `file_key` maps a model key to its name
+    in the file the user has (e.g. 'conv_block3.bn2.running_var'): keys are then named so, the model key beside."""
     expected_flat = flax.traverse_util.flatten_dict(expected, sep='/')
     actual_flat = flax.traverse_util.flatten_dict(actual, sep='/')
-    missing = sorted(set(expected_flat) - set(actual_flat))
-    unexpected = sorted(set(actual_flat) - set(expected_flat))
-    mismatched = sorted(f'{key}: expected {tuple(expected_flat[key].shape)}, got {tuple(actual_flat[key].shape)}'
-                        for key in set(expected_flat) & set(actual_flat)
-                        if tuple(expected_flat[key].shape) != tuple(actual_flat[key].shape))
+
+    def name(key: str) -> str:  # A key no mapping rule fits is the file's own name already ('/'-free).
+        return f'{file_key(key)} (model: {key})' if file_key is not None and '/' in key else key
+
+    missing = [name(key) for key in sorted(set(expected_flat) - set(actual_flat))]
+    unexpected = [name(key) for key in sorted(set(actual_flat) - set(expected_flat))]
+    mismatched = [f'{name(key)}: expected {tuple(expected_flat[key].shape)}, got {tuple(actual_flat[key].shape)}'
+                  for key in sorted(set(expected_flat) & set(actual_flat))
+                  if tuple(expected_flat[key].shape) != tuple(actual_flat[key].shape)]
     if missing or unexpected or mismatched:
         problems = [f'{label}: {items}' for label, items in
                     (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', mismatched))
@@ -310,6 +316,12 @@ def _to_flax_key(torch_name: str, value: np.ndarray, expected_flat: dict) -> tup
     return torch_name, value
 
 
+def _to_torch_key(flax_key: str) -> str:
+    """'encoder/layer/0/attention/self/query/kernel' -> 'encoder.layer.0.attention.self.query.weight'."""
+    *module, leaf = flax_key.split('/')
+    return '.'.join([*module, 'bias' if leaf == 'bias' else 'weight'])
+
+
 def _fresh_pooler(config: BertConfig, path: str) -> dict[str, np.ndarray]:
     """A seeded HF-style init of the pooler, for checkpoints without one (roberta-base ships none; the pooler is
     not used by 'cls' or 'mean' text pooling)."""
@@ -331,11 +343,14 @@ def load_hf_params(model_dir: str) -> tuple[BertConfig, dict]:
     expected_flat = flax.traverse_util.flatten_dict(expected, sep='/')
     mapped = dict(_to_flax_key(name, value, expected_flat)
                   for name, value in _encoder_keys(state_dict, config.model_type).items())
+    prefix = f'{config.model_type}.' if any(name.startswith(f'{config.model_type}.') for name in state_dict) else \
+        ''
+    file_key = lambda key: prefix + _to_torch_key(key)  # noqa: E731
     if not any(key.startswith('pooler/') for key in mapped):
         mapped.update(_fresh_pooler(config, path))
     params = flax.traverse_util.unflatten_dict(
         {tuple(key.split('/')): np.asarray(value, np.float32) for key, value in mapped.items()})
-    check_params_match(expected, params, path)
+    check_params_match(expected, params, path, file_key)
     return config, params
 
 

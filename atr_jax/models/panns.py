@@ -61,6 +61,14 @@ def _flax_key(name: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray
     return (name,), value
 
 
+def _torch_key(flax_key: str) -> str:
+    """'batch_stats/conv_block3/bn2/var' -> 'conv_block3.bn2.running_var' (the inverse of `_flax_key`)."""
+    collection, *module, leaf = flax_key.split('/')
+    if collection == 'batch_stats':
+        leaf = {flax: torch for torch, flax in _BN_STATISTICS.items()}[leaf]
+    return '.'.join([*module, 'bias' if leaf == 'bias' else leaf if collection == 'batch_stats' else 'weight'])
+
+
 def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, source: str) -> dict:
     """PANNs state_dict -> {'params', 'batch_stats'} of the audio tower whose variables (arrays or
     ShapeDtypeStructs) are `expected`. Raises one ValueError listing missing keys, unexpected keys and shape
@@ -73,7 +81,7 @@ def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, s
         flat[key] = np.ascontiguousarray(array, dtype=np.float32)
     variables = flax.traverse_util.unflatten_dict(flat)
     expected = {'params': expected['params'], 'batch_stats': expected['batch_stats']}
-    check_params_match(expected, variables, source)
+    check_params_match(expected, variables, source, _torch_key)
     return variables
 
 
