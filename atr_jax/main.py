@@ -19,6 +19,9 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                   "train: train (resuming from the workdir) then test the best checkpoint; "
                   "evaluate: test the workdir's best checkpoint again.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("allow_config_change", False,
+                  "train: resume a workdir's run even though the config changes its data order or step count "
+                  "(atr_jax.train.RESUME_KEYS: seed, datasets, crop, shuffle, input shards, global batch, epochs).")
 flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
                   "auto: join a multi-process job (jax.distributed) when the coordinator flags are given or a "
                   "SLURM srun step, Open MPI job or multi-host Cloud TPU is detected; on: always (JAX detects the "
@@ -40,7 +43,7 @@ def main(argv):
   logging.info("config:\n%s", FLAGS.config)
   with distributed.exit_fast_on_failure():
     if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
     else:
       train.evaluate_best(FLAGS.config, FLAGS.workdir)
 

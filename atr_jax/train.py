@@ -28,6 +28,10 @@ from atr_jax.models.dual_encoder import AUDIO_MAX_FRAMES, build_model
 from data_pipelines import datasets, input_pipeline
 
 CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
+# The keys that fix the training data's order and the step count: a run resumed with another value of one of
+# them would not continue the run it resumes.
+RESUME_KEYS = ("seed", "data.dataset", "data.raw_dir", "data.extra_train", "data.train_split", "data.train_max_frames",
+               "data.shuffle_buffer", "data.num_input_shards", "train.global_batch_size", "train.num_epochs")
 
 
 def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, collection: str = "batch_stats"):
@@ -216,9 +220,41 @@ def _check_finite(metrics: dict, step: int, manager) -> dict:
   return scalars
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _changed_resume_keys(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """'key: saved -> new' for each of RESUME_KEYS that differs from the config saved in `workdir` when it holds a
+  checkpoint to resume; [] otherwise."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if not (os.path.isfile(config_path) and os.path.isdir(checkpoints)
+          and any(name.isdigit() for name in os.listdir(checkpoints))):
+    return []
+  with open(config_path) as f:
+    saved = json.load(f)
+  new = json.loads(config.to_json_best_effort())  # The same normalisation (tuples -> lists) as the saved file.
+  changed = []
+  for key in RESUME_KEYS:
+    values = []
+    for tree in (saved, new):
+      for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+      values.append(os.path.abspath(os.path.expanduser(tree)) if key == "data.raw_dir" and tree else tree)
+    if values[0] != values[1]:
+      changed.append(f"{key}: {values[0]!r} -> {values[1]!r}")
+  return changed
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+                       ) -> dict:
   """Trains (resuming exactly from the workdir's latest checkpoint), then scores the best checkpoint on the test
-  split."""
+  split. Resuming with another value of a key of RESUME_KEYS is refused unless `allow_config_change`."""
+  changed = _changed_resume_keys(config, workdir)
+  if changed and not allow_config_change:
+    raise ValueError(f"{workdir} holds a run trained with another data order or step count; resuming it with this "
+                     f"config would not continue it ({'; '.join(changed)}). Train into a new --workdir, or pass "
+                     "--allow_config_change to resume anyway.")
+  if changed:
+    logging.warning("Resuming %s with a changed config (--allow_config_change): %s", workdir, "; ".join(changed))
   setup = _Setup(config, workdir)
   if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
     _write_atomically(os.path.join(setup.workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))

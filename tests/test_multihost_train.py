@@ -62,10 +62,11 @@ def _launch(num_processes: int, devices_per_process: int, *python_args: str,
   return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
 
 
-def _train(config_path: str, workdir: str, num_processes: int, devices_per_process: int, num_epochs: int) -> str:
+def _train(config_path: str, workdir: str, num_processes: int, devices_per_process: int, num_epochs: int,
+           *flags: str) -> str:
   xla_flags = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}"
   result = _launch(num_processes, devices_per_process, "-m", "atr_jax.main", "--config", config_path,
-                   "--workdir", workdir, f"--config.train.num_epochs={num_epochs}", XLA_FLAGS=xla_flags)
+                   "--workdir", workdir, f"--config.train.num_epochs={num_epochs}", *flags, XLA_FLAGS=xla_flags)
   output = result.stdout + result.stderr
   assert result.returncode == 0, f"{num_processes}-process training failed:\n{output[-6000:]}"
   return output
@@ -93,8 +94,8 @@ def test_two_processes_train_and_resume_as_one(tmp_path):
   first = _train(config_path, multi, num_processes=2, devices_per_process=2, num_epochs=1)
   assert "jax.distributed: process 1 of 2; 2 local devices of 4 global" in first
   assert str(STEPS_PER_EPOCH) in os.listdir(os.path.join(multi, "checkpoints"))
-  # The same command with one more epoch: both processes resume from the checkpoint saved at the epoch end.
-  resumed = _train(config_path, multi, num_processes=2, devices_per_process=2, num_epochs=2)
+  # One more epoch (allowed explicitly): both processes resume from the checkpoint saved at the epoch end.
+  resumed = _train(config_path, multi, 2, 2, 2, "--allow_config_change")
   for process_id in range(2):
     assert any(line.startswith(f"[p{process_id}] ") and f"Resuming from the checkpoint of step {STEPS_PER_EPOCH}"
                in line for line in resumed.splitlines()), resumed[-6000:]

@@ -34,11 +34,16 @@ def test_train_resume_and_evaluate(tiny_trained, tmp_path, caplog):
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-1] == 2 * steps_per_epoch and len(steps) <= 2
 
-  # Same command with one more epoch: resumes from the latest checkpoint instead of starting over.
+  # One more epoch changes the step count: refused, unless allowed; then it resumes from the latest checkpoint.
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.num_epochs = 3
+  config.train.global_batch_size = 8
+  with pytest.raises(ValueError, match=r"another data order or step count.*train\.global_batch_size: 16 -> 8; "
+                                       r"train\.num_epochs: 2 -> 3\).*--allow_config_change"):
+    train.train_and_evaluate(config, workdir)
+  config.train.global_batch_size = 16
   caplog.set_level(logging.INFO)
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, allow_config_change=True)
   assert f"Resuming from the checkpoint of step {2 * steps_per_epoch}" in caplog.text
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-1] == 3 * steps_per_epoch and len(steps) <= 2
