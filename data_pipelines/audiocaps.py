@@ -75,9 +75,15 @@ class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
 
   name = "audiocaps"
   code_path = epath.Path(__file__)
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Log-mel (64 bins, 32 kHz, hop 320) float16 clips with all their captions."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Log-mel (64 bins, 32 kHz, hop 320) float16 clips with all their captions.",
+      "1.1.0": "Silent clips kept (a note in the report); the fingerprint of the sources is stored (sources.json) and "
+               "a dataset whose sources changed (newly downloaded audio, say) is prepared again.",
+  }
   BUILDER_CONFIGS = [_make_config(DEFAULT_FILE_PATTERN)]
+  CSV_SPLITS = SPLITS
+  captions_csv_path = staticmethod(captions_csv_path)
   HOMEPAGE = "https://audiocaps.github.io"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download the AudioCaps CSVs (https://github.com/cdjkim/audiocaps) and the audio of their YouTube clips; put "
@@ -91,12 +97,12 @@ class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
     return default if file_pattern == default.file_pattern else _make_config(file_pattern)
 
   def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[clip_builder.ClipRow]]:
-    present = [split for split in SPLITS if os.path.isfile(captions_csv_path(raw_dir, split))]
-    if not present:
+    csvs = self.captions_csvs(raw_dir)
+    if not csvs:
       raise FileNotFoundError(f"{raw_dir} holds none of {[f'{split}.csv' for split in SPLITS]}")
     tables = {}
-    for split in present:
-      table = clip_builder.read_csv(captions_csv_path(raw_dir, split), split, report)
+    for split, csv_path in csvs.items():
+      table = clip_builder.read_csv(csv_path, split, report)
       audio_dir = os.path.join(raw_dir, split)
       if "youtube_id" in table.header:
         tables[split] = self._official_table(table, audio_dir, split, report)
@@ -134,8 +140,9 @@ class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
 
 
 def prepare(raw_dir: str, data_dir: str, file_pattern: str = DEFAULT_FILE_PATTERN,
-            workers: int | None = None) -> AudioCaps:
-  """The `AudioCaps` builder of `data_dir` for `file_pattern`, built from `raw_dir` unless already complete."""
+            workers: int | None = None, *, check_sources: bool = True) -> AudioCaps:
+  """The `AudioCaps` builder of `data_dir` for `file_pattern`, built from `raw_dir` unless complete and up to date
+  (`clip_builder.prepare`)."""
   builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=AudioCaps.config_for(file_pattern),
                       workers=workers)
-  return clip_builder.prepare(builder, raw_dir)
+  return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

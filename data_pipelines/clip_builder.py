@@ -8,17 +8,25 @@ A subclass turns its raw layout into `ClipRow`s per split (`_read_splits`, with 
 read and its columns checked before any audio is touched). Preparation then
 1. drops empty captions and skips rows without a file name, without a caption, or repeating a file name (the first
    row is kept);
-2. extracts every clip's log-mel on all cores into a feature cache next to the dataset (`extraction`, resumable);
+2. extracts every clip's log-mel on all cores into a feature cache next to the dataset (`extraction`, resumable;
+   kept afterwards, holding the entries of the clips read only);
 3. writes the good clips from the cache through TFDS, which writes into an `incomplete.*` folder renamed only once
-   complete, together with `preparation_report.csv` and the counts (`info.metadata["preparation"]`). A split without
-   a single good clip is left out (with a warning). The cache is deleted once the dataset is complete.
+   complete, together with `preparation_report.csv`, the counts (`info.metadata["preparation"]`) and `sources.json`,
+   the fingerprint of the sources read (`read_sources`). A split without a single good clip is left out (with a
+   warning).
 Nothing about a bad input stops the run except a CSV missing a required column (a ValueError naming it and the file).
+
+`prepare` compares a prepared dataset's fingerprint with its sources' and prepares again when they differ (logging
+what changed): into a staging folder beside the dataset, which replaces it only once complete, the feature cache
+sparing the decoding of every file but the new and modified ones.
 """
 import abc
+import collections
 import csv
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -30,6 +38,8 @@ from absl import logging
 from data_pipelines import extraction, features
 
 REPORT_FILE = "preparation_report.csv"
+SOURCES_FILE = "sources.json"
+_STAGING_PREFIX, _REPLACED_PREFIX = "staging-", "replaced-"  # Beside the version folder: a re-preparation's places.
 FILE_NAME_COLUMN = "file_name"
 _CAPTION_COLUMN = re.compile(r"caption(?:_(\d+))?")
 _FALLBACK_ENCODINGS = ("cp1252", "latin-1")  # latin-1 decodes any byte string: the last resort.
@@ -169,21 +179,87 @@ def unique_clips(clips: list[ClipRow], split: str, report: extraction.Report, *,
   return [kept[name] for name in sorted(kept)]
 
 
+def _sha1_of_file(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def _size_and_mtime(path: str) -> list[int] | None:
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return None
+  return [stat.st_size, stat.st_mtime_ns]
+
+
+def _change(before, after, changed: str) -> str:
+  return "added" if before is None else "removed" if after is None else changed
+
+
+def _describe_changes(stored: dict, current: dict) -> str:
+  """What differs between two `read_sources` fingerprints, e.g. "train.csv edited; 3 audio files added, 1
+  modified" ("" when nothing does)."""
+  parts = [f"{name} {_change(stored['csv'].get(name), current['csv'].get(name), 'edited')}"
+           for name in sorted(stored["csv"].keys() | current["csv"].keys())
+           if stored["csv"].get(name) != current["csv"].get(name)]
+  audio = collections.Counter(_change(stored["audio"].get(path), current["audio"].get(path), "modified")
+                              for path in stored["audio"].keys() | current["audio"].keys()
+                              if stored["audio"].get(path) != current["audio"].get(path))
+  counts = [(audio[change], change) for change in ("added", "modified", "removed") if audio[change]]
+  if counts:
+    (first, change), rest = counts[0], counts[1:]
+    parts.append(", ".join([f"{first} audio file{'s' * (first != 1)} {change}"] + [f"{n} {c}" for n, c in rest]))
+  return "; ".join(parts)
+
+
 class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base builder: a subclass sets VERSION, RELEASE_NOTES, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS and `code_path`,
-  and implements `_read_splits`. `workers` feature-extraction processes (default: one per core)."""
+  """Base builder: a subclass sets VERSION, RELEASE_NOTES, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS, `code_path`,
+  CSV_SPLITS and `captions_csv_path` (the splits read from a caption CSV, and where), and implements `_read_splits`.
+  `workers` feature-extraction processes (default: one per core); the feature cache is `feature_cache_dir`
+  (default: `feature_cache` beside the version folder)."""
 
   HOMEPAGE = ""
+  CSV_SPLITS: tuple[str, ...] = ()
 
-  def __init__(self, *, workers: int | None = None, **kwargs):
+  def __init__(self, *, workers: int | None = None, feature_cache_dir: str | None = None, **kwargs):
     super().__init__(**kwargs)
     self.workers = workers
-    self.feature_cache_dir = os.fspath(self.data_path.parent / "feature_cache")
+    self.feature_cache_dir = feature_cache_dir or os.fspath(self.data_path.parent / "feature_cache")
+
+  @staticmethod
+  @abc.abstractmethod
+  def captions_csv_path(raw_dir: str, split: str) -> str:
+    """The caption CSV of `split` in `raw_dir`."""
+
+  def captions_csvs(self, raw_dir: str) -> dict[str, str]:
+    """The caption CSV of each of CSV_SPLITS whose CSV exists in `raw_dir`, by split."""
+    paths = {split: self.captions_csv_path(raw_dir, split) for split in self.CSV_SPLITS}
+    return {split: path for split, path in paths.items() if os.path.isfile(path)}
 
   @abc.abstractmethod
   def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[ClipRow]]:
     """Clips to extract per split of the raw folder: every CSV checked first, every clip counted with
     `report.read`, then filtered by `unique_clips`."""
+
+  def read_sources(self, raw_dir: str, report: extraction.Report) -> tuple[dict[str, list[ClipRow]], dict]:
+    """The clips per split (`_read_splits`) and the fingerprint of their sources: {"csv": sha1 of each caption CSV,
+    "audio": [size, mtime in ns] of each clip's audio file (None when missing)}, keyed by path relative to
+    `raw_dir`. The CSVs are hashed before they are parsed and the audio files stat'ed (never read) before any is
+    decoded, so that a source changed meanwhile shows as changed next time."""
+    csvs = {os.path.relpath(path, raw_dir): _sha1_of_file(path) for path in self.captions_csvs(raw_dir).values()}
+    tables = self._read_splits(raw_dir, report)
+    audio = {os.path.relpath(clip.audio_path, raw_dir): _size_and_mtime(clip.audio_path)
+             for clips in tables.values() for clip in clips}
+    return tables, {"csv": csvs, "audio": audio}
+
+  def source_changes(self, raw_dir: str) -> str:
+    """What changed in the sources in `raw_dir` since this complete dataset was prepared ("" when nothing did)."""
+    try:
+      with open(self.data_path / SOURCES_FILE, encoding="utf-8") as f:
+        stored = json.load(f)
+    except FileNotFoundError:
+      return f"no {SOURCES_FILE}: prepared by an older version"
+    return _describe_changes(stored, self.read_sources(raw_dir, extraction.Report(self.name))[1])
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -204,13 +280,16 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     raw_dir = os.fspath(dl_manager.manual_dir)
     report = extraction.Report(self.name)
-    tables = self._read_splits(raw_dir, report)
+    tables, sources = self.read_sources(raw_dir, report)
     written = {}
     with extraction.Extractor(self.feature_cache_dir, self.workers) as extractor:
       for split, clips in tables.items():
         outcomes = extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
         written[split] = self._good_clips(split, clips, outcomes, report)
+    extraction.keep_only(self.feature_cache_dir, {path for clips in written.values() for _, path in clips})
     report.write_csv(os.path.join(self.data_dir, REPORT_FILE))
+    with open(os.path.join(self.data_dir, SOURCES_FILE), "w", encoding="utf-8") as f:
+      json.dump(sources, f)
     self.info.metadata["preparation"] = report.counts
     summary = extraction.format_summary(self.name, report.counts)
     for split, clips in written.items():
@@ -240,24 +319,78 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                              "file_name": clip.file_name, "clip_id": clip_id}
 
 
-def prepare(builder: CaptionedClips, raw_dir: str) -> CaptionedClips:
-  """`builder`, built from `raw_dir` unless it is already complete (then instant).
+def _same_builder(builder: CaptionedClips, data_dir: str, **kwargs) -> CaptionedClips:
+  return type(builder)(data_dir=os.fspath(data_dir), config=builder.builder_config, workers=builder.workers, **kwargs)
 
-  A folder left by a killed preparation is not complete (TFDS renames its temporary folder only at the end): the
-  build is redone, reusing the features the killed run cached; leftover `incomplete.*` folders are reported.
+
+def _beside(data_path: os.PathLike, prefix: str) -> str:
+  return os.path.join(os.path.dirname(data_path), prefix + os.path.basename(data_path))
+
+
+def _settle_swap(data_path: os.PathLike) -> bool:
+  """Ends a replacement of the dataset at `data_path` cut short: the replaced dataset comes back unless its
+  replacement is in place (then it is deleted). Whether it came back."""
+  replaced = _beside(data_path, _REPLACED_PREFIX)
+  if not os.path.exists(replaced):
+    return False
+  if os.path.exists(data_path):
+    shutil.rmtree(replaced)
+    return False
+  os.rename(replaced, data_path)
+  return True
+
+
+def _prepare_again(builder: CaptionedClips, raw_dir: str) -> CaptionedClips:
+  """`builder` prepared again into a staging folder, then moved in place of its complete dataset (which is kept
+  until the replacement is complete, and restored by `_settle_swap` if the move is cut short)."""
+  data_path = os.fspath(builder.data_path)
+  staging_dir = _beside(data_path, _STAGING_PREFIX)
+  shutil.rmtree(staging_dir, ignore_errors=True)  # A killed re-preparation's (what it extracted is in the cache).
+  staged = _same_builder(builder, staging_dir, feature_cache_dir=builder.feature_cache_dir)
+  staged.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+  replaced = _beside(data_path, _REPLACED_PREFIX)
+  os.rename(data_path, replaced)
+  os.rename(staged.data_path, data_path)
+  shutil.rmtree(replaced)
+  shutil.rmtree(staging_dir)
+  return _same_builder(builder, builder.data_dir_root)
+
+
+def prepare(builder: CaptionedClips, raw_dir: str, *, check_sources: bool = True) -> CaptionedClips:
+  """`builder` (or a new builder of the same dataset), built from `raw_dir` unless it is complete and its sources
+  are those it was prepared from (`source_changes`: the CSVs are hashed, the audio files stat'ed, none is read).
+
+  Sources changed since: the dataset is prepared again (what changed is logged), replacing the complete one only
+  once complete itself; the feature cache spares decoding the unchanged clips. `check_sources=False` takes a
+  complete dataset as it is (the other processes of a job, once process 0 prepared it). A folder left by a killed
+  preparation is not complete (TFDS renames its temporary folder only at the end): the build is redone, reusing the
+  features the killed run cached; leftover `incomplete.*` folders are reported.
   """
-  if builder.data_path.exists() and builder.is_prepared():
-    return builder
   raw_dir = os.path.abspath(os.path.expanduser(raw_dir))
+  if _settle_swap(builder.data_path):
+    builder = _same_builder(builder, builder.data_dir_root)  # `builder` read its info before the dataset was back.
+  prepared = builder.is_prepared()
+  if prepared and not check_sources:
+    return builder
   if not os.path.isdir(raw_dir):
+    if prepared:
+      logging.warning("%s: raw_dir %s does not exist: using %s as prepared, its sources unchecked", builder.name,
+                      raw_dir, builder.data_path)
+      return builder
     raise FileNotFoundError(f"raw_dir {raw_dir} does not exist (expected a {builder.name}-layout folder)")
-  leftovers = sorted(builder.data_path.parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*"))
-  if leftovers:
-    logging.warning("Leftovers of interrupted preparations (delete them unless a preparation is running): %s",
-                    [os.fspath(p) for p in leftovers])
-  logging.info("Preparing %s into %s", raw_dir, builder.data_path)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
-  shutil.rmtree(builder.feature_cache_dir, ignore_errors=True)
+  if prepared:
+    changes = builder.source_changes(raw_dir)
+    if not changes:
+      return builder
+    logging.warning("%s: sources changed since preparation (%s): preparing again", builder.name, changes)
+    builder = _prepare_again(builder, raw_dir)
+  else:
+    leftovers = sorted(builder.data_path.parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*"))
+    if leftovers:
+      logging.warning("Leftovers of interrupted preparations (delete them unless a preparation is running): %s",
+                      [os.fspath(p) for p in leftovers])
+    logging.info("Preparing %s into %s", raw_dir, builder.data_path)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
   logging.info("%s\nreport: %s", extraction.format_summary(builder.name, builder.info.metadata["preparation"]),
                report_path(builder))
   return builder

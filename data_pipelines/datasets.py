@@ -1,6 +1,7 @@
 """Resolves `config.data` to prepared TFDS builders: the main dataset (`config.data.dataset` in raw_dir; the
 synthetic Clotho-layout dataset is generated first when asked) and the extra training sources of
-`config.data.extra_train`. Each is prepared on first use by process 0 while the other processes wait."""
+`config.data.extra_train`. Each is prepared on first use, and again when its sources changed, by process 0 while
+the other processes wait."""
 import functools
 import os
 
@@ -13,12 +14,14 @@ DATASETS = ("clotho", "audiocaps")
 
 
 def prepare(dataset: str, raw_dir: str, data_dir: str, *, audiocaps_file_pattern: str = audiocaps.DEFAULT_FILE_PATTERN,
-            workers: int | None = None) -> clip_builder.CaptionedClips:
-  """The builder of `dataset` ("clotho" or "audiocaps") in `data_dir`, prepared from `raw_dir` unless complete."""
+            workers: int | None = None, check_sources: bool = True) -> clip_builder.CaptionedClips:
+  """The builder of `dataset` ("clotho" or "audiocaps") in `data_dir`, prepared from `raw_dir` unless complete and
+  up to date (`clip_builder.prepare`)."""
   if dataset == "clotho":
-    return clotho.prepare(raw_dir, data_dir, workers=workers)
+    return clotho.prepare(raw_dir, data_dir, workers=workers, check_sources=check_sources)
   if dataset == "audiocaps":
-    return audiocaps.prepare(raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers)
+    return audiocaps.prepare(raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers,
+                             check_sources=check_sources)
   raise ValueError(f"dataset {dataset!r} is not supported (supported: {DATASETS})")
 
 
@@ -49,7 +52,8 @@ def _ensure_raw(raw_dir: str, data_config: ml_collections.ConfigDict) -> None:
 
 def _prepare_on_process_zero(dataset: str, raw_dir: str, data_dir: str, data_config: ml_collections.ConfigDict,
                              make_raw=None) -> clip_builder.CaptionedClips:
-  """Process 0 prepares (after `make_raw()`), the others wait at a barrier; then every process opens the builder."""
+  """Process 0 prepares (after `make_raw()`; again when the sources changed), the others wait at a barrier, then open
+  what process 0 prepared without comparing its sources again (they might see a later change, and prepare too)."""
   import jax
   from jax.experimental import multihost_utils
   prepare_it = functools.partial(prepare, dataset, raw_dir, data_dir,
@@ -57,10 +61,10 @@ def _prepare_on_process_zero(dataset: str, raw_dir: str, data_dir: str, data_con
   if jax.process_index() == 0:
     if make_raw is not None:
       make_raw()
-    prepare_it()
+    builder = prepare_it()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"atr_jax_prepare_data {data_dir}")
-  return prepare_it()
+  return builder if jax.process_index() == 0 else prepare_it(check_sources=False)
 
 
 def prepare_builder(data_config: ml_collections.ConfigDict) -> clip_builder.CaptionedClips:

@@ -1,8 +1,9 @@
 """Parallel, cached, resumable log-mel extraction of audio files, and the preparation report.
 
 `Extractor(cache_dir, workers).run(paths, desc)` turns each audio file into an `AudioOutcome`: the cache file of its
-float16 log-mel (`features.log_mel(features.read_audio(path))`) and its notes (downmixed, resampled), or the reason
-it is skipped (missing_audio, empty_file, unreadable_audio, truncated_audio, too_short, silent). Files are processed
+float16 log-mel (`features.log_mel(features.read_audio(path))`) and its notes (downmixed, resampled, silent: digital
+silence is valid audio, its log-mel is the floor), or the reason it is skipped because it cannot be decoded or is
+shorter than one hop (missing_audio, empty_file, unreadable_audio, truncated_audio, too_short). Files are processed
 by `workers` child processes (`python -m data_pipelines.extraction`: they import this module and `features` only,
 never TensorFlow nor the caller's main module) under a progress bar; a file whose decoding kills its worker process
 is skipped too, the others go on.
@@ -10,11 +11,13 @@ is skipped too, the others go on.
 The cache holds one `<sha1 of path, size, mtime and FEATURE_VERSION>.npz` per good clip, written under a temporary
 name and renamed (`os.replace`), so a killed run never leaves a partial entry and a restarted run decodes only the
 files not cached yet: it ends with exactly the arrays of an uninterrupted run. Skipped files are not cached (they
-fail fast, and a repaired file is picked up).
+fail fast, and a repaired file is picked up). The cache outlives a preparation, so that preparing again after the
+sources changed decodes only new and modified files; `keep_only` drops the entries a preparation no longer uses.
 
 `Report` collects, per split, the clips and captions read and written, what was skipped (by reason: a skipped clip
 takes its captions with it) and what was noted (by kind); it writes them as a CSV and `format_summary` prints them.
 """
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -31,7 +34,7 @@ import tqdm
 
 from data_pipelines import features
 
-SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose 32 kHz waveform never reaches it is silent (16-bit LSB is 3e-5).
+SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose 32 kHz waveform never reaches it is noted silent (16-bit LSB 3e-5).
 REPORT_COLUMNS = ("dataset", "split", "item", "outcome", "reason", "detail")
 SKIPPED_CLIP, SKIPPED_CAPTION, NOTE = "skipped clip", "skipped caption", "note"
 _CACHE_VERSION = f"{features.FEATURE_VERSION}|silence<{SILENCE_PEAK}"
@@ -76,6 +79,14 @@ def _write_cache(cache_path: str, log_mel: np.ndarray, notes: tuple[tuple[str, s
   os.replace(partial, cache_path)
 
 
+def keep_only(cache_dir: str, used: set[str]) -> None:
+  """Deletes the cache entries of `cache_dir` other than `used` (cache paths): files no longer read, or changed."""
+  for name in os.listdir(cache_dir):
+    path = os.path.join(cache_dir, name)
+    if name.endswith(".npz") and path not in used:
+      os.remove(path)
+
+
 def _conversion_notes(source: features.AudioSource) -> tuple[tuple[str, str], ...]:
   notes = []
   if source.channels > 1:
@@ -102,14 +113,14 @@ def extract(path: str, cache_dir: str) -> AudioOutcome:
   try:
     waveform, source = features.read_audio(path)
     log_mel = features.log_mel(waveform).astype(np.float16)
-    peak = float(np.max(np.abs(waveform)))
-    if peak < SILENCE_PEAK:
-      return AudioOutcome(None, "silent", f"{path}: peak {peak:.2g} is below {SILENCE_PEAK:g}")
   except features.AudioError as e:
     return AudioOutcome(None, e.reason, str(e))
   except Exception as e:  # An unforeseen decoder failure skips this clip only; the report shows it.
     return AudioOutcome(None, "unreadable_audio", f"{path}: {type(e).__name__}: {e}")
   notes = _conversion_notes(source)
+  peak = float(np.max(np.abs(waveform)))
+  if peak < SILENCE_PEAK:  # Kept: a silent clip is valid audio, and evaluation must rank every listed clip.
+    notes += (("silent", f"peak {peak:.2g} is below {SILENCE_PEAK:g}: the log-mel is at its floor"),)
   _write_cache(cache_path, log_mel, notes)
   return AudioOutcome(cache_path, notes=notes)
 
@@ -208,10 +219,12 @@ class Extractor:
     finally:
       self._idle.put(process)
 
-  def run(self, paths: list[str], desc: str) -> list[AudioOutcome]:
-    """Outcomes of `paths`, in their order, under a progress bar (clips/s) titled `desc`."""
+  def run(self, paths: list[str], desc: str, progress: tqdm.tqdm | None = None) -> list[AudioOutcome]:
+    """Outcomes of `paths`, in their order, under a progress bar (clips/s) titled `desc`, or advancing `progress`, a
+    bar the caller holds open (then `desc` is not used)."""
     outcomes = [None] * len(paths)
-    with tqdm.tqdm(total=len(paths), desc=desc, unit="clip", smoothing=0.1) as progress:
+    with (tqdm.tqdm(total=len(paths), desc=desc, unit="clip", smoothing=0.1) if progress is None
+          else contextlib.nullcontext(progress)) as progress:
       if not self._processes:
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
           for index, path in enumerate(paths):

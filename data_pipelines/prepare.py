@@ -5,7 +5,8 @@ skipped, and where the report is.
       [--audiocaps_file_pattern '{youtube_id}.wav'] [--workers N]
 
 OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run continues where it stopped when started again;
-running it on a prepared OUT only prints the counts.
+running it on a prepared OUT prepares again if the sources changed since (decoding only new and modified audio),
+else only prints the counts.
 """
 from absl import app, flags
 

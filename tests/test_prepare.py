@@ -1,9 +1,11 @@
 """Preparation of Clotho- and AudioCaps-layout folders (clip_builder, clotho, audiocaps, extraction, datasets, the
 prepare CLI) on fixtures made of synthetic clips plus a broken input of every kind, and caption cleaning.
 
-Each fixture row says what must become of it; the tests check that every good clip is stored with the log-mel of the
-front end and all its non-empty captions, that every broken input is in the report with its reason and nothing
-else is, that the counts add up, and that a preparation killed midway and restarted gives the same dataset.
+Each fixture row says what must become of it; the tests check that every good clip (a silent one included) is stored
+with the log-mel of the front end and all its non-empty captions, that every broken input is in the report with its
+reason and nothing else is, that the counts add up, that a preparation killed midway and restarted gives the same
+dataset, and that a prepared dataset follows its sources (an edited CSV, added or modified audio) without losing
+the prepared data to a failed re-preparation.
 """
 import collections
 import csv
@@ -29,8 +31,7 @@ CLIP_S = 1.0
 CLOTHO_HEADER = ["file_name"] + [f"caption_{k}" for k in range(1, 6)] + ["sound_id"]  # sound_id: an extra column.
 # Clip-level skip reason of each broken development row (None: kept). The audio of each is made by `_write_audio`.
 CLOTHO_BROKEN = {"missing.wav": "missing_audio", "garbage.wav": "unreadable_audio", "truncated.wav": "truncated_audio",
-                 "zero_bytes.wav": "empty_file", "tiny.wav": "too_short", "silent.wav": "silent",
-                 "nocaption.wav": "no_caption"}
+                 "zero_bytes.wav": "empty_file", "tiny.wav": "too_short", "nocaption.wav": "no_caption"}
 # Good development clips in other formats: name -> (sample rate, channels, notes expected).
 CLOTHO_CONVERTED = {"stereo_44k.wav": (44100, 2, {"downmixed", "resampled"}), "mono_16k.wav": (16000, 1, {"resampled"})}
 CP1252_CAPTION = "a café door – naïvely slammed"
@@ -43,7 +44,8 @@ def _synthetic_clip(index: int) -> tuple[list[str], np.ndarray]:
 
 
 def _write_audio(path: str, kind: str, index: int) -> None:
-  """A wav of `kind`: 'good' (synthetic, 32 kHz), a CLOTHO_CONVERTED name's format, or a broken kind."""
+  """A wav of `kind`: 'good' (synthetic, 32 kHz), a CLOTHO_CONVERTED name's format, 'silent.wav' (1 s of zeros)
+  or a broken kind."""
   _, audio = _synthetic_clip(index)
   if kind == "good":
     sf.write(path, audio, features.SAMPLE_RATE, subtype="PCM_16")
@@ -86,8 +88,8 @@ class ClothoFixture:
     self.report = collections.Counter()
     self.decodable = 0  # Unique clips whose audio file exists: each is decoded once by an uncached preparation.
     self._write_development()
-    for split, count in (("validation", 3), ("evaluation", 2)):
-      self._write_plain_split(split, count)
+    self._write_plain_split("validation", 3)
+    self._write_plain_split("evaluation", 2, silent=True)
     self._write_retrieval()
 
   def _good(self, split: str, name: str, index: int, kind: str = "good") -> list[str]:
@@ -97,12 +99,16 @@ class ClothoFixture:
     self.decodable += 1
     return clip_captions
 
-  def _write_plain_split(self, split: str, count: int) -> None:
+  def _write_plain_split(self, split: str, count: int, silent: bool = False) -> None:
     os.makedirs(os.path.join(self.root, split))
     lines = [_csv_line(CLOTHO_HEADER[:-1])]
     for i in range(count):
       name = f"{split}_{i}.wav"
       lines.append(_csv_line([name] + self._good(split, name, 100 + i)))
+    if silent:  # Digital silence is valid audio: kept (evaluation ranks every listed clip), with a note.
+      name = f"{split}_silent.wav"
+      lines.append(_csv_line([name] + self._good(split, name, 150, kind="silent.wav")))
+      self.report[(split, name, extraction.NOTE, "silent")] += 1
     with open(clotho.captions_csv_path(self.root, split), "w", encoding="utf-8", newline="") as f:
       f.write("".join(lines))
 
@@ -314,10 +320,19 @@ def test_clotho_counts_add_up(clotho_raw, clotho_builder):
   development = clotho_builder.info.metadata["preparation"]["development"]
   assert (development["clips_read"], development["captions_read"]) == (clotho_raw.development_rows,
                                                                        5 * clotho_raw.development_rows)
-  # 6 broken audio files, the repeated and the nameless row take their captions along; 5 + 2 + 4 empty cells.
+  # 5 broken audio files, the repeated and the nameless row take their captions along; 5 + 2 + 4 empty cells.
   assert development["skipped_captions"] == {reason: 5 for reason in CLOTHO_BROKEN.values() if reason != "no_caption"
                                              } | {"duplicate_file_name": 5, "no_file_name": 1, "empty_caption": 11}
-  assert not os.path.exists(clotho_builder.feature_cache_dir)  # Deleted once the dataset is complete.
+  # Kept for the next preparation, one entry per stored clip.
+  assert len(os.listdir(clotho_builder.feature_cache_dir)) == sum(len(v) for v in clotho_raw.expected.values())
+
+
+def test_silent_evaluation_clip_is_kept_and_noted(clotho_builder):
+  record = _records(clotho_builder, "evaluation")["evaluation_silent.wav"]
+  assert record["log_mel"].shape == (features.num_frames(features.SAMPLE_RATE), features.N_MELS)
+  np.testing.assert_allclose(record["log_mel"].astype(np.float32), -100.0, rtol=1e-3)  # The floor, every bin.
+  notes = [(row[2], row[4]) for row in _report_rows(clotho_builder) if row[1] == "evaluation"]
+  assert notes == [("evaluation_silent.wav", "silent")]
 
 
 def test_audiocaps_official_and_renamed_csvs(audiocaps_raw, audiocaps_cli):
@@ -381,6 +396,116 @@ def test_missing_column_is_a_clear_error(tmp_path, dataset, file_name, header, m
   with pytest.raises(ValueError, match=rf"{file_name}: required column {missing}"):
     datasets.prepare(dataset, str(raw), str(tmp_path / "prepared"))
   assert not list((tmp_path / "prepared").glob(f"{dataset}/**/dataset_info.json"))
+
+
+def _small_clotho(root) -> str:
+  """A synthetic Clotho-layout folder of 2 + 1 + 1 clips of 1.5 s."""
+  raw = str(root / "raw")
+  synthetic.generate(raw, {"development": 2, "validation": 1, "evaluation": 1}, seed=SEED, duration_s=1.5)
+  return raw
+
+
+def _prepare_counting(prepare, monkeypatch, caplog) -> tuple[clip_builder.CaptionedClips, list[str], str]:
+  """(builder, audio files decoded, log) of `prepare()` (in this process: workers=1)."""
+  decoded = []
+  read_audio = features.read_audio
+  monkeypatch.setattr(features, "read_audio", lambda path: decoded.append(os.path.basename(path)) or read_audio(path))
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    builder = prepare()
+  monkeypatch.setattr(features, "read_audio", read_audio)
+  return builder, decoded, caplog.text
+
+
+def test_edited_caption_csv_is_prepared_again_from_the_cache(tmp_path, monkeypatch, caplog):
+  raw, data_dir = _small_clotho(tmp_path), str(tmp_path / "prepared")
+  prepare = lambda: clotho.prepare(raw, data_dir, workers=1)
+  first, decoded, _ = _prepare_counting(prepare, monkeypatch, caplog)
+  assert len(decoded) == 4
+  path = clotho.captions_csv_path(raw, "development")
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  rows[1][2] = "an edited caption"
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows(rows)
+  again, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert ("clotho: sources changed since preparation (clotho_captions_development.csv edited): preparing again"
+          in log)
+  assert decoded == []  # Every clip's features came from the cache.
+  assert again.data_path == first.data_path
+  assert [c.decode() for c in _records(again, "development")[rows[1][0]]["captions"]] == rows[1][1:]
+  assert not [p.name for p in again.data_path.parent.iterdir() if p.name not in (again.data_path.name,
+                                                                                 "feature_cache")]
+
+
+def test_modified_audio_alone_is_extracted_again(tmp_path, monkeypatch, caplog):
+  raw, data_dir = _small_clotho(tmp_path), str(tmp_path / "prepared")
+  prepare = lambda: clotho.prepare(raw, data_dir, workers=1)
+  first, _, _ = _prepare_counting(prepare, monkeypatch, caplog)
+  name = sorted(_records(first, "development"))[0]
+  _write_audio(os.path.join(raw, "development", name), "good", 99)  # Another clip, 1 s instead of 1.5 s.
+  again, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert "clotho: sources changed since preparation (1 audio file modified): preparing again" in log
+  assert decoded == [name]
+  stored = _records(again, "development")[name]["log_mel"]
+  reference = features.log_mel(features.load_audio(os.path.join(raw, "development", name)))
+  np.testing.assert_allclose(stored.astype(np.float32), reference, rtol=2.0**-11 * 1.01, atol=1e-6)
+  assert len(os.listdir(again.feature_cache_dir)) == 4  # The old clip's entry is gone.
+
+
+def test_newly_downloaded_audio_is_prepared_again(tmp_path, monkeypatch, caplog):
+  raw = tmp_path / "raw"
+  (raw / "train").mkdir(parents=True)
+  with open(raw / "train.csv", "w", newline="") as f:
+    csv.writer(f).writerows([OFFICIAL_HEADER, [1, "yt_a", 0, "a car passes"], [2, "yt_b", 0, "a dog barks"]])
+  _write_audio(str(raw / "train" / "yt_a.wav"), "good", 1)
+  prepare = lambda: audiocaps.prepare(str(raw), str(tmp_path / "prepared"), workers=1)
+  first, _, _ = _prepare_counting(prepare, monkeypatch, caplog)
+  assert sorted(_records(first, "train")) == ["yt_a.wav"]
+  _write_audio(str(raw / "train" / "yt_b.wav"), "good", 2)
+  again, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert "audiocaps: sources changed since preparation (1 audio file added): preparing again" in log
+  assert decoded == ["yt_b.wav"]
+  assert {name: [c.decode() for c in r["captions"]] for name, r in _records(again, "train").items()} == {
+      "yt_a.wav": ["a car passes"], "yt_b.wav": ["a dog barks"]}
+  assert again.info.metadata["preparation"]["train"]["skipped_clips"] == {}
+
+
+def test_unchanged_sources_are_reused_without_extraction(tmp_path, monkeypatch, caplog):
+  raw, data_dir = _small_clotho(tmp_path), str(tmp_path / "prepared")
+  first = clotho.prepare(raw, data_dir, workers=1)
+  info_file = os.fspath(first.data_path / "dataset_info.json")
+  written = os.stat(info_file).st_mtime_ns
+
+  def fail(path):
+    raise AssertionError(f"prepare decoded {path}")
+  monkeypatch.setattr(features, "read_audio", fail)
+  again, _, log = _prepare_counting(lambda: clotho.prepare(raw, data_dir, workers=1), monkeypatch, caplog)
+  assert "preparing again" not in log and "Preparing" not in log
+  assert again.data_path == first.data_path and os.stat(info_file).st_mtime_ns == written  # Not rewritten.
+
+
+def test_failed_re_preparation_keeps_the_prepared_dataset(tmp_path, monkeypatch):
+  raw, data_dir = _small_clotho(tmp_path), str(tmp_path / "prepared")
+  first = clotho.prepare(raw, data_dir, workers=1)
+  before = {split: _records(first, split).keys() for split in first.info.splits}
+  os.remove(os.path.join(raw, "evaluation", sorted(before["evaluation"])[0]))
+
+  def fail(cache_path):
+    raise RuntimeError("killed while writing")
+  monkeypatch.setattr(extraction, "load_log_mel", fail)
+  with pytest.raises(RuntimeError, match="killed while writing"):
+    clotho.prepare(raw, data_dir, workers=1)
+  # The other processes of a job take process 0's dataset as it is.
+  kept = clotho.prepare(raw, data_dir, workers=1, check_sources=False)
+  assert {split: _records(kept, split).keys() for split in kept.info.splits} == before
+  # A replacement cut short between its two renames: the old dataset comes back, and is then replaced.
+  os.rename(first.data_path, first.data_path.parent / f"replaced-{first.data_path.name}")
+  monkeypatch.undo()
+  assert clotho.prepare(raw, data_dir, workers=1, check_sources=False).info.splits.keys() == before.keys()
+  redone = clotho.prepare(raw, data_dir, workers=1)
+  assert set(redone.info.splits) == {"development", "validation"}  # The evaluation split's one clip is gone.
+  assert sorted(p.name for p in redone.data_path.parent.iterdir()) == [redone.data_path.name, "feature_cache"]
 
 
 def _env_with_sitecustomize(folder, code: str) -> dict:
