@@ -156,6 +156,8 @@ class _Setup:
     if self.accum_steps < 1 or per_device % self.accum_steps:
       raise ValueError(f"train.grad_accum_steps={self.accum_steps} must be a positive divisor of the per-device "
                        f"batch ({per_device} = train.global_batch_size / {jax.device_count()} devices)")
+    self.train_max_frames = ((config.data.train_max_frames or input_pipeline.longest_clip(self.sources))
+                             if training else None)
     # Test only: the learning-rate schedule does not matter, only the optimizer state's structure.
     self.steps_per_epoch = (input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size)
                             if training else 1)
@@ -193,7 +195,7 @@ class _Setup:
     return input_pipeline.process_train_batches(
         self.sources, global_batch_size=self.config.train.global_batch_size, num_shards=self.num_input_shards,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        max_frames=self.config.data.train_max_frames, seed=self.config.seed, epoch=epoch,
+        max_frames=self.train_max_frames, seed=self.config.seed, epoch=epoch,
         shuffle_buffer=self.config.data.shuffle_buffer, skip_batches=skip_batches)
 
 
@@ -277,9 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   total_steps = setup.steps_per_epoch * config.train.num_epochs
   checkpoint_every = config.train.get("checkpoint_every_steps", 0)
   step = int(state.step)
-  logging.info("Training: %d epochs x %d steps of %d pairs on %d devices (%d processes, %d input shards, %d "
-               "micro-batches)", config.train.num_epochs, setup.steps_per_epoch, config.train.global_batch_size,
-               jax.device_count(), jax.process_count(), setup.num_input_shards, setup.accum_steps)
+  logging.info("Training: %d epochs x %d steps of %d pairs (crops of %d frames) on %d devices (%d processes, %d "
+               "input shards, %d micro-batches)", config.train.num_epochs, setup.steps_per_epoch,
+               config.train.global_batch_size, setup.train_max_frames, jax.device_count(), jax.process_count(),
+               setup.num_input_shards, setup.accum_steps)
   progress = _Progress(total_steps, step)
   stall_watchdog = watchdog.StepWatchdog.for_this_job()  # Multi-process: a stalled step ends with an error.
   for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):

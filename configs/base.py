@@ -33,7 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.train_split = "development"
   config.data.val_split = "validation"
   config.data.test_split = "evaluation"
-  config.data.train_max_frames = 3001  # Random crop (or pad + mask) of each training clip, frames at 100/s.
+  # Random crop (or pad + mask) of each training clip, frames at 100/s; 0 = the longest clip of the training sources
+  # (read from the prepared data: 3001 for Clotho's 30 s, 1001 for AudioCaps' 10 s).
+  config.data.train_max_frames = 0
   config.data.shuffle_buffer = 2000  # (clip, caption) pairs held by the shuffle buffer of each input shard.
   # Input shards: each reads its own TFRecord files and fills its own slice of every global batch; each process
   # runs num_input_shards / process_count of them. 0 = one per process. Fixing it (e.g. 8) makes the global batches

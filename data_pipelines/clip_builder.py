@@ -39,6 +39,9 @@ from data_pipelines import extraction, features
 
 REPORT_FILE = "preparation_report.csv"
 SOURCES_FILE = "sources.json"
+# Per split: the file name, captions and log-mel frame count of each clip, by clip id: what training and evaluation
+# need to know of a split without reading its records.
+CLIPS_FILE = "clips.json"
 _STAGING_PREFIX, _REPLACED_PREFIX = "staging-", "replaced-"  # Beside the version folder: a re-preparation's places.
 FILE_NAME_COLUMN = "file_name"
 _CAPTION_COLUMN = re.compile(r"caption(?:_(\d+))?")
@@ -259,6 +262,8 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         stored = json.load(f)
     except FileNotFoundError:
       return f"no {SOURCES_FILE}: prepared by an older version"
+    if not (self.data_path / CLIPS_FILE).exists():
+      return f"no {CLIPS_FILE}: prepared by an older version"
     return _describe_changes(stored, self.read_sources(raw_dir, extraction.Report(self.name))[1])
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -290,6 +295,12 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     report.write_csv(os.path.join(self.data_dir, REPORT_FILE))
     with open(os.path.join(self.data_dir, SOURCES_FILE), "w", encoding="utf-8") as f:
       json.dump(sources, f)
+    clip_tables = {split: {"file_names": [clip.file_name for clip, _ in clips],
+                           "captions": [list(clip.captions) for clip, _ in clips],
+                           "num_frames": [extraction.log_mel_frames(path) for _, path in clips]}
+                   for split, clips in written.items() if clips}
+    with open(os.path.join(self.data_dir, CLIPS_FILE), "w", encoding="utf-8") as f:
+      json.dump(clip_tables, f, ensure_ascii=False)
     self.info.metadata["preparation"] = report.counts
     summary = extraction.format_summary(self.name, report.counts)
     for split, clips in written.items():

@@ -26,6 +26,7 @@ import os
 import queue
 import subprocess
 import sys
+import zipfile
 from concurrent import futures
 
 import numpy as np
@@ -54,6 +55,15 @@ def load_log_mel(cache_path: str) -> np.ndarray:
   """The float16 (frames, 64) log-mel of a cache entry."""
   with np.load(cache_path) as entry:
     return entry["log_mel"]
+
+
+def log_mel_frames(cache_path: str) -> int:
+  """The frame count of a cache entry's log-mel, read from its array header (the data stays unread)."""
+  with zipfile.ZipFile(cache_path) as archive, archive.open("log_mel.npy") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, _ = read_header(f)
+  return int(shape[0])
 
 
 def _cache_path(cache_dir: str, path: str, stat: os.stat_result) -> str:

@@ -11,6 +11,8 @@ Every shard yields `steps_per_epoch` batches (a short shard is repeated) so that
 its contiguous group of shards and concatenates their batches, so global batches do not depend on the process count.
 """
 import functools
+import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -18,8 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_pipelines import captions as caption_text
-from data_pipelines import features
+from data_pipelines import clip_builder, features
 
 try:
   tf.config.set_visible_devices([], "GPU")  # The accelerators belong to JAX.
@@ -43,20 +44,19 @@ class _ClipTable(NamedTuple):
 
 @functools.cache
 def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
-  """Captions, file name and frame count per clip id of `split`, read once per builder and split (log-mels left
-  undecoded: their byte length gives the frames)."""
-  clips = builder.as_dataset(split=split, shuffle_files=False, decoders={"log_mel": tfds.decode.SkipDecoding()},
-                             read_config=tfds.ReadConfig(try_autocache=False))
-  clips = clips.map(lambda clip: {"captions": clip["captions"], "file_name": clip["file_name"],
-                                  "clip_id": clip["clip_id"], "log_mel_bytes": tf.strings.length(clip["log_mel"])})
-  by_id = {int(clip["clip_id"]): clip for clip in clips.as_numpy_iterator()}
-  if sorted(by_id) != list(range(len(by_id))):
-    raise ValueError(f"{builder.data_dir} split {split}: clip ids are not 0..{len(by_id) - 1}")
-  clips = [by_id[i] for i in range(len(by_id))]
-  frame_bytes = features.N_MELS * np.dtype(np.float16).itemsize
-  return _ClipTable(captions=tuple(tuple(caption_text.as_text(c) for c in clip["captions"]) for clip in clips),
-                    file_names=tuple(caption_text.as_text(clip["file_name"]) for clip in clips),
-                    num_frames=tuple(int(clip["log_mel_bytes"]) // frame_bytes for clip in clips))
+  """Captions, file name and frame count per clip id of `split`, from the table the preparation wrote beside the
+  records (`clip_builder.CLIPS_FILE`; no record is read), once per builder and split."""
+  path = os.path.join(builder.data_dir, clip_builder.CLIPS_FILE)
+  with open(path, encoding="utf-8") as f:
+    table = json.load(f)
+  if split not in table:
+    raise ValueError(f"{path}: no split {split!r} (it has {sorted(table)})")
+  table = table[split]
+  if len(table["file_names"]) != _num_clips(builder, split):
+    raise ValueError(f"{path}: {len(table['file_names'])} clips in split {split!r}, the records hold "
+                     f"{_num_clips(builder, split)}: prepare the dataset again")
+  return _ClipTable(captions=tuple(tuple(clip_captions) for clip_captions in table["captions"]),
+                    file_names=tuple(table["file_names"]), num_frames=tuple(table["num_frames"]))
 
 
 def train_pairs_per_epoch(builder: tfds.core.DatasetBuilder, split: str) -> int:
@@ -72,6 +72,11 @@ def steps_per_epoch(sources, global_batch: int) -> int:
     names = ", ".join(f"{builder.name}:{split}" for builder, split in sources)
     raise ValueError(f"{names} hold {pairs} (clip, caption) pairs, fewer than the global batch {global_batch}")
   return steps
+
+
+def longest_clip(sources) -> int:
+  """Frames of the longest clip of the (builder, split) `sources`."""
+  return max(max(_clip_table(builder, split).num_frames) for builder, split in sources)
 
 
 def eval_captions(builder: tfds.core.DatasetBuilder, split: str) -> tuple[list[str], np.ndarray, list[str]]:

@@ -81,6 +81,9 @@ def _random_batch(config: ml_collections.ConfigDict) -> dict:
   clip."""
   rng = np.random.default_rng(0)
   b, t, l = config.train.global_batch_size, config.data.train_max_frames, config.model.text.max_len
+  if t < 1:
+    raise ValueError("config.data.train_max_frames must be set (e.g. 1001 for 10 s crops): the benchmark has no "
+                     "dataset to take the longest clip from")
   return {"log_mel": (rng.standard_normal((b, t, 64)) * 10 - 40).astype(np.float32),
           "frame_mask": np.ones((b, t), bool),
           "input_ids": rng.integers(1, _text_json(config)["vocab_size"], (b, l)).astype(np.int32),

@@ -136,7 +136,15 @@ def test_log_mel_records_equal_the_front_end(raw_dir, builder):
   assert (stereo.channels, stereo.samplerate) == (2, 44100)  # Covered above: stored as 151 frames of 32 kHz mono.
 
 
-def test_ids_names_and_captions_round_trip(builder):
+def test_longest_clip_is_read_from_the_prepared_data(builder):
+  lengths = [record["log_mel"].shape[0] for split in ("development", "validation")
+             for record in _records(builder, split).values()]
+  assert input_pipeline.longest_clip([(builder, "development"), (builder, "validation")]) == max(lengths)
+  assert input_pipeline.longest_clip([(builder, "development")]) == max(
+      record["log_mel"].shape[0] for record in _records(builder, "development").values())
+
+
+def test_ids_names_captions_and_frames_round_trip(builder):
   for split, audio in GOOD_AUDIO.items():
     names = sorted(audio)
     captions, caption_clip_ids, file_names = input_pipeline.eval_captions(builder, split)
@@ -145,9 +153,11 @@ def test_ids_names_and_captions_round_trip(builder):
     assert caption_clip_ids.dtype == np.int32
     np.testing.assert_array_equal(caption_clip_ids, np.repeat(np.arange(len(names)), [len(_captions(split, n))
                                                                                         for n in names]))
+    frames = input_pipeline.eval_clip_frames(builder, split)  # From the preparation's clip table, as the rest.
     for name, record in _records(builder, split).items():
       assert record["clip_id"] == names.index(name)
       assert [c.decode() for c in record["captions"]] == _captions(split, name)
+      assert frames[record["clip_id"]] == record["log_mel"].shape[0]
   assert "café naïve façade" in input_pipeline.eval_captions(builder, "validation")[0]  # latin-1 CSV
   assert "a “smart” quote — and a dash" in input_pipeline.eval_captions(builder, "evaluation")[0]  # cp1252 CSV
 

@@ -13,6 +13,7 @@ import pytest
 from tiny_run import tiny_config
 
 from atr_jax import checkpointing, train
+from data_pipelines import input_pipeline
 
 METRIC_KEYS = {f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R1", "R5", "R10", "mAP10", "medR", "meanR")}
 
@@ -93,6 +94,15 @@ def test_training_learns_its_pairs(tmp_path):
   config.eval.num_retrieval_examples = 0
   metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert metrics["t2a_R1"] >= 0.6 and metrics["a2t_R1"] >= 0.6, metrics
+
+
+def test_the_training_crop_defaults_to_the_longest_training_clip(tmp_path):
+  config = tiny_config(tmp_path)
+  config.data.train_max_frames = 0
+  setup = train._Setup(config, str(tmp_path / "run"))
+  assert setup.train_max_frames == input_pipeline.longest_clip(setup.sources) > 0
+  batch = next(iter(setup.train_batches(epoch=0, skip_batches=0)))
+  assert batch["log_mel"].shape[1] == setup.train_max_frames
 
 
 def test_cli_rejects_misspelt_config_key(tmp_path):
