@@ -1,17 +1,23 @@
 """Command line: `python -m atr_jax.main --config configs/<name>.py --workdir DIR [--mode train|evaluate]
-[--config.key=value ...] [--distributed auto|on|off] [--coordinator_address HOST:PORT --num_processes N
---process_id I]`.
+[--config.key=value ...] [--allow_config_change] [--verbosity=1] [--distributed auto|on|off]
+[--coordinator_address HOST:PORT --num_processes N --process_id I]`.
+
+The console shows one line per phase and the training progress (`atr_jax.console`); the workdir's atr_jax.INFO log
+holds everything, which --verbosity=1 also shows.
 
 Multi-process runs start the same command in every process (scripts/launch_local.py, scripts/slurm_train.sbatch,
 scripts/tpu_pod_train.sh); `atr_jax.distributed` joins them before anything touches a device."""
+import os
+
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # Before jax is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's and XLA's C++ INFO lines (a set value wins).
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from atr_jax import distributed, train  # noqa: E402
+from atr_jax import console, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and results.json.")
@@ -36,6 +42,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(FLAGS.workdir, FLAGS.verbosity)
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                mode=FLAGS.distributed)
   import tensorflow as tf

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from atr_jax import checkpointing, evaluation, losses, preflight, sharding, summaries, tokenization, watchdog
+from atr_jax import checkpointing, console, evaluation, losses, preflight, sharding, summaries, tokenization, watchdog
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
@@ -144,6 +144,10 @@ class _Setup:
       self.builder = self.sources[0][0]  # Validation and test splits come from it.
     else:
       self.sources, self.builder = None, datasets.prepare_builder(config.data)
+    console.phase("Data: %s", "; ".join(
+        f"{builder.name} {split} ({input_pipeline.num_clips(builder, split)} clips, "
+        f"{input_pipeline.train_pairs_per_epoch(builder, split)} captions)"
+        for builder, split in (self.sources or [(self.builder, config.data.test_split)])))
     self.mesh = sharding.create_mesh()
     self.local_batch_size = sharding.check_global_batch(config.train.global_batch_size, "train.global_batch_size")
     sharding.check_global_batch(config.eval.batch_size, "eval.batch_size")
@@ -263,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   state, shardings = setup.fresh_state()
   latest = setup.manager.latest_step()
   if latest is not None:
-    logging.info("Resuming from the checkpoint of step %d in %s", latest, setup.workdir)
+    console.phase("Resuming from the checkpoint of step %d in %s", latest, setup.workdir)
     state = setup.restore(latest, state, shardings)
   writer = metric_writers.create_default_writer(setup.workdir, just_logging=jax.process_index() > 0)
   if latest is None:
@@ -279,11 +283,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   total_steps = setup.steps_per_epoch * config.train.num_epochs
   checkpoint_every = config.train.get("checkpoint_every_steps", 0)
   step = int(state.step)
-  logging.info("Training: %d epochs x %d steps of %d pairs (crops of %d frames) on %d devices (%d processes, %d "
-               "input shards, %d micro-batches)", config.train.num_epochs, setup.steps_per_epoch,
-               config.train.global_batch_size, setup.train_max_frames, jax.device_count(), jax.process_count(),
-               setup.num_input_shards, setup.accum_steps)
-  progress = _Progress(total_steps, step)
+  console.phase("Training: %d epochs x %d steps of %d pairs (crops of %d frames) on %d devices (%d processes, %d "
+                "input shards, %d micro-batches); compiling the step first", config.train.num_epochs,
+                setup.steps_per_epoch, config.train.global_batch_size, setup.train_max_frames, jax.device_count(),
+                jax.process_count(), setup.num_input_shards, setup.accum_steps)
+  progress = console.TrainProgress(total_steps, step)
+  compile_start = time.perf_counter()
   stall_watchdog = watchdog.StepWatchdog.for_this_job()  # Multi-process: a stalled step ends with an error.
   for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):
     for local in setup.train_batches(epoch, skip_batches=step - epoch * setup.steps_per_epoch):
@@ -294,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
       step += 1
       stall_watchdog.dispatched(step, metrics)
       if step == progress.first_step + 1:
+        progress.write(f"Compiled the training step in {time.perf_counter() - compile_start:.1f} s (first batch "
+                       "included)")
         progress.restart_clock(step)  # Rates and ETA leave out the compilation of the first step.
       epoch_end = step % setup.steps_per_epoch == 0
       mid_epoch_save = checkpoint_every > 0 and step % checkpoint_every == 0 and not epoch_end
@@ -302,8 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
         scalars.update(learning_rate=float(setup.schedule(step - 1)) * float(state.lr_scale),
                        steps_per_sec=progress.steps_per_sec(step))
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-        logging.info("step %d/%d epoch %d loss %.4f  %.2f steps/s  ETA %s", step, total_steps, epoch + 1,
-                     scalars["loss"], scalars["steps_per_sec"], progress.eta(step))
+        progress.update(step, epoch + 1, scalars["loss"])
       if mid_epoch_save:
         checkpointing.save(setup.manager, step, state, metrics=None)
     eval_start = time.perf_counter()
@@ -311,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     val_metrics = retrieval_metrics(val_emb.audio, val_emb.text, val_emb.caption_clip_ids)
     val_metrics["loss"] = validation_loss(val_emb, val_loss_fn, jax.device_get(state.params["loss"]),
                                           config.train.global_batch_size, config.seed)
-    logging.info("Evaluated %s in %.1f s", config.data.val_split, time.perf_counter() - eval_start)
+    eval_s = time.perf_counter() - eval_start
     if config.eval.num_retrieval_examples > 0:
       summaries.write_retrieval_examples(writer, step, val_emb, raw_dir=config.data.raw_dir,
                                          split=config.data.val_split, num_queries=config.eval.num_retrieval_examples)
@@ -323,8 +329,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
       val_metrics["lr_scale"] = float(state.lr_scale)
     writer.write_scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
     logging.info("epoch %d validation: %s", epoch + 1, {k: round(v, 4) for k, v in val_metrics.items()})
+    progress.write(f"Epoch {epoch + 1}/{config.train.num_epochs} validation ({config.data.val_split}, {eval_s:.1f} s):"
+                   f" t2a R@1 {val_metrics['t2a_R1']:.3f} mAP@10 {val_metrics['t2a_mAP10']:.3f}, a2t R@1 "
+                   f"{val_metrics['a2t_R1']:.3f}, loss {val_metrics['loss']:.4f}")
     checkpointing.save(setup.manager, step, state, val_metrics)
     progress.restart_clock(step)
+  progress.close()
   writer.flush()
   return _evaluate_best_and_report(setup, state, shardings)
 
@@ -342,6 +352,7 @@ def _evaluate_best_and_report(setup: _Setup, state, shardings) -> dict:
   best = setup.manager.best_step()
   state = setup.restore(best, state, shardings)
   split = setup.config.data.test_split
+  console.phase("Testing the best checkpoint (step %d) on split %r", best, split)
   metrics = setup.evaluate(state, split)
   if jax.process_index() == 0:
     results = {**metrics, "split": split, "checkpoint_step": int(best)}
@@ -356,26 +367,6 @@ def _write_atomically(path: str, text: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(text)
   os.replace(path + ".tmp", path)
-
-
-class _Progress:
-  """Steps per second and ETA over the steps since the clock was (re)started."""
-
-  def __init__(self, total_steps: int, step: int):
-    self.total_steps = total_steps
-    self.first_step = step
-    self.restart_clock(step)
-
-  def restart_clock(self, step: int):
-    self._start_step, self._start_time = step, time.perf_counter()
-
-  def steps_per_sec(self, step: int) -> float:
-    return (step - self._start_step) / max(time.perf_counter() - self._start_time, 1e-9)
-
-  def eta(self, step: int) -> str:
-    rate = self.steps_per_sec(step)
-    seconds = int((self.total_steps - step) / rate) if rate > 0 else 0
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -32,7 +32,7 @@ DEFAULT_CLIP_SHUFFLE_BUFFER = 4096
 MIN_PADDED_FRAMES = 64  # Shortest padded length of an embedded clip (`padded_frames`).
 
 
-def _num_clips(builder: tfds.core.DatasetBuilder, split) -> int:
+def num_clips(builder: tfds.core.DatasetBuilder, split) -> int:
   return builder.info.splits[split].num_examples
 
 
@@ -52,9 +52,9 @@ def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
   if split not in table:
     raise ValueError(f"{path}: no split {split!r} (it has {sorted(table)})")
   table = table[split]
-  if len(table["file_names"]) != _num_clips(builder, split):
+  if len(table["file_names"]) != num_clips(builder, split):
     raise ValueError(f"{path}: {len(table['file_names'])} clips in split {split!r}, the records hold "
-                     f"{_num_clips(builder, split)}: prepare the dataset again")
+                     f"{num_clips(builder, split)}: prepare the dataset again")
   return _ClipTable(captions=tuple(tuple(clip_captions) for clip_captions in table["captions"]),
                     file_names=tuple(table["file_names"]), num_frames=tuple(table["num_frames"]))
 
@@ -131,8 +131,8 @@ def _source_clips(sources, shard_index: int, num_shards: int, file_seed: int, ch
     clips = builder.as_dataset(split=shard, shuffle_files=True,
                                read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False))
     datasets.append(clips.map(lambda clip, offset=offset: {**clip, "clip_id": clip["clip_id"] + offset}))
-    counts.append(_num_clips(builder, shard))
-    offset += _num_clips(builder, split)
+    counts.append(num_clips(builder, shard))
+    offset += num_clips(builder, split)
   if len(datasets) == 1:
     return datasets[0]
   choices = np.random.default_rng(choice_seed).permutation(np.repeat(np.arange(len(counts), dtype=np.int64), counts))

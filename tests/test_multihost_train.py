@@ -66,7 +66,8 @@ def _train(config_path: str, workdir: str, num_processes: int, devices_per_proce
            *flags: str) -> str:
   xla_flags = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}"
   result = _launch(num_processes, devices_per_process, "-m", "atr_jax.main", "--config", config_path,
-                   "--workdir", workdir, f"--config.train.num_epochs={num_epochs}", *flags, XLA_FLAGS=xla_flags)
+                   "--workdir", workdir, f"--config.train.num_epochs={num_epochs}", "--verbosity=1", *flags,
+                   XLA_FLAGS=xla_flags)
   output = result.stdout + result.stderr
   assert result.returncode == 0, f"{num_processes}-process training failed:\n{output[-6000:]}"
   return output
@@ -205,7 +206,7 @@ def test_two_processes_of_two_devices_train_a_demo_size_model_without_stalling(t
   workdir = str(tmp_path / "run")
   command = [sys.executable, "-m", "scripts.launch_local", "--num_processes=2", "--devices_per_process=2",
              f"--stall_timeout_s={STEP_TIMEOUT_S}", "--", "-m", "atr_jax.main", "--config", config_path,
-             "--workdir", workdir]
+             "--workdir", workdir, "--verbosity=1"]  # Every process's steps, for the stall detection.
   returncode, output = _watched_launch(command, {**os.environ, "PYTHONPATH": REPO}, DEMO_SIZE_STEPS)
   assert returncode == 0, output[-6000:]
   assert "jax.distributed: process 1 of 2; 2 local devices of 4 global" in output

@@ -68,12 +68,30 @@ def _run_killed_at(command: list, kill_step: int) -> str:
   return "".join(lines)
 
 
+def _check_console(run: subprocess.CompletedProcess, workdir: str) -> None:
+  """The default console of a run: a line per phase and per logged step, the final table; the library details
+  (orbax, TFDS, clu) only in the workdir's log file."""
+  for phase in ("Data: clotho development (24 clips, 120 captions)", "Training: 2 epochs x 7 steps",
+                "Compiled the training step", "step 7/14 epoch 1 loss", "Epoch 1/2 validation (validation",
+                "Epoch 2/2 validation", "Testing the best checkpoint"):
+    assert phase in run.stderr, run.stderr
+  assert "Best checkpoint (step" in run.stdout and "t2a" in run.stdout
+  for detail in ("CheckpointManager", "checkpoint_manager.py", "Constructing tf.data.Dataset", "train/loss="):
+    assert detail not in run.stderr, run.stderr
+  assert len(run.stderr.splitlines()) < 45, run.stderr  # 14 step lines (log_every_steps=1) and the phases.
+  with open(os.path.join(workdir, "atr_jax.INFO")) as f:
+    log = f.read()
+  assert "CheckpointManager" in log and "step 14/14 epoch 2 loss" in log and "train/loss=" in log
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
   config_path = _write_config(tmp_path)
   datasets.train_sources(tiny_config(tmp_path).data)  # Prepare the data once, before both runs.
   uninterrupted, resumed = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
-  subprocess.run(_command(config_path, uninterrupted), cwd=REPO, check=True, capture_output=True, timeout=600)
+  run = subprocess.run(_command(config_path, uninterrupted), cwd=REPO, check=True, capture_output=True, text=True,
+                       timeout=600)
+  _check_console(run, uninterrupted)
 
   for kill_step in KILL_STEPS:  # Each run after the first resumes from whichever checkpoint the last kill left.
     log = _run_killed_at(_command(config_path, resumed), kill_step)
