@@ -9,29 +9,40 @@
 An index is a folder holding `embeddings.npy` (float32 [N, D], unit rows) and `files.json` (the N paths, relative
 to the indexed folder, plus the checkpoint that made them). Clips are embedded whole, any length, with padding
 masked inside the audio tower, so an embedding is the same whether a file is embedded alone or in a batch.
-Unreadable audio files are reported and skipped.
+Audio files stream through in chunks of CHUNK_BATCHES batches: decoded by the data preparation's `Extractor` worker
+processes (the next chunk decodes while one embeds), embedded, and written to a work folder (`INDEX.partial` for
+`index`), so memory holds one chunk of clips however many files there are, and a killed `index` run resumes after
+its last written chunk. Audio files that cannot be decoded or are too short are reported and skipped.
 """
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # Before jax is imported.
 
+import glob  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from concurrent import futures  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import tqdm  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
 from atr_jax.train import CONFIG_FILE  # noqa: E402
-from data_pipelines import features, input_pipeline  # noqa: E402
+from data_pipelines import extraction, features, input_pipeline  # noqa: E402
 
 EMBEDDINGS_FILE = "embeddings.npy"
 FILES_FILE = "files.json"
+CHUNK_BATCHES = 16  # Batches of files per chunk: what is decoded, held in memory and written at a time.
+PROGRESS_FILE = "progress.json"  # In a work folder: the files, chunk size and checkpoint its chunks belong to.
 
 
 class Retriever:
@@ -77,19 +88,59 @@ class Retriever:
         embeddings[chunk] = self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[:len(chunk)]
     return embeddings
 
-  def embed_audio_files(self, paths: list, batch_size: int = 16) -> tuple[np.ndarray, list, list]:
-    """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones)."""
-    kept, skipped, log_mels = [], [], []
-    for number, path in enumerate(paths, 1):
-      try:
-        log_mels.append(features.log_mel(features.load_audio(path)))
-        kept.append(path)
-      except features.AudioError as e:
-        skipped.append((path, str(e)))
-      if number % 100 == 0 or number == len(paths):
-        print(f"\rread {number}/{len(paths)} audio files", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return self.embed_log_mels(log_mels, batch_size), kept, skipped
+  def embed_audio_files(self, paths: list, batch_size: int = 16, *, work_dir: str | None = None,
+                        workers: int | None = None) -> tuple[np.ndarray, list, list]:
+    """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones), chunk by chunk under a
+    progress bar: `workers` decoding processes (default: one per core) fill a log-mel cache in `work_dir`, and each
+    chunk's embeddings go to a chunk file there. A call with the `work_dir` of a killed call for the same paths,
+    chunk size and checkpoint embeds only the chunks it had not written. Without `work_dir`: a temporary folder."""
+    if work_dir is None:
+      with tempfile.TemporaryDirectory(prefix="atr_jax_embed_") as temporary:
+        return self.embed_audio_files(paths, batch_size, work_dir=temporary, workers=workers)
+    chunk_size = self._batch_size(batch_size) * CHUNK_BATCHES
+    chunks = [paths[start:start + chunk_size] for start in range(0, len(paths), chunk_size)]
+    names = [os.path.join(work_dir, f"chunk-{number:06d}.npz") for number in range(len(chunks))]
+    self._start_work(work_dir, paths, chunk_size)
+    todo = [number for number, name in enumerate(names) if not os.path.exists(name)]
+    done_files = len(paths) - sum(len(chunks[number]) for number in todo)
+    with extraction.Extractor(os.path.join(work_dir, "log_mels"), workers) as extractor, \
+        futures.ThreadPoolExecutor(1) as decoder, \
+        tqdm.tqdm(total=len(paths), initial=done_files, desc="embedding audio", unit="file") as progress:
+      decode = lambda number: decoder.submit(extractor.run, chunks[number], "", progress)  # noqa: E731
+      decoding = decode(todo[0]) if todo else None
+      for position, number in enumerate(todo):
+        outcomes = decoding.result()
+        if position + 1 < len(todo):
+          decoding = decode(todo[position + 1])
+        self._write_chunk(names[number], outcomes, batch_size)
+    return _read_chunks(names, chunks, self.config.model.embed_dim)
+
+  def _start_work(self, work_dir: str, paths: list, chunk_size: int) -> None:
+    """Keeps the chunk files of `work_dir` if its progress record is this work's, else deletes them and records it
+    (the log-mel cache stays: it is keyed by each file's path, size and time)."""
+    record = {"files": len(paths), "files_sha1": hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest(),
+              "chunk_size": chunk_size, "workdir": self.workdir, "step": int(self.step)}
+    record_path = os.path.join(work_dir, PROGRESS_FILE)
+    try:
+      with open(record_path) as f:
+        if json.load(f) == record:
+          return
+    except (OSError, ValueError):
+      pass
+    os.makedirs(work_dir, exist_ok=True)
+    for name in glob.glob(os.path.join(work_dir, "chunk-*.npz")):
+      os.remove(name)
+    _write_atomically(record_path, lambda f: f.write(json.dumps(record).encode("utf-8")))
+
+  def _write_chunk(self, name: str, outcomes: list, batch_size: int) -> None:
+    """Embeds the decoded clips of one chunk into the chunk file `name` (embeddings of the kept files, and the skip
+    reason of each file, "" when kept), then drops their log-mels from the cache."""
+    cached = [outcome.cache_path for outcome in outcomes if outcome.cache_path]
+    embeddings = self.embed_log_mels([extraction.load_log_mel(path) for path in cached], batch_size)
+    reasons = np.array(["" if outcome.cache_path else outcome.detail or outcome.reason for outcome in outcomes])
+    _write_atomically(name, lambda f: np.savez(f, embeddings=embeddings, reasons=reasons))
+    for path in set(cached):
+      os.remove(path)
 
   def embed_texts(self, texts: list, batch_size: int = 64) -> np.ndarray:
     """Embeddings of `texts`, in batches of at most `batch_size` (a single query is not padded to a full batch)."""
@@ -112,6 +163,41 @@ def top_k(embeddings: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray
   best = np.argpartition(-scores, k - 1)[:k]
   best = best[np.argsort(-scores[best], kind="stable")]
   return best, scores[best]
+
+
+def _write_atomically(path: str, write) -> None:
+  """`write(binary file)` into a temporary file then renamed to `path`: a kill leaves the old file or none."""
+  partial = path + ".partial"
+  with open(partial, "wb") as f:
+    write(f)
+  os.replace(partial, path)
+
+
+def _read_chunks(names: list, chunks: list, embed_dim: int) -> tuple[np.ndarray, list, list]:
+  """`embed_audio_files`' answer from its chunk files."""
+  embeddings, kept, skipped = [np.zeros((0, embed_dim), np.float32)], [], []
+  for name, paths in zip(names, chunks):
+    with np.load(name) as chunk:
+      embeddings.append(chunk["embeddings"])
+      reasons = chunk["reasons"].tolist()
+    kept += [path for path, reason in zip(paths, reasons) if not reason]
+    skipped += [(path, reason) for path, reason in zip(paths, reasons) if reason]
+  return np.concatenate(embeddings), kept, skipped
+
+
+def index_folder(retriever: Retriever, audio_dir: str, index_dir: str, batch_size: int,
+                 workers: int | None = None) -> tuple[list, list]:
+  """Indexes every audio file below `audio_dir` into `index_dir`, resuming the work a killed call left in
+  `index_dir.partial` (removed once the index is written); returns (indexed paths, [(path, reason)] skipped)."""
+  paths = audio_files(audio_dir)
+  if not paths:
+    raise app.UsageError(f"no audio file found below --audio_dir={audio_dir}")
+  work_dir = index_dir.rstrip("/") + ".partial"
+  embeddings, kept, skipped = retriever.embed_audio_files(paths, batch_size, work_dir=work_dir, workers=workers)
+  write_index(index_dir, embeddings, [os.path.relpath(p, audio_dir) for p in kept],
+              {"audio_dir": os.path.abspath(audio_dir), "workdir": retriever.workdir, "step": int(retriever.step)})
+  shutil.rmtree(work_dir)
+  return kept, skipped
 
 
 def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dict) -> None:
@@ -168,7 +254,9 @@ flags.DEFINE_multi_string("audio", None, "audio: an audio file to query with (re
 flags.DEFINE_string("captions", None, "audio / submission: captions (.txt one per line, or .csv).")
 flags.DEFINE_string("out", None, "submission: the DCASE CSV to write (caption,fname_1,...,fname_10).")
 flags.DEFINE_integer("top_k", 10, "Results per query.")
-flags.DEFINE_integer("batch_size", 16, "Audio files per embedding batch.")
+flags.DEFINE_integer("batch_size", 16, "Audio files per embedding batch (a chunk holds "
+                     f"{CHUNK_BATCHES} batches).")
+flags.DEFINE_integer("workers", None, "Audio decoding processes (default: one per CPU core).", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -203,15 +291,9 @@ def main(argv):
   _require("workdir")
   if command == "index":
     _require("audio_dir", "index")
-    paths = audio_files(FLAGS.audio_dir)
-    if not paths:
-      raise app.UsageError(f"no audio file found below --audio_dir={FLAGS.audio_dir}")
-    retriever = Retriever(FLAGS.workdir)
-    embeddings, kept, skipped = retriever.embed_audio_files(paths, FLAGS.batch_size)
+    kept, skipped = index_folder(Retriever(FLAGS.workdir), FLAGS.audio_dir, FLAGS.index, FLAGS.batch_size,
+                                 FLAGS.workers)
     _report_skipped(skipped)
-    relative = [os.path.relpath(p, FLAGS.audio_dir) for p in kept]
-    write_index(FLAGS.index, embeddings, relative, {"audio_dir": os.path.abspath(FLAGS.audio_dir),
-                                                    "workdir": retriever.workdir, "step": int(retriever.step)})
     print(f"indexed {len(kept)} files ({len(skipped)} skipped) into {FLAGS.index}")
   elif command == "text":
     _require("query")
@@ -219,7 +301,8 @@ def main(argv):
     if FLAGS.index:
       embeddings, files = read_index(FLAGS.index)
     elif FLAGS.audio_dir:  # No index: embed the folder now.
-      embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size)
+      embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size,
+                                                              workers=FLAGS.workers)
       _report_skipped(skipped)
       files = [os.path.relpath(p, FLAGS.audio_dir) for p in kept]
     else:
@@ -230,7 +313,8 @@ def main(argv):
     _require("audio_dir", "captions", "out")
     captions = _read_nonempty_captions(FLAGS.captions)
     retriever = Retriever(FLAGS.workdir)
-    embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size)
+    embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size,
+                                                            workers=FLAGS.workers)
     _report_skipped(skipped)
     write_submission(FLAGS.out, captions, retriever.embed_texts(captions), embeddings,
                      [os.path.basename(p) for p in kept])
@@ -240,7 +324,7 @@ def main(argv):
     captions = _read_nonempty_captions(FLAGS.captions)
     retriever = Retriever(FLAGS.workdir)
     caption_emb = retriever.embed_texts(captions)
-    embeddings, kept, skipped = retriever.embed_audio_files(FLAGS.audio, FLAGS.batch_size)
+    embeddings, kept, skipped = retriever.embed_audio_files(FLAGS.audio, FLAGS.batch_size, workers=FLAGS.workers)
     _report_skipped(skipped)
     for path, emb in zip(kept, embeddings):
       _print_ranking(path, captions, *top_k(caption_emb, emb, FLAGS.top_k))

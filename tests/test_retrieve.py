@@ -1,14 +1,18 @@
 """Retrieval for users: index a folder of audio files with a trained workdir, query it with text and with audio."""
 import csv
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
+import soundfile as sf
 from atr_jax import retrieve
+from data_pipelines import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +46,76 @@ def test_index_is_batch_independent_and_skips_broken_files(trained, tmp_path):
   embeddings, files = retrieve.read_index(index)
   assert files == kept[:3] and embeddings.shape == (3, batched.shape[1])
   assert sorted(os.listdir(tmp_path)) == ["audio", "index"]
+
+
+class _Killed(Exception):
+  pass
+
+
+@pytest.mark.slow
+def test_killed_index_run_resumes_to_the_same_index(trained, tmp_path, monkeypatch):
+  workdir, raw_dir = trained
+  audio_dir = tmp_path / "audio"
+  for split in ("development", "evaluation"):
+    shutil.copytree(os.path.join(raw_dir, split), audio_dir / split)
+  (audio_dir / "broken.wav").write_bytes(b"RIFF....not audio")
+  monkeypatch.setattr(retrieve, "CHUNK_BATCHES", 1)  # Chunks of 8 files (a batch on the 8 devices): 33 files, 5 chunks.
+  retriever = retrieve.Retriever(workdir)
+  whole, index = str(tmp_path / "whole"), str(tmp_path / "index")
+  retrieve.index_folder(retriever, str(audio_dir), whole, batch_size=8)
+
+  write_chunk, written = retriever._write_chunk, []
+
+  def write_counted(name, outcomes, batch_size, die_after=None):
+    if len(written) == die_after:
+      raise _Killed  # While embedding this chunk, the next one decoding meanwhile.
+    write_chunk(name, outcomes, batch_size)
+    written.append(os.path.basename(name))
+
+  monkeypatch.setattr(retriever, "_write_chunk", functools.partial(write_counted, die_after=2))
+  with pytest.raises(_Killed):
+    retrieve.index_folder(retriever, str(audio_dir), index, batch_size=8)
+  work_dir = tmp_path / "index.partial"
+  assert not os.path.exists(index)
+  assert sorted(os.listdir(work_dir)) == ["chunk-000000.npz", "chunk-000001.npz", "log_mels", "progress.json"]
+  (work_dir / "chunk-000002.npz.partial").write_bytes(b"half a chunk")  # A kill in the middle of a write.
+
+  written.clear()
+  monkeypatch.setattr(retriever, "_write_chunk", write_counted)
+  kept, skipped = retrieve.index_folder(retriever, str(audio_dir), index, batch_size=8)
+  assert written == [f"chunk-00000{n}.npz" for n in (2, 3, 4)]
+  assert [path for path, _ in skipped] == [str(audio_dir / "broken.wav")] and len(kept) == 32
+  (embeddings, files), (expected_embeddings, expected_files) = retrieve.read_index(index), retrieve.read_index(whole)
+  assert files == expected_files and len(files) == 32
+  np.testing.assert_array_equal(embeddings, expected_embeddings)
+  assert sorted(os.listdir(tmp_path)) == ["audio", "index", "whole"]  # The work folders are gone.
+
+
+def _peak_traced_bytes(function, *args, **kwargs) -> int:
+  """Peak bytes that Python and numpy allocate while `function(*args, **kwargs)` runs (tracemalloc)."""
+  tracemalloc.start()
+  try:
+    function(*args, **kwargs)
+    return tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+@pytest.mark.slow
+def test_index_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
+  workdir, _ = trained
+  rng = np.random.default_rng(0)
+  samples = int(0.2 * features.SAMPLE_RATE)
+  for number in range(5000):
+    sf.write(str(tmp_path / f"{number:04d}.wav"), 0.1 * rng.standard_normal(samples), features.SAMPLE_RATE)
+  paths = retrieve.audio_files(str(tmp_path))
+  retriever = retrieve.Retriever(workdir)
+  retriever.embed_audio_files(paths[:64], batch_size=64)  # Compiles the batch shape outside the measurements.
+  peak_1000 = _peak_traced_bytes(retriever.embed_audio_files, paths[:1000], batch_size=64)
+  peak_5000 = _peak_traced_bytes(retriever.embed_audio_files, paths, batch_size=64)
+  clip_bytes = features.num_frames(samples) * features.N_MELS * 2  # One decoded clip (a float16 log-mel).
+  # Whole-folder decoding would hold 4000 more decoded clips; streaming holds only 4000 more embeddings and names.
+  assert peak_5000 - peak_1000 < 4000 * clip_bytes / 4, (peak_1000, peak_5000)
 
 
 def test_top_k_is_sorted_and_exact():
