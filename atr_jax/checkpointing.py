@@ -27,9 +27,20 @@ def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict | None)
   manager.wait_until_finished()
 
 
+def _readable(manager: ocp.CheckpointManager, step: int, restore):
+  """`restore()`, or an error naming the checkpoint folder when its files cannot be read (damaged, truncated)."""
+  try:
+    return restore()
+  except Exception as error:  # Orbax and TensorStore raise many kinds (ValueError, OSError, their own).
+    folder = os.path.join(os.fspath(manager.directory), str(step))
+    raise ValueError(f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {error}); "
+                     f"it is damaged: delete that folder to resume from the one before it (steps saved: "
+                     f"{list(manager.all_steps())})") from error
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   """Restores `step` into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  return _readable(manager, step, lambda: manager.restore(step, args=ocp.args.StandardRestore(abstract_state)))
 
 
 def abstract_with_shardings(abstract_state, shardings):
@@ -39,6 +50,9 @@ def abstract_with_shardings(abstract_state, shardings):
 def restore_on_one_device(manager: ocp.CheckpointManager, step: int) -> dict:
   """The saved state as nested dicts of arrays on the first local device, whatever topology saved it."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = manager.item_metadata(step).tree
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore():
+    metadata = manager.item_metadata(step).tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return _readable(manager, step, restore)

@@ -1,9 +1,15 @@
-"""Checkpoints: the latest and the best are both kept (and nothing else); restore is exact and sharded."""
+"""Checkpoints: the latest and the best are both kept (and nothing else); restore is exact and sharded; a damaged
+one is named."""
+import glob
+import os
+import shutil
+
 import jax
 import numpy as np
 import optax
+import pytest
 
-from atr_jax import checkpointing, sharding
+from atr_jax import checkpointing, sharding, train
 from atr_jax.train_state import TrainState
 
 
@@ -51,3 +57,19 @@ def test_restore_on_one_device_reads_a_mesh_checkpoint(tmp_path):
   restored = checkpointing.restore_on_one_device(checkpointing.create_manager(str(tmp_path), "t2a_mAP10"), 5)
   np.testing.assert_array_equal(np.asarray(restored["params"]["model"]["w"]), np.asarray(state.params["model"]["w"]))
   assert len(restored["batch_stats"]["mean"].sharding.device_set) == 1
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_named(tiny_trained, tmp_path):
+  config, trained = tiny_trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  manager = checkpointing.create_manager(workdir, "t2a_mAP10")
+  step = manager.best_step()
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "**", "*"), recursive=True):
+    if os.path.isfile(path) and "/d/" in path:  # The array data files.
+      with open(path, "r+b") as f:
+        f.truncate(max(os.path.getsize(path) // 2, 1))
+  with pytest.raises(ValueError, match=rf"the checkpoint of step {step} \(.*checkpoints/{step}\) cannot be read.*"
+                                       r"delete that folder"):
+    train.evaluate_best(config, workdir)

@@ -178,3 +178,13 @@ def test_cli_converts_full_size_released_layout(tmp_path, arch):
                         if not name.startswith(('fc', 'logmel_extractor')))
     if arch == 'cnn14':
         assert count == 75_477_440  # SPEC 3: the conv part of the reference's CNN14 (bn0 and BNs included)
+
+
+def test_a_damaged_panns_file_is_named(tmp_path):
+    reference, _ = _towers('cnn14')
+    checkpoint = str(tmp_path / 'c.pth')
+    torch_panns.save_panns_checkpoint(reference, checkpoint)
+    with open(checkpoint, 'r+b') as f:
+        f.truncate(os.path.getsize(checkpoint) // 2)
+    with pytest.raises(ValueError, match=r'c\.pth is not a readable PyTorch checkpoint'):
+        panns.read_panns_state_dict(checkpoint)

@@ -38,8 +38,13 @@ def read_panns_state_dict(path: str) -> dict[str, np.ndarray]:
         raise ImportError(f'reading the PyTorch checkpoint {path} needs torch (pip install torch; CPU is enough)'
                           ) from error
     path = os.path.expanduser(path)
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # A damaged or truncated file, or not a PyTorch file at all.
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})') from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
         raise ValueError(f'{path} is not a PANNs checkpoint: expected a dict with a "model" state_dict')
     return {name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
