@@ -1,4 +1,5 @@
 """Orbax checkpoints of the train state: the latest (for automatic resume) and the best by a validation metric."""
+
 import os
 
 import jax
@@ -8,14 +9,19 @@ from orbax.checkpoint import checkpoint_managers
 
 def create_manager(workdir: str, selection_metric: str) -> ocp.CheckpointManager:
   """Keeps the latest checkpoint and the one with the highest `selection_metric` (both, never more)."""
+
   def metric(metrics):
     return metrics[selection_metric]
-  policy = checkpoint_managers.AnyPreservationPolicy([
+
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
       checkpoint_managers.LatestN(n=1),
       checkpoint_managers.BestN(get_metric_fn=metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
-  ])
-  options = ocp.CheckpointManagerOptions(best_fn=metric, best_mode="max", preservation_policy=policy,
-                                         enable_async_checkpointing=False)
+    ]
+  )
+  options = ocp.CheckpointManagerOptions(
+    best_fn=metric, best_mode="max", preservation_policy=policy, enable_async_checkpointing=False
+  )
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
   return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
@@ -33,9 +39,11 @@ def _readable(manager: ocp.CheckpointManager, step: int, restore):
     return restore()
   except Exception as error:  # Orbax and TensorStore raise many kinds (ValueError, OSError, their own).
     folder = os.path.join(os.fspath(manager.directory), str(step))
-    raise ValueError(f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {error}); "
-                     f"it is damaged: delete that folder to resume from the one before it (steps saved: "
-                     f"{list(manager.all_steps())})") from error
+    raise ValueError(
+      f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {error}); "
+      f"it is damaged: delete that folder to resume from the one before it (steps saved: "
+      f"{list(manager.all_steps())})"
+    ) from error
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
@@ -55,4 +63,5 @@ def restore_on_one_device(manager: ocp.CheckpointManager, step: int) -> dict:
     metadata = manager.item_metadata(step).tree
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
   return _readable(manager, step, restore)

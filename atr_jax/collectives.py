@@ -9,6 +9,7 @@ step as 2 processes x 2 devices instead of ~1.5 s (issue 18). gloo's reduce-scat
 chunks above 256 KiB (jax-ml/jax#40830). Here the gradient is an all-reduce (gloo's unbound-buffer ring) followed by
 this device's rows instead: the same values. GPU, TPU and single-process CPU runs keep XLA's reduce-scatter.
 """
+
 import functools
 
 import jax

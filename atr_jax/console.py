@@ -1,6 +1,7 @@
 """What a run shows a person: one line per phase and a training progress line or bar, from process 0; this
 project's warnings and every error, from every process. Everything logged (library details included) goes to the
 workdir's log file, and also to the console with --verbosity=1."""
+
 import logging as python_logging
 import os
 import sys
@@ -13,7 +14,9 @@ from absl import flags, logging
 
 LOG_NAME = "atr_jax"  # The workdir's log files: atr_jax.INFO (a link to the newest), one file per process and run.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OWN_CODE = tuple(os.path.join(_REPO, folder) + os.sep for folder in ("atr_jax", "data_pipelines", "scripts", "configs"))
+_OWN_CODE = tuple(
+  os.path.join(_REPO, folder) + os.sep for folder in ("atr_jax", "data_pipelines", "scripts", "configs")
+)
 
 
 class _OwnWarnings(python_logging.Filter):
@@ -58,8 +61,14 @@ class TrainProgress:
     self._clock_step, self._clock = start, time.perf_counter()
     self._bar = None
     if jax.process_index() == 0 and sys.stderr.isatty():
-      self._bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
+      self._bar = tqdm.tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}",
+      )
 
   def restart_clock(self, step: int) -> None:
     self._clock_step, self._clock = step, time.perf_counter()

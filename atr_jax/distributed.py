@@ -9,6 +9,7 @@ It must run before anything touches a device. Modes:
 - "off": never (one process, whatever the environment says).
 `exit_fast_on_failure` makes a failing process of a multi-process job exit at once, so that launchers notice.
 """
+
 from collections.abc import Iterator, Mapping
 import contextlib
 import os
@@ -49,13 +50,18 @@ def detect_launcher(environ: Mapping[str, str] = os.environ) -> str | None:
   return None
 
 
-def _check_flags(mode: str, coordinator_address: str | None, num_processes: int | None,
-                 process_id: int | None) -> None:
+def _check_flags(mode: str, coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
   if mode not in MODES:
     raise ValueError(f"--distributed={mode!r} is not one of {MODES}")
-  given = {name: value for name, value in (("--coordinator_address", coordinator_address),
-                                            ("--num_processes", num_processes), ("--process_id", process_id))
-           if value is not None}
+  given = {
+    name: value
+    for name, value in (
+      ("--coordinator_address", coordinator_address),
+      ("--num_processes", num_processes),
+      ("--process_id", process_id),
+    )
+    if value is not None
+  }
   if mode == "off" and given:
     raise ValueError(f"--distributed=off contradicts {', '.join(given)}: drop them or use --distributed=auto")
   if coordinator_address is not None:
@@ -70,9 +76,13 @@ def _check_flags(mode: str, coordinator_address: str | None, num_processes: int 
     raise ValueError(f"--process_id={process_id} must be below --num_processes={num_processes}")
 
 
-def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, mode: str = "auto",
-                     environ: Mapping[str, str] = os.environ) -> bool:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  mode: str = "auto",
+  environ: Mapping[str, str] = os.environ,
+) -> bool:
   """Initializes jax.distributed if `mode` and the launch ask for it (see the module docstring); returns whether
   this process is now part of a multi-process job. Unset flags (None) are detected from the environment."""
   _check_flags(mode, coordinator_address, num_processes, process_id)
@@ -83,41 +93,67 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   explicit = [coordinator_address, num_processes, process_id]
   if mode == "off" or (mode == "auto" and launcher is None and all(v is None for v in explicit)):
     _warn_if_multitask_slurm_allocation(environ)
-    logging.info("Single process (--distributed=%s%s): %d local devices: %s", mode,
-                 "" if mode == "off" else ", no multi-process launch detected", jax.local_device_count(),
-                 jax.local_devices())
+    logging.info(
+      "Single process (--distributed=%s%s): %d local devices: %s",
+      mode,
+      "" if mode == "off" else ", no multi-process launch detected",
+      jax.local_device_count(),
+      jax.local_devices(),
+    )
     return False
   if mode == "auto" and launcher is None and any(v is None for v in explicit):
-    raise ValueError("--coordinator_address, --num_processes and --process_id go together outside a detected "
-                     "launcher (SLURM, Open MPI, Cloud TPU); missing: "
-                     + ", ".join(n for n, v in zip(("--coordinator_address", "--num_processes", "--process_id"),
-                                                   explicit) if v is None))
+    raise ValueError(
+      "--coordinator_address, --num_processes and --process_id go together outside a detected "
+      "launcher (SLURM, Open MPI, Cloud TPU); missing: "
+      + ", ".join(
+        n for n, v in zip(("--coordinator_address", "--num_processes", "--process_id"), explicit) if v is None
+      )
+    )
   if launcher and launcher.startswith("Open MPI") and "OMPI_MCA_orte_hnp_uri" not in environ:
     # Open MPI 5 (PMIx) no longer exports the URI from which JAX derives the coordinator: take the rest from MPI.
     if coordinator_address is None:
-      raise ValueError(f"{launcher} without OMPI_MCA_orte_hnp_uri (Open MPI >= 5): JAX cannot find the "
-                       "coordinator; pass --coordinator_address=HOST:PORT of rank 0")
+      raise ValueError(
+        f"{launcher} without OMPI_MCA_orte_hnp_uri (Open MPI >= 5): JAX cannot find the "
+        "coordinator; pass --coordinator_address=HOST:PORT of rank 0"
+      )
     num_processes = _int_env(environ, "OMPI_COMM_WORLD_SIZE") if num_processes is None else num_processes
     process_id = _int_env(environ, "OMPI_COMM_WORLD_RANK") if process_id is None else process_id
-  logging.info("Initializing jax.distributed (--distributed=%s; launch: %s; coordinator %s, %s processes, "
-               "process id %s; unset values come from the environment)", mode, launcher or "explicit flags",
-               coordinator_address, num_processes, process_id)
+  logging.info(
+    "Initializing jax.distributed (--distributed=%s; launch: %s; coordinator %s, %s processes, "
+    "process id %s; unset values come from the environment)",
+    mode,
+    launcher or "explicit flags",
+    coordinator_address,
+    num_processes,
+    process_id,
+  )
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   except (ValueError, RuntimeError) as e:
-    raise RuntimeError(f"jax.distributed.initialize failed (--distributed={mode}, launch: {launcher}): {e}. Pass "
-                       "--coordinator_address, --num_processes and --process_id, or launch under SLURM (srun), "
-                       "Open MPI (mpirun) or on a Cloud TPU pod") from e
-  logging.info("jax.distributed: process %d of %d; %d local devices of %d global: %s", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices())
+    raise RuntimeError(
+      f"jax.distributed.initialize failed (--distributed={mode}, launch: {launcher}): {e}. Pass "
+      "--coordinator_address, --num_processes and --process_id, or launch under SLURM (srun), "
+      "Open MPI (mpirun) or on a Cloud TPU pod"
+    ) from e
+  logging.info(
+    "jax.distributed: process %d of %d; %d local devices of %d global: %s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.local_devices(),
+  )
   return True
 
 
 def _warn_if_multitask_slurm_allocation(environ: Mapping[str, str]) -> None:
   tasks = _int_env(environ, "SLURM_NTASKS")
   if tasks is not None and tasks > 1 and "SLURM_STEP_NUM_TASKS" not in environ:
-    logging.warning("SLURM_NTASKS=%d but this process is not in an srun step: running as one process; start it "
-                    "with srun (scripts/slurm_train.sbatch) to use every task", tasks)
+    logging.warning(
+      "SLURM_NTASKS=%d but this process is not in an srun step: running as one process; start it "
+      "with srun (scripts/slurm_train.sbatch) to use every task",
+      tasks,
+    )
 
 
 @contextlib.contextmanager
@@ -133,8 +169,9 @@ def exit_fast_on_failure() -> Iterator[None]:
   except Exception:
     if not jax.distributed.is_initialized() or jax.process_count() == 1:
       raise
-    logging.exception("process %d of %d failed; exiting without waiting for the others", jax.process_index(),
-                      jax.process_count())
+    logging.exception(
+      "process %d of %d failed; exiting without waiting for the others", jax.process_index(), jax.process_count()
+    )
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,6 +5,7 @@ are padded to a few lengths (`input_pipeline.padded_frames`), so the jitted func
 process runs the same steps. A clip's embedding never depends on its batch-mates or on its padding: padding frames
 are masked inside the audio tower.
 """
+
 import dataclasses
 
 import jax
@@ -53,17 +54,30 @@ class Embedder:
     return sharding.to_host(self._text(variables, batch["input_ids"], batch["attention_mask"]))
 
 
-def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenize: CaptionTokenizer,
-                global_batch_size: int, max_frames: int | None) -> SplitEmbeddings:
+def embed_split(
+  embedder: Embedder,
+  variables,
+  builder,
+  split: str,
+  *,
+  tokenize: CaptionTokenizer,
+  global_batch_size: int,
+  max_frames: int | None,
+) -> SplitEmbeddings:
   """Embeddings of every clip and caption of `split` (identical on every process); `max_frames` is the longest clip
   the audio tower supports (None: any), a longer clip is an error."""
   local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
   captions, caption_clip_ids, file_names = input_pipeline.eval_captions(builder, split)
 
   audio = None
-  for local in input_pipeline.eval_clip_batches(builder, split, batch_size=local_batch_size, max_frames=max_frames,
-                                                process_index=jax.process_index(),
-                                                process_count=jax.process_count()):
+  for local in input_pipeline.eval_clip_batches(
+    builder,
+    split,
+    batch_size=local_batch_size,
+    max_frames=max_frames,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
     emb = embedder.audio(variables, local)
     valid = _gather_rows(local["valid"])
     clip_ids = _gather_rows(local["clip_id"])
@@ -73,12 +87,14 @@ def embed_split(embedder: Embedder, variables, builder, split: str, *, tokenize:
 
   text = embed_captions(embedder, variables, captions, tokenize=tokenize, global_batch_size=global_batch_size)
   logging.info("Embedded split %s: %d clips, %d captions", split, audio.shape[0], text.shape[0])
-  return SplitEmbeddings(audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions,
-                         file_names=file_names)
+  return SplitEmbeddings(
+    audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions, file_names=file_names
+  )
 
 
-def embed_captions(embedder: Embedder, variables, captions: list, *, tokenize: CaptionTokenizer,
-                   global_batch_size: int) -> np.ndarray:
+def embed_captions(
+  embedder: Embedder, variables, captions: list, *, tokenize: CaptionTokenizer, global_batch_size: int
+) -> np.ndarray:
   """Embeddings [len(captions), D] of any caption list (identical on every process; each process tokenizes the
   whole list and feeds its slice of each padded global batch)."""
   if len(captions) == 0:
@@ -86,12 +102,12 @@ def embed_captions(embedder: Embedder, variables, captions: list, *, tokenize: C
   local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
   text_chunks = []
   for start in range(0, len(captions), global_batch_size):
-    chunk = list(captions[start:start + global_batch_size])
+    chunk = list(captions[start : start + global_batch_size])
     padded = chunk + [""] * (global_batch_size - len(chunk))
     tokens = tokenize(padded)
     lo = jax.process_index() * local_batch_size
-    local = {k: v[lo:lo + local_batch_size] for k, v in tokens.items()}
-    text_chunks.append(embedder.text(variables, local)[:len(chunk)])
+    local = {k: v[lo : lo + local_batch_size] for k, v in tokens.items()}
+    text_chunks.append(embedder.text(variables, local)[: len(chunk)])
   return np.concatenate(text_chunks)
 
 
@@ -100,4 +116,5 @@ def _gather_rows(local_rows: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(local_rows)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(np.asarray(local_rows), tiled=True))

@@ -35,6 +35,7 @@ Hyper-parameters: fixed (``margin=``, ``temperature=``, ``scale=``, ``bias=`` gi
   the clip holds tau at the bound and the gradient is zero (as CLIP's clamp);
 - siglip: ``{'log_scale', 'bias'}``, t = exp(log_scale) (SigLIP initialises t = 10, b = -10).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,304 +57,333 @@ LossFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
 
 
 class _Rows(NamedTuple):
-    """What a loss share sees: local pairs, all pairs of the global batch, and the global index of local row 0."""
-    audio: jax.Array  # (b, D), L2-normalised
-    text: jax.Array  # (b, D), L2-normalised
-    clip_ids: jax.Array  # (b,)
-    all_audio: jax.Array  # (B, D)
-    all_text: jax.Array  # (B, D)
-    all_clip_ids: jax.Array  # (B,)
-    offset: jax.Array | int
+  """What a loss share sees: local pairs, all pairs of the global batch, and the global index of local row 0."""
+
+  audio: jax.Array  # (b, D), L2-normalised
+  text: jax.Array  # (b, D), L2-normalised
+  clip_ids: jax.Array  # (b,)
+  all_audio: jax.Array  # (B, D)
+  all_text: jax.Array  # (B, D)
+  all_clip_ids: jax.Array  # (B,)
+  offset: jax.Array | int
 
 
 class _Queries(NamedTuple):
-    """One direction of a share: local query rows scored against every candidate of the global batch."""
-    scores: jax.Array  # (b, B) cosine similarities
-    positive: jax.Array  # (b,) score of each query's own pair
-    is_own: jax.Array  # (b, B) the query's own pair
-    same_clip: jax.Array  # (b, B) candidates of the query's clip (its own pair included)
+  """One direction of a share: local query rows scored against every candidate of the global batch."""
+
+  scores: jax.Array  # (b, B) cosine similarities
+  positive: jax.Array  # (b,) score of each query's own pair
+  is_own: jax.Array  # (b, B) the query's own pair
+  same_clip: jax.Array  # (b, B) candidates of the query's clip (its own pair included)
 
 
 class _LossDef(NamedTuple):
-    share: Callable[[_Rows, dict, dict], jax.Array]  # (rows, loss_params, fixed) -> share of the loss
-    fixed_keys: frozenset[str]  # hyper-parameters accepted as **fixed
-    learnable_init: Callable[..., dict] | None  # initial hyper-parameters -> loss_params; None: nothing to learn
-    pair_block: Callable[..., jax.Array] | None = None  # pairwise losses: (audio, text, ids_a, ids_t, params, fixed)
+  share: Callable[[_Rows, dict, dict], jax.Array]  # (rows, loss_params, fixed) -> share of the loss
+  fixed_keys: frozenset[str]  # hyper-parameters accepted as **fixed
+  learnable_init: Callable[..., dict] | None  # initial hyper-parameters -> loss_params; None: nothing to learn
+  pair_block: Callable[..., jax.Array] | None = None  # pairwise losses: (audio, text, ids_a, ids_t, params, fixed)
 
 
 def get_loss(name: str, **fixed: Any) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """Unsharded loss ``fn(audio_emb, text_emb, clip_ids) -> scalar`` with fixed hyper-parameters."""
-    loss_fn = make_loss_fn(name, None, **fixed)
-    return lambda audio_emb, text_emb, clip_ids: loss_fn(audio_emb, text_emb, clip_ids, {})
+  """Unsharded loss ``fn(audio_emb, text_emb, clip_ids) -> scalar`` with fixed hyper-parameters."""
+  loss_fn = make_loss_fn(name, None, **fixed)
+  return lambda audio_emb, text_emb, clip_ids: loss_fn(audio_emb, text_emb, clip_ids, {})
 
 
 def infonce(audio_emb: jax.Array, text_emb: jax.Array, clip_ids: jax.Array, temperature: float) -> jax.Array:
-    """Symmetric InfoNCE of one (global) batch with a fixed temperature; same-clip pairs leave the denominators."""
-    return get_loss("infonce", temperature=temperature)(audio_emb, text_emb, clip_ids)
+  """Symmetric InfoNCE of one (global) batch with a fixed temperature; same-clip pairs leave the denominators."""
+  return get_loss("infonce", temperature=temperature)(audio_emb, text_emb, clip_ids)
 
 
-def make_loss_fn(name: str, mesh: jax.sharding.Mesh | None, axis: str = "data", *, chunked: bool = False,
-                 **fixed: Any) -> LossFn:
-    """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params) -> scalar`` on the global batch.
+def make_loss_fn(
+  name: str, mesh: jax.sharding.Mesh | None, axis: str = "data", *, chunked: bool = False, **fixed: Any
+) -> LossFn:
+  """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params) -> scalar`` on the global batch.
 
-    With a mesh the batch (leading) axis of the three arrays is sharded over ``axis`` and the loss runs per device
-    in ``jax.shard_map`` (see module docstring); ``loss_params`` (from ``init_loss_params``) are replicated.
-    ``chunked`` selects the ring variant of a pairwise loss (siglip); it changes memory, not the value.
-    """
-    loss = _loss_def(name)
-    _check_fixed(name, loss, fixed)
-    if chunked and loss.pair_block is None:
-        raise ValueError(f"loss {name!r} has no chunked variant (only pairwise losses do: "
-                         f"{sorted(n for n, d in _LOSSES.items() if d.pair_block is not None)})")
+  With a mesh the batch (leading) axis of the three arrays is sharded over ``axis`` and the loss runs per device
+  in ``jax.shard_map`` (see module docstring); ``loss_params`` (from ``init_loss_params``) are replicated.
+  ``chunked`` selects the ring variant of a pairwise loss (siglip); it changes memory, not the value.
+  """
+  loss = _loss_def(name)
+  _check_fixed(name, loss, fixed)
+  if chunked and loss.pair_block is None:
+    raise ValueError(
+      f"loss {name!r} has no chunked variant (only pairwise losses do: "
+      f"{sorted(n for n, d in _LOSSES.items() if d.pair_block is not None)})"
+    )
 
-    if mesh is None:
-        def unsharded(audio_emb, text_emb, clip_ids, loss_params):
-            _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=1)
-            audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
-            return loss.share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0), loss_params, fixed)
-        return unsharded
+  if mesh is None:
 
-    if axis not in mesh.axis_names:
-        raise ValueError(f"loss {name!r}: mesh has no axis {axis!r} (axes: {mesh.axis_names})")
-    n_devices = mesh.shape[axis]
+    def unsharded(audio_emb, text_emb, clip_ids, loss_params):
+      _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=1)
+      audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
+      return loss.share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0), loss_params, fixed)
 
-    def gathered_share(audio, text, clip_ids, loss_params):
-        gather = lambda x: collectives.all_gather(x, axis)  # noqa: E731
-        offset = jax.lax.axis_index(axis) * audio.shape[0]
-        return loss.share(_Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset),
-                          loss_params, fixed)
+    return unsharded
 
-    def ring_share(audio, text, clip_ids, loss_params):
-        ring = [(d, (d + 1) % n_devices) for d in range(n_devices)]
+  if axis not in mesh.axis_names:
+    raise ValueError(f"loss {name!r}: mesh has no axis {axis!r} (axes: {mesh.axis_names})")
+  n_devices = mesh.shape[axis]
 
-        @jax.checkpoint
-        def visit(_, carry):
-            text_block, text_ids, total = carry
-            total = total + loss.pair_block(audio, text_block, clip_ids, text_ids, loss_params, fixed)
-            return jax.lax.ppermute(text_block, axis, ring), jax.lax.ppermute(text_ids, axis, ring), total
+  def gathered_share(audio, text, clip_ids, loss_params):
+    gather = lambda x: collectives.all_gather(x, axis)  # noqa: E731
+    offset = jax.lax.axis_index(axis) * audio.shape[0]
+    return loss.share(
+      _Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset), loss_params, fixed
+    )
 
-        total = jax.lax.pcast(jnp.zeros((), audio.dtype), axis, to="varying")  # a per-device sum, as the carry
-        _, _, total = jax.lax.fori_loop(0, n_devices, visit, (text, clip_ids, total))
-        return total / (n_devices * audio.shape[0]) ** 2
+  def ring_share(audio, text, clip_ids, loss_params):
+    ring = [(d, (d + 1) % n_devices) for d in range(n_devices)]
 
-    share = ring_share if chunked else gathered_share
+    @jax.checkpoint
+    def visit(_, carry):
+      text_block, text_ids, total = carry
+      total = total + loss.pair_block(audio, text_block, clip_ids, text_ids, loss_params, fixed)
+      return jax.lax.ppermute(text_block, axis, ring), jax.lax.ppermute(text_ids, axis, ring), total
 
-    def per_device(audio_emb, text_emb, clip_ids, loss_params):
-        audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
-        return jax.lax.psum(share(audio, text, clip_ids, loss_params), axis)
+    total = jax.lax.pcast(jnp.zeros((), audio.dtype), axis, to="varying")  # a per-device sum, as the carry
+    _, _, total = jax.lax.fori_loop(0, n_devices, visit, (text, clip_ids, total))
+    return total / (n_devices * audio.shape[0]) ** 2
 
-    sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P()), out_specs=P())
+  share = ring_share if chunked else gathered_share
 
-    def sharded(audio_emb, text_emb, clip_ids, loss_params):
-        _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=n_devices)
-        return sharded_loss(audio_emb, text_emb, clip_ids, loss_params)
-    return sharded
+  def per_device(audio_emb, text_emb, clip_ids, loss_params):
+    audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
+    return jax.lax.psum(share(audio, text, clip_ids, loss_params), axis)
+
+  sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P()), out_specs=P())
+
+  def sharded(audio_emb, text_emb, clip_ids, loss_params):
+    _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=n_devices)
+    return sharded_loss(audio_emb, text_emb, clip_ids, loss_params)
+
+  return sharded
 
 
 def init_loss_params(name: str, *, learnable: bool, **initial: Any) -> dict[str, jax.Array]:
-    """Trainable parameters of a loss, ``{}`` unless ``learnable``; ``initial`` holds the starting hyper-parameters
-    (``temperature`` for ntxent/infonce, default 0.07; ``scale``, ``bias`` for siglip, default 10 and -10)."""
-    loss = _loss_def(name)
-    _check_fixed(name, loss, initial)
-    if not learnable:
-        return {}
-    if loss.learnable_init is None:
-        raise ValueError(f"loss {name!r} has no learnable parameters")
-    return loss.learnable_init(**initial)
+  """Trainable parameters of a loss, ``{}`` unless ``learnable``; ``initial`` holds the starting hyper-parameters
+  (``temperature`` for ntxent/infonce, default 0.07; ``scale``, ``bias`` for siglip, default 10 and -10)."""
+  loss = _loss_def(name)
+  _check_fixed(name, loss, initial)
+  if not learnable:
+    return {}
+  if loss.learnable_init is None:
+    raise ValueError(f"loss {name!r} has no learnable parameters")
+  return loss.learnable_init(**initial)
 
 
 def make_loss_fn_from_config(loss_config, mesh: jax.sharding.Mesh | None, axis: str = "data") -> LossFn:
-    """``make_loss_fn`` for ``config.loss``: its name, the hyper-parameters that loss takes, and siglip_chunked."""
-    chunked = loss_config.name == "siglip" and bool(loss_config.get("siglip_chunked", False))
-    return make_loss_fn(loss_config.name, mesh, axis, chunked=chunked, **_config_hyper_parameters(loss_config))
+  """``make_loss_fn`` for ``config.loss``: its name, the hyper-parameters that loss takes, and siglip_chunked."""
+  chunked = loss_config.name == "siglip" and bool(loss_config.get("siglip_chunked", False))
+  return make_loss_fn(loss_config.name, mesh, axis, chunked=chunked, **_config_hyper_parameters(loss_config))
 
 
 def init_loss_params_from_config(loss_config) -> dict[str, jax.Array]:
-    """``init_loss_params`` for ``config.loss`` (learnable per ``learnable_temperature`` / ``siglip_learnable``)."""
-    learnable_key = _LEARNABLE_CONFIG_KEY.get(loss_config.name)
-    learnable = learnable_key is not None and bool(loss_config.get(learnable_key, False))
-    return init_loss_params(loss_config.name, learnable=learnable, **_config_hyper_parameters(loss_config))
+  """``init_loss_params`` for ``config.loss`` (learnable per ``learnable_temperature`` / ``siglip_learnable``)."""
+  learnable_key = _LEARNABLE_CONFIG_KEY.get(loss_config.name)
+  learnable = learnable_key is not None and bool(loss_config.get(learnable_key, False))
+  return init_loss_params(loss_config.name, learnable=learnable, **_config_hyper_parameters(loss_config))
 
 
 # -------------------------------------------------------------------------------------------------------- shares
 
-def _directions(rows: _Rows) -> tuple[_Queries, _Queries]:
-    """Audio rows against all captions (rows of S) and caption rows against all clips (rows of S^T)."""
-    own = rows.offset + jnp.arange(rows.clip_ids.shape[0])
-    is_own = own[:, None] == jnp.arange(rows.all_clip_ids.shape[0])[None, :]
-    same_clip = rows.clip_ids[:, None] == rows.all_clip_ids[None, :]
 
-    def queries(local, candidates):
-        scores = _scores(local, candidates)
-        return _Queries(scores, jnp.take_along_axis(scores, own[:, None], axis=1)[:, 0], is_own, same_clip)
-    return queries(rows.audio, rows.all_text), queries(rows.text, rows.all_audio)
+def _directions(rows: _Rows) -> tuple[_Queries, _Queries]:
+  """Audio rows against all captions (rows of S) and caption rows against all clips (rows of S^T)."""
+  own = rows.offset + jnp.arange(rows.clip_ids.shape[0])
+  is_own = own[:, None] == jnp.arange(rows.all_clip_ids.shape[0])[None, :]
+  same_clip = rows.clip_ids[:, None] == rows.all_clip_ids[None, :]
+
+  def queries(local, candidates):
+    scores = _scores(local, candidates)
+    return _Queries(scores, jnp.take_along_axis(scores, own[:, None], axis=1)[:, 0], is_own, same_clip)
+
+  return queries(rows.audio, rows.all_text), queries(rows.text, rows.all_audio)
 
 
 def _hinge_costs(q: _Queries, margin: float) -> jax.Array:
-    """relu(margin + S[q, c] - p) for candidates of other clips, 0 for the query's own clip."""
-    return jnp.where(q.same_clip, 0.0, jax.nn.relu(margin + q.scores - q.positive[:, None]))
+  """relu(margin + S[q, c] - p) for candidates of other clips, 0 for the query's own clip."""
+  return jnp.where(q.same_clip, 0.0, jax.nn.relu(margin + q.scores - q.positive[:, None]))
 
 
 def _triplet_max_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
-    margin = fixed.get("margin", DEFAULT_MARGIN)
-    total = sum(jnp.sum(jnp.max(_hinge_costs(q, margin), axis=1)) for q in _directions(rows))
-    return total / rows.all_clip_ids.shape[0]
+  margin = fixed.get("margin", DEFAULT_MARGIN)
+  total = sum(jnp.sum(jnp.max(_hinge_costs(q, margin), axis=1)) for q in _directions(rows))
+  return total / rows.all_clip_ids.shape[0]
 
 
 def _triplet_sum_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
-    margin = fixed.get("margin", DEFAULT_MARGIN)
-    return sum(jnp.sum(_hinge_costs(q, margin)) for q in _directions(rows)) / rows.all_clip_ids.shape[0]
+  margin = fixed.get("margin", DEFAULT_MARGIN)
+  return sum(jnp.sum(_hinge_costs(q, margin)) for q in _directions(rows)) / rows.all_clip_ids.shape[0]
 
 
 def _triplet_weighted_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
-    margin = fixed.get("margin", DEFAULT_MARGIN)
+  margin = fixed.get("margin", DEFAULT_MARGIN)
 
-    def quadratic(coefficients, x):
-        a, b, c = coefficients
-        return jax.nn.relu(a * x * x + b * x + c)
+  def quadratic(coefficients, x):
+    a, b, c = coefficients
+    return jax.nn.relu(a * x * x + b * x + c)
 
-    total = 0.0
-    for q in _directions(rows):
-        hardest = jnp.max(jnp.where(q.same_clip, -jnp.inf, q.scores), axis=1)
-        has_hard = hardest + margin > q.positive  # False when every candidate is of the query's clip (-inf)
-        hardest = jnp.where(has_hard, hardest, 0.0)  # keeps -inf out of the gradient
-        row_loss = quadratic(WEIGHTED_TRIPLET_POSITIVE, q.positive) + quadratic(WEIGHTED_TRIPLET_NEGATIVE, hardest)
-        total = total + jnp.sum(jnp.where(has_hard, row_loss, 0.0))
-    return total / rows.all_clip_ids.shape[0]
+  total = 0.0
+  for q in _directions(rows):
+    hardest = jnp.max(jnp.where(q.same_clip, -jnp.inf, q.scores), axis=1)
+    has_hard = hardest + margin > q.positive  # False when every candidate is of the query's clip (-inf)
+    hardest = jnp.where(has_hard, hardest, 0.0)  # keeps -inf out of the gradient
+    row_loss = quadratic(WEIGHTED_TRIPLET_POSITIVE, q.positive) + quadratic(WEIGHTED_TRIPLET_NEGATIVE, hardest)
+    total = total + jnp.sum(jnp.where(has_hard, row_loss, 0.0))
+  return total / rows.all_clip_ids.shape[0]
 
 
 def _cross_entropy_share(mask_same_clip: bool) -> Callable[[_Rows, dict, dict], jax.Array]:
-    """0.5 (audio->text + text->audio) cross entropy of S / tau at the own pair, mean over the global batch; with
-    ``mask_same_clip`` the other pairs of the query's clip leave the denominator (infonce), else they stay (ntxent)."""
-    name = "infonce" if mask_same_clip else "ntxent"
+  """0.5 (audio->text + text->audio) cross entropy of S / tau at the own pair, mean over the global batch; with
+  ``mask_same_clip`` the other pairs of the query's clip leave the denominator (infonce), else they stay (ntxent)."""
+  name = "infonce" if mask_same_clip else "ntxent"
 
-    def share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
-        temperature = _temperature(name, loss_params, fixed)
-        total = 0.0
-        for q in _directions(rows):
-            in_denominator = (q.is_own | ~q.same_clip) if mask_same_clip else None
-            log_normaliser = jax.nn.logsumexp(q.scores / temperature, axis=1, where=in_denominator)
-            total = total + jnp.sum(log_normaliser - q.positive / temperature)
-        return 0.5 * total / rows.all_clip_ids.shape[0]
-    return share
+  def share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+    temperature = _temperature(name, loss_params, fixed)
+    total = 0.0
+    for q in _directions(rows):
+      in_denominator = (q.is_own | ~q.same_clip) if mask_same_clip else None
+      log_normaliser = jax.nn.logsumexp(q.scores / temperature, axis=1, where=in_denominator)
+      total = total + jnp.sum(log_normaliser - q.positive / temperature)
+    return 0.5 * total / rows.all_clip_ids.shape[0]
+
+  return share
 
 
 def _siglip_pair_block(audio, text, audio_ids, text_ids, loss_params: dict, fixed: dict) -> jax.Array:
-    """Sum over the pairs of an (audio block) x (caption block) of softplus(-z (t S + b))."""
-    scale, bias = _siglip_scale_bias(loss_params, fixed)
-    logits = scale * _scores(audio, text) + bias
-    sign = jnp.where(audio_ids[:, None] == text_ids[None, :], 1.0, -1.0)
-    return jnp.sum(jax.nn.softplus(-sign * logits))
+  """Sum over the pairs of an (audio block) x (caption block) of softplus(-z (t S + b))."""
+  scale, bias = _siglip_scale_bias(loss_params, fixed)
+  logits = scale * _scores(audio, text) + bias
+  sign = jnp.where(audio_ids[:, None] == text_ids[None, :], 1.0, -1.0)
+  return jnp.sum(jax.nn.softplus(-sign * logits))
 
 
 def _siglip_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
-    block = _siglip_pair_block(rows.audio, rows.all_text, rows.clip_ids, rows.all_clip_ids, loss_params, fixed)
-    return block / rows.all_clip_ids.shape[0] ** 2
+  block = _siglip_pair_block(rows.audio, rows.all_text, rows.clip_ids, rows.all_clip_ids, loss_params, fixed)
+  return block / rows.all_clip_ids.shape[0] ** 2
 
 
 def _init_temperature_params(*, temperature: float = 0.07) -> dict[str, jax.Array]:
-    low, high = TEMPERATURE_RANGE
-    if not low <= temperature <= high:
-        raise ValueError(f"a learnable temperature must start inside {TEMPERATURE_RANGE}, got {temperature}")
-    return {"log_temperature": jnp.asarray(math.log(temperature), jnp.float32)}
+  low, high = TEMPERATURE_RANGE
+  if not low <= temperature <= high:
+    raise ValueError(f"a learnable temperature must start inside {TEMPERATURE_RANGE}, got {temperature}")
+  return {"log_temperature": jnp.asarray(math.log(temperature), jnp.float32)}
 
 
 def _init_siglip_params(*, scale: float = 10.0, bias: float = -10.0) -> dict[str, jax.Array]:
-    return {"log_scale": jnp.asarray(math.log(scale), jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  return {"log_scale": jnp.asarray(math.log(scale), jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
 
 
 _TRIPLET_KEYS = frozenset({"margin"})
 _LOSSES: dict[str, _LossDef] = {
-    "triplet_max": _LossDef(_triplet_max_share, _TRIPLET_KEYS, None),
-    "triplet_sum": _LossDef(_triplet_sum_share, _TRIPLET_KEYS, None),
-    "triplet_weighted": _LossDef(_triplet_weighted_share, _TRIPLET_KEYS, None),
-    "ntxent": _LossDef(_cross_entropy_share(mask_same_clip=False), frozenset({"temperature"}),
-                       _init_temperature_params),
-    "infonce": _LossDef(_cross_entropy_share(mask_same_clip=True), frozenset({"temperature"}),
-                        _init_temperature_params),
-    "siglip": _LossDef(_siglip_share, frozenset({"scale", "bias"}), _init_siglip_params, _siglip_pair_block),
+  "triplet_max": _LossDef(_triplet_max_share, _TRIPLET_KEYS, None),
+  "triplet_sum": _LossDef(_triplet_sum_share, _TRIPLET_KEYS, None),
+  "triplet_weighted": _LossDef(_triplet_weighted_share, _TRIPLET_KEYS, None),
+  "ntxent": _LossDef(_cross_entropy_share(mask_same_clip=False), frozenset({"temperature"}), _init_temperature_params),
+  "infonce": _LossDef(_cross_entropy_share(mask_same_clip=True), frozenset({"temperature"}), _init_temperature_params),
+  "siglip": _LossDef(_siglip_share, frozenset({"scale", "bias"}), _init_siglip_params, _siglip_pair_block),
 }
 # config.loss keys: hyper-parameter -> key, and loss -> the key that makes its hyper-parameters learnable.
-_HYPER_PARAMETER_CONFIG_KEY = {"margin": "margin", "temperature": "temperature", "scale": "siglip_scale",
-                               "bias": "siglip_bias"}
-_LEARNABLE_CONFIG_KEY = {"ntxent": "learnable_temperature", "infonce": "learnable_temperature",
-                         "siglip": "siglip_learnable"}
+_HYPER_PARAMETER_CONFIG_KEY = {
+  "margin": "margin",
+  "temperature": "temperature",
+  "scale": "siglip_scale",
+  "bias": "siglip_bias",
+}
+_LEARNABLE_CONFIG_KEY = {
+  "ntxent": "learnable_temperature",
+  "infonce": "learnable_temperature",
+  "siglip": "siglip_learnable",
+}
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
 
+
 def _loss_def(name: str) -> _LossDef:
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; available: {sorted(_LOSSES)}")
-    return _LOSSES[name]
+  if name not in _LOSSES:
+    raise ValueError(f"unknown loss {name!r}; available: {sorted(_LOSSES)}")
+  return _LOSSES[name]
 
 
 def _config_hyper_parameters(loss_config) -> dict[str, Any]:
-    """The hyper-parameters of loss ``loss_config.name`` that ``loss_config`` sets (``config.loss.<key>``)."""
-    keys = _loss_def(loss_config.name).fixed_keys
-    return {key: loss_config[_HYPER_PARAMETER_CONFIG_KEY[key]] for key in sorted(keys)
-            if loss_config.get(_HYPER_PARAMETER_CONFIG_KEY[key]) is not None}
+  """The hyper-parameters of loss ``loss_config.name`` that ``loss_config`` sets (``config.loss.<key>``)."""
+  keys = _loss_def(loss_config.name).fixed_keys
+  return {
+    key: loss_config[_HYPER_PARAMETER_CONFIG_KEY[key]]
+    for key in sorted(keys)
+    if loss_config.get(_HYPER_PARAMETER_CONFIG_KEY[key]) is not None
+  }
 
 
 def _check_fixed(name: str, loss: _LossDef, fixed: dict[str, Any]) -> None:
-    unknown = set(fixed) - loss.fixed_keys
-    if unknown:
-        raise ValueError(f"loss {name!r} got unknown hyper-parameters {sorted(unknown)}; it takes "
-                         f"{sorted(loss.fixed_keys)}")
-    for key, value in fixed.items():
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise ValueError(f"loss {name!r}: {key} must be a number, got {value!r}")
-        if key in ("temperature", "scale") and not value > 0:
-            raise ValueError(f"loss {name!r}: {key} must be a positive number, got {value!r}")
-        if key == "margin" and not value >= 0:
-            raise ValueError(f"loss {name!r}: margin must be >= 0, got {value!r}")
+  unknown = set(fixed) - loss.fixed_keys
+  if unknown:
+    raise ValueError(
+      f"loss {name!r} got unknown hyper-parameters {sorted(unknown)}; it takes {sorted(loss.fixed_keys)}"
+    )
+  for key, value in fixed.items():
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+      raise ValueError(f"loss {name!r}: {key} must be a number, got {value!r}")
+    if key in ("temperature", "scale") and not value > 0:
+      raise ValueError(f"loss {name!r}: {key} must be a positive number, got {value!r}")
+    if key == "margin" and not value >= 0:
+      raise ValueError(f"loss {name!r}: margin must be >= 0, got {value!r}")
 
 
 def _temperature(name: str, loss_params: dict, fixed: dict) -> jax.Array | float:
-    if "log_temperature" in loss_params:
-        return jnp.clip(jnp.exp(loss_params["log_temperature"]), *TEMPERATURE_RANGE)
-    if "temperature" in fixed:
-        return fixed["temperature"]
-    raise ValueError(f"loss {name!r} needs a temperature: pass temperature=... (fixed) or "
-                     f"loss_params['log_temperature'] (learnable, from init_loss_params)")
+  if "log_temperature" in loss_params:
+    return jnp.clip(jnp.exp(loss_params["log_temperature"]), *TEMPERATURE_RANGE)
+  if "temperature" in fixed:
+    return fixed["temperature"]
+  raise ValueError(
+    f"loss {name!r} needs a temperature: pass temperature=... (fixed) or "
+    f"loss_params['log_temperature'] (learnable, from init_loss_params)"
+  )
 
 
 def learnable_values(loss_params: dict) -> dict[str, jax.Array]:
-    """The values the loss uses for its learnable hyper-parameters (for logging): ``temperature`` (clipped as in
-    the loss) or ``siglip_scale`` and ``siglip_bias``; ``{}`` when nothing is learnt."""
-    if "log_temperature" in loss_params:
-        return {"temperature": _temperature("", loss_params, {})}
-    if "log_scale" in loss_params:
-        scale, bias = _siglip_scale_bias(loss_params, {})
-        return {"siglip_scale": scale, "siglip_bias": bias}
-    return {}
+  """The values the loss uses for its learnable hyper-parameters (for logging): ``temperature`` (clipped as in
+  the loss) or ``siglip_scale`` and ``siglip_bias``; ``{}`` when nothing is learnt."""
+  if "log_temperature" in loss_params:
+    return {"temperature": _temperature("", loss_params, {})}
+  if "log_scale" in loss_params:
+    scale, bias = _siglip_scale_bias(loss_params, {})
+    return {"siglip_scale": scale, "siglip_bias": bias}
+  return {}
 
 
 def _siglip_scale_bias(loss_params: dict, fixed: dict) -> tuple[jax.Array | float, jax.Array | float]:
-    if "log_scale" in loss_params:
-        return jnp.exp(loss_params["log_scale"]), loss_params["bias"]
-    if "scale" in fixed and "bias" in fixed:
-        return fixed["scale"], fixed["bias"]
-    raise ValueError("loss 'siglip' needs scale and bias: pass scale=..., bias=... (fixed) or "
-                     "loss_params {'log_scale', 'bias'} (learnable, from init_loss_params)")
+  if "log_scale" in loss_params:
+    return jnp.exp(loss_params["log_scale"]), loss_params["bias"]
+  if "scale" in fixed and "bias" in fixed:
+    return fixed["scale"], fixed["bias"]
+  raise ValueError(
+    "loss 'siglip' needs scale and bias: pass scale=..., bias=... (fixed) or "
+    "loss_params {'log_scale', 'bias'} (learnable, from init_loss_params)"
+  )
 
 
 def _check_batch(name: str, audio_emb: jax.Array, text_emb: jax.Array, clip_ids: jax.Array, n_shards: int) -> None:
-    if audio_emb.ndim != 2 or audio_emb.shape != text_emb.shape:
-        raise ValueError(f"loss {name!r}: audio_emb and text_emb must both be [B, D], got {audio_emb.shape} and "
-                         f"{text_emb.shape}")
-    if clip_ids.shape != audio_emb.shape[:1] or not jnp.issubdtype(clip_ids.dtype, jnp.integer):
-        raise ValueError(f"loss {name!r}: clip_ids must be integers of shape ({audio_emb.shape[0]},), got "
-                         f"{clip_ids.dtype}{clip_ids.shape}")
-    if audio_emb.shape[0] % n_shards:
-        raise ValueError(f"loss {name!r}: global batch {audio_emb.shape[0]} is not divisible by the {n_shards} "
-                         f"devices of the batch axis")
+  if audio_emb.ndim != 2 or audio_emb.shape != text_emb.shape:
+    raise ValueError(
+      f"loss {name!r}: audio_emb and text_emb must both be [B, D], got {audio_emb.shape} and {text_emb.shape}"
+    )
+  if clip_ids.shape != audio_emb.shape[:1] or not jnp.issubdtype(clip_ids.dtype, jnp.integer):
+    raise ValueError(
+      f"loss {name!r}: clip_ids must be integers of shape ({audio_emb.shape[0]},), got {clip_ids.dtype}{clip_ids.shape}"
+    )
+  if audio_emb.shape[0] % n_shards:
+    raise ValueError(
+      f"loss {name!r}: global batch {audio_emb.shape[0]} is not divisible by the {n_shards} devices of the batch axis"
+    )
 
 
 def _scores(queries: jax.Array, candidates: jax.Array) -> jax.Array:
-    return jnp.einsum("qd,cd->qc", queries, candidates, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("qd,cd->qc", queries, candidates, precision=jax.lax.Precision.HIGHEST)
 
 
 def _l2_normalise(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))

@@ -7,6 +7,7 @@ holds everything, which --verbosity=1 also shows.
 
 Multi-process runs start the same command in every process (scripts/launch_local.py, scripts/slurm_train.sbatch,
 scripts/tpu_pod_train.sh); `atr_jax.distributed` joins them before anything touches a device."""
+
 import os
 
 from atr_jax import xla_flags
@@ -21,19 +22,33 @@ from atr_jax import console, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and results.json.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
-                  "train: train (resuming from the workdir) then test the best checkpoint; "
-                  "evaluate: test the workdir's best checkpoint again.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "evaluate"],
+  "train: train (resuming from the workdir) then test the best checkpoint; "
+  "evaluate: test the workdir's best checkpoint again.",
+)
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-flags.DEFINE_bool("allow_config_change", False,
-                  "train: resume a workdir's run even though the config changes its data order or step count "
-                  "(atr_jax.train.RESUME_KEYS: seed, datasets, crop, shuffle, input shards, global batch, epochs).")
-flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
-                  "auto: join a multi-process job (jax.distributed) when the coordinator flags are given or a "
-                  "SLURM srun step, Open MPI job or multi-host Cloud TPU is detected; on: always (JAX detects the "
-                  "cluster); off: never.")
-flags.DEFINE_string("coordinator_address", None,
-                    "HOST:PORT of process 0's coordinator service (every process passes the same); unset: detected.")
+flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "train: resume a workdir's run even though the config changes its data order or step count "
+  "(atr_jax.train.RESUME_KEYS: seed, datasets, crop, shuffle, input shards, global batch, epochs).",
+)
+flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  list(distributed.MODES),
+  "auto: join a multi-process job (jax.distributed) when the coordinator flags are given or a "
+  "SLURM srun step, Open MPI job or multi-host Cloud TPU is detected; on: always (JAX detects the "
+  "cluster); off: never.",
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "HOST:PORT of process 0's coordinator service (every process passes the same); unset: detected.",
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job; unset: detected.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes); unset: detected.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -43,9 +58,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(FLAGS.workdir, FLAGS.verbosity)
-  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                               mode=FLAGS.distributed)
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, mode=FLAGS.distributed)
   import tensorflow as tf
+
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX.
   logging.info("config:\n%s", FLAGS.config)
   with distributed.exit_fast_on_failure():

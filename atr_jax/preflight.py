@@ -1,5 +1,6 @@
 """What a run checks before any work (data generation or preparation, weight loading, compilation): every folder
 and file the config names exists. Each error names the config key, its value and the path it looked for."""
+
 import os
 
 import jax
@@ -18,9 +19,10 @@ def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
   directory = audio_init_dir(model_config)
   if directory is not None and not os.path.isdir(directory):
     raise FileNotFoundError(
-        f"config.model.audio.init_from={model_config.audio.init_from!r}: {directory} does not exist. Convert the "
-        f"released PANNs checkpoint once ({CONVERT_COMMAND.format(directory)}), point the key at the converted "
-        f"folder, or set it to {SCRATCH!r} to start the audio tower from random weights")
+      f"config.model.audio.init_from={model_config.audio.init_from!r}: {directory} does not exist. Convert the "
+      f"released PANNs checkpoint once ({CONVERT_COMMAND.format(directory)}), point the key at the converted "
+      f"folder, or set it to {SCRATCH!r} to start the audio tower from random weights"
+    )
 
 
 def _check_split_source(dataset: str, raw_dir: str, split: str, key: str) -> None:
@@ -49,8 +51,9 @@ def check_data_paths(data_config: ml_collections.ConfigDict, *, training: bool) 
   if training:
     for dataset, extra_dir, split in datasets.parse_extra_train(data_config.extra_train):
       if not os.path.isdir(extra_dir):
-        raise FileNotFoundError(f"config.data.extra_train entry {dataset}:{extra_dir}:{split}: {extra_dir} does not "
-                                "exist")
+        raise FileNotFoundError(
+          f"config.data.extra_train entry {dataset}:{extra_dir}:{split}: {extra_dir} does not exist"
+        )
       _check_split_source(dataset, extra_dir, split, f"config.data.extra_train entry {dataset}:{extra_dir}:{split}")
 
 

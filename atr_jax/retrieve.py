@@ -14,6 +14,7 @@ processes (the next chunk decodes while one embeds), embedded, and written to a 
 `index`), so memory holds one chunk of clips however many files there are, and a killed `index` run resumes after
 its last written chunk. Audio files that cannot be decoded or are too short are reported and skipped.
 """
+
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # Before jax is imported.
@@ -79,17 +80,18 @@ class Retriever:
     for frames in sorted(set(padded.tolist())):
       ids = np.flatnonzero(padded == frames)
       for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
+        chunk = ids[start : start + batch_size]
         batch = np.zeros((batch_size, frames, features.N_MELS), np.float32)
         mask = np.zeros((batch_size, frames), bool)
         for row, index in enumerate(chunk):
-          batch[row, :len(log_mels[index])] = log_mels[index]
-          mask[row, :len(log_mels[index])] = True
-        embeddings[chunk] = self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[:len(chunk)]
+          batch[row, : len(log_mels[index])] = log_mels[index]
+          mask[row, : len(log_mels[index])] = True
+        embeddings[chunk] = self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[: len(chunk)]
     return embeddings
 
-  def embed_audio_files(self, paths: list, batch_size: int = 16, *, work_dir: str | None = None,
-                        workers: int | None = None) -> tuple[np.ndarray, list, list]:
+  def embed_audio_files(
+    self, paths: list, batch_size: int = 16, *, work_dir: str | None = None, workers: int | None = None
+  ) -> tuple[np.ndarray, list, list]:
     """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones), chunk by chunk under a
     progress bar: `workers` decoding processes (default: one per core) fill a log-mel cache in `work_dir`, and each
     chunk's embeddings go to a chunk file there. A call with the `work_dir` of a killed call for the same paths,
@@ -98,14 +100,16 @@ class Retriever:
       with tempfile.TemporaryDirectory(prefix="atr_jax_embed_") as temporary:
         return self.embed_audio_files(paths, batch_size, work_dir=temporary, workers=workers)
     chunk_size = self._batch_size(batch_size) * CHUNK_BATCHES
-    chunks = [paths[start:start + chunk_size] for start in range(0, len(paths), chunk_size)]
+    chunks = [paths[start : start + chunk_size] for start in range(0, len(paths), chunk_size)]
     names = [os.path.join(work_dir, f"chunk-{number:06d}.npz") for number in range(len(chunks))]
     self._start_work(work_dir, paths, chunk_size)
     todo = [number for number, name in enumerate(names) if not os.path.exists(name)]
     done_files = len(paths) - sum(len(chunks[number]) for number in todo)
-    with extraction.Extractor(os.path.join(work_dir, "log_mels"), workers) as extractor, \
-        futures.ThreadPoolExecutor(1) as decoder, \
-        tqdm.tqdm(total=len(paths), initial=done_files, desc="embedding audio", unit="file") as progress:
+    with (
+      extraction.Extractor(os.path.join(work_dir, "log_mels"), workers) as extractor,
+      futures.ThreadPoolExecutor(1) as decoder,
+      tqdm.tqdm(total=len(paths), initial=done_files, desc="embedding audio", unit="file") as progress,
+    ):
       decode = lambda number: decoder.submit(extractor.run, chunks[number], "", progress)  # noqa: E731
       decoding = decode(todo[0]) if todo else None
       for position, number in enumerate(todo):
@@ -118,8 +122,13 @@ class Retriever:
   def _start_work(self, work_dir: str, paths: list, chunk_size: int) -> None:
     """Keeps the chunk files of `work_dir` if its progress record is this work's, else deletes them and records it
     (the log-mel cache stays: it is keyed by each file's path, size and time)."""
-    record = {"files": len(paths), "files_sha1": hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest(),
-              "chunk_size": chunk_size, "workdir": self.workdir, "step": int(self.step)}
+    record = {
+      "files": len(paths),
+      "files_sha1": hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest(),
+      "chunk_size": chunk_size,
+      "workdir": self.workdir,
+      "step": int(self.step),
+    }
     record_path = os.path.join(work_dir, PROGRESS_FILE)
     try:
       with open(record_path) as f:
@@ -144,15 +153,24 @@ class Retriever:
 
   def embed_texts(self, texts: list, batch_size: int = 64) -> np.ndarray:
     """Embeddings of `texts`, in batches of at most `batch_size` (a single query is not padded to a full batch)."""
-    return evaluation.embed_captions(self._embedder, self.variables, list(texts), tokenize=self.tokenize,
-                                     global_batch_size=self._batch_size(min(batch_size, len(texts))))
+    return evaluation.embed_captions(
+      self._embedder,
+      self.variables,
+      list(texts),
+      tokenize=self.tokenize,
+      global_batch_size=self._batch_size(min(batch_size, len(texts))),
+    )
 
 
 def audio_files(folder: str) -> list:
   """Every file below `folder` whose extension is an audio format soundfile reads, sorted."""
   extensions = features.audio_extensions()
-  found = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-           if os.path.splitext(name)[1].lower() in extensions]
+  found = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(folder)
+    for name in names
+    if os.path.splitext(name)[1].lower() in extensions
+  ]
   return sorted(found)
 
 
@@ -185,8 +203,9 @@ def _read_chunks(names: list, chunks: list, embed_dim: int) -> tuple[np.ndarray,
   return np.concatenate(embeddings), kept, skipped
 
 
-def index_folder(retriever: Retriever, audio_dir: str, index_dir: str, batch_size: int,
-                 workers: int | None = None) -> tuple[list, list]:
+def index_folder(
+  retriever: Retriever, audio_dir: str, index_dir: str, batch_size: int, workers: int | None = None
+) -> tuple[list, list]:
   """Indexes every audio file below `audio_dir` into `index_dir`, resuming the work a killed call left in
   `index_dir.partial` (removed once the index is written); returns (indexed paths, [(path, reason)] skipped)."""
   paths = audio_files(audio_dir)
@@ -194,8 +213,12 @@ def index_folder(retriever: Retriever, audio_dir: str, index_dir: str, batch_siz
     raise app.UsageError(f"no audio file found below --audio_dir={audio_dir}")
   work_dir = index_dir.rstrip("/") + ".partial"
   embeddings, kept, skipped = retriever.embed_audio_files(paths, batch_size, work_dir=work_dir, workers=workers)
-  write_index(index_dir, embeddings, [os.path.relpath(p, audio_dir) for p in kept],
-              {"audio_dir": os.path.abspath(audio_dir), "workdir": retriever.workdir, "step": int(retriever.step)})
+  write_index(
+    index_dir,
+    embeddings,
+    [os.path.relpath(p, audio_dir) for p in kept],
+    {"audio_dir": os.path.abspath(audio_dir), "workdir": retriever.workdir, "step": int(retriever.step)},
+  )
   shutil.rmtree(work_dir)
   return kept, skipped
 
@@ -221,8 +244,10 @@ def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dic
 def read_index(index_dir: str) -> tuple[np.ndarray, list]:
   emb_path, files_path = os.path.join(index_dir, EMBEDDINGS_FILE), os.path.join(index_dir, FILES_FILE)
   if not (os.path.isfile(emb_path) and os.path.isfile(files_path)):
-    raise FileNotFoundError(f"{index_dir} is not an index (needs {EMBEDDINGS_FILE} and {FILES_FILE}); "
-                            "make one with `python -m atr_jax.retrieve index`")
+    raise FileNotFoundError(
+      f"{index_dir} is not an index (needs {EMBEDDINGS_FILE} and {FILES_FILE}); "
+      "make one with `python -m atr_jax.retrieve index`"
+    )
   embeddings = np.load(emb_path)
   with open(files_path) as f:
     files = json.load(f)["files"]
@@ -234,6 +259,7 @@ def read_index(index_dir: str) -> tuple[np.ndarray, list]:
 def read_captions(path: str) -> list:
   """Captions from a text file (one a line) or a CSV with a `caption` column or Clotho's caption_1..5 columns."""
   import csv
+
   with open(path, newline="", encoding="utf-8", errors="replace") as f:
     if not path.lower().endswith(".csv"):
       return [line.strip() for line in f if line.strip()]
@@ -246,16 +272,16 @@ def read_captions(path: str) -> list:
 
 _COMMANDS = ("index", "text", "audio", "submission")
 flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
-flags.DEFINE_string("audio_dir", None, "index (or text without --index): folder of audio files to embed "
-                    "(searched recursively).")
+flags.DEFINE_string(
+  "audio_dir", None, "index (or text without --index): folder of audio files to embed (searched recursively)."
+)
 flags.DEFINE_string("index", None, "index/text: the index folder to write or to search.")
 flags.DEFINE_multi_string("query", None, "text: a query sentence (repeat the flag for several).")
 flags.DEFINE_multi_string("audio", None, "audio: an audio file to query with (repeat for several).")
 flags.DEFINE_string("captions", None, "audio / submission: captions (.txt one per line, or .csv).")
 flags.DEFINE_string("out", None, "submission: the DCASE CSV to write (caption,fname_1,...,fname_10).")
 flags.DEFINE_integer("top_k", 10, "Results per query.")
-flags.DEFINE_integer("batch_size", 16, "Audio files per embedding batch (a chunk holds "
-                     f"{CHUNK_BATCHES} batches).")
+flags.DEFINE_integer("batch_size", 16, f"Audio files per embedding batch (a chunk holds {CHUNK_BATCHES} batches).")
 flags.DEFINE_integer("workers", None, "Audio decoding processes (default: one per CPU core).", lower_bound=1)
 FLAGS = flags.FLAGS
 
@@ -291,8 +317,9 @@ def main(argv):
   _require("workdir")
   if command == "index":
     _require("audio_dir", "index")
-    kept, skipped = index_folder(Retriever(FLAGS.workdir), FLAGS.audio_dir, FLAGS.index, FLAGS.batch_size,
-                                 FLAGS.workers)
+    kept, skipped = index_folder(
+      Retriever(FLAGS.workdir), FLAGS.audio_dir, FLAGS.index, FLAGS.batch_size, FLAGS.workers
+    )
     _report_skipped(skipped)
     print(f"indexed {len(kept)} files ({len(skipped)} skipped) into {FLAGS.index}")
   elif command == "text":
@@ -301,8 +328,9 @@ def main(argv):
     if FLAGS.index:
       embeddings, files = read_index(FLAGS.index)
     elif FLAGS.audio_dir:  # No index: embed the folder now.
-      embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size,
-                                                              workers=FLAGS.workers)
+      embeddings, kept, skipped = retriever.embed_audio_files(
+        audio_files(FLAGS.audio_dir), FLAGS.batch_size, workers=FLAGS.workers
+      )
       _report_skipped(skipped)
       files = [os.path.relpath(p, FLAGS.audio_dir) for p in kept]
     else:
@@ -313,11 +341,13 @@ def main(argv):
     _require("audio_dir", "captions", "out")
     captions = _read_nonempty_captions(FLAGS.captions)
     retriever = Retriever(FLAGS.workdir)
-    embeddings, kept, skipped = retriever.embed_audio_files(audio_files(FLAGS.audio_dir), FLAGS.batch_size,
-                                                            workers=FLAGS.workers)
+    embeddings, kept, skipped = retriever.embed_audio_files(
+      audio_files(FLAGS.audio_dir), FLAGS.batch_size, workers=FLAGS.workers
+    )
     _report_skipped(skipped)
-    write_submission(FLAGS.out, captions, retriever.embed_texts(captions), embeddings,
-                     [os.path.basename(p) for p in kept])
+    write_submission(
+      FLAGS.out, captions, retriever.embed_texts(captions), embeddings, [os.path.basename(p) for p in kept]
+    )
     print(f"wrote the top 10 of {len(kept)} clips for {len(captions)} captions to {FLAGS.out}")
   else:
     _require("audio", "captions")

@@ -5,6 +5,7 @@ feeds its own slice (global // process_count rows) and `global_batch` assembles 
 'data'. Parameters and optimizer state are replicated (pure data parallelism) or, with FSDP, each large array is
 split over 'data' along one dimension (`state_shardings`); XLA gathers them where the step needs them whole.
 """
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -53,16 +54,19 @@ def state_shardings(abstract_tree, mesh: Mesh, mode: str):
 def check_global_batch(global_batch_size: int, name: str) -> int:
   """Returns the per-process batch size; raises if `global_batch_size` does not split evenly over the devices."""
   if global_batch_size <= 0 or global_batch_size % jax.device_count():
-    raise ValueError(f"{name}={global_batch_size} must be a positive multiple of the device count "
-                     f"({jax.device_count()} devices over {jax.process_count()} processes)")
+    raise ValueError(
+      f"{name}={global_batch_size} must be a positive multiple of the device count "
+      f"({jax.device_count()} devices over {jax.process_count()} processes)"
+    )
   return global_batch_size // jax.process_count()
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Turns each process's numpy slice of a batch into global arrays sharded over the data axis."""
   sharding = batch_sharding(mesh)
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local_batch.items()
+  }
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -74,5 +78,6 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 def place_like(new_tree, like_tree):
   """`new_tree` (host arrays) cast to the dtypes of `like_tree` and placed with its shardings, leaf by leaf."""
-  return jax.tree.map(lambda like, new: jax.device_put(np.asarray(new).astype(like.dtype), like.sharding),
-                      like_tree, new_tree)
+  return jax.tree.map(
+    lambda like, new: jax.device_put(np.asarray(new).astype(like.dtype), like.sharding), like_tree, new_tree
+  )

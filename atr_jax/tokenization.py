@@ -1,5 +1,6 @@
 """Caption tokenisation outside the jitted step: caption cleaning (config.data.caption_cleaning) then HF tokenizers
 to fixed-length int32 id and mask arrays."""
+
 import numpy as np
 
 from atr_jax.models.hf_hub import resolve_model_dir
@@ -9,6 +10,7 @@ from data_pipelines import captions as caption_text
 def load_tokenizer(model_dir: str):
   """The HF tokenizer of a text model (a local folder with tokenizer.json or vocab.txt, or a hub name)."""
   from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(resolve_model_dir(model_dir))
 
 
@@ -23,12 +25,16 @@ class CaptionTokenizer:
   @classmethod
   def from_config(cls, config) -> "CaptionTokenizer":
     """The tokenizer of `config.model.text` with `config.data.caption_cleaning`."""
-    return cls(load_tokenizer(config.model.text.model_dir), config.model.text.max_len,
-               config.data.get("caption_cleaning", "raw"))
+    return cls(
+      load_tokenizer(config.model.text.model_dir), config.model.text.max_len, config.data.get("caption_cleaning", "raw")
+    )
 
   def __call__(self, captions) -> dict:
     cleaned = [caption_text.clean_caption(caption_text.as_text(c), self.cleaning) for c in captions]
-    encoded = self.tokenizer(cleaned, padding="max_length", truncation=True, max_length=self.max_len,
-                             return_tensors="np")
-    return {"input_ids": encoded["input_ids"].astype(np.int32),
-            "attention_mask": encoded["attention_mask"].astype(np.int32)}
+    encoded = self.tokenizer(
+      cleaned, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="np"
+    )
+    return {
+      "input_ids": encoded["input_ids"].astype(np.int32),
+      "attention_mask": encoded["attention_mask"].astype(np.int32),
+    }

@@ -7,6 +7,7 @@ state (every `train.checkpoint_every_steps` and at epoch ends) and the best by a
 resumes exactly (same data order, random streams and schedule state). The best checkpoint is scored on the test
 split at the end and written to `workdir/results.json`.
 """
+
 import functools
 import json
 import os
@@ -30,8 +31,18 @@ from data_pipelines import datasets, input_pipeline
 CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
 # The keys that fix the training data's order and the step count: a run resumed with another value of one of
 # them would not continue the run it resumes.
-RESUME_KEYS = ("seed", "data.dataset", "data.raw_dir", "data.extra_train", "data.train_split", "data.train_max_frames",
-               "data.shuffle_buffer", "data.num_input_shards", "train.global_batch_size", "train.num_epochs")
+RESUME_KEYS = (
+  "seed",
+  "data.dataset",
+  "data.raw_dir",
+  "data.extra_train",
+  "data.train_split",
+  "data.train_max_frames",
+  "data.shuffle_buffer",
+  "data.num_input_shards",
+  "train.global_batch_size",
+  "train.num_epochs",
+)
 
 
 def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, collection: str = "batch_stats"):
@@ -39,9 +50,15 @@ def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, col
   running statistics, or with BATCH_MOMENTS each BatchNorm layer's batch moments (running statistics unchanged)."""
   dropout_rng, augment_rng = jax.random.split(rng)
   (audio_emb, text_emb), updates = state.apply_fn(
-      {"params": model_params, "batch_stats": batch_stats}, batch["log_mel"], batch["frame_mask"],
-      batch["input_ids"], batch["attention_mask"], train=True, mutable=[collection],
-      rngs={"dropout": dropout_rng, "augment": augment_rng})
+    {"params": model_params, "batch_stats": batch_stats},
+    batch["log_mel"],
+    batch["frame_mask"],
+    batch["input_ids"],
+    batch["attention_mask"],
+    train=True,
+    mutable=[collection],
+    rngs={"dropout": dropout_rng, "augment": augment_rng},
+  )
   return (audio_emb, text_emb), updates.get(collection, {})
 
 
@@ -66,8 +83,9 @@ def _join_micro_batches(x: jax.Array, num_shards: int) -> jax.Array:
   return x.reshape(accum_steps * rows, *x.shape[3:])
 
 
-def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps: int, num_shards: int,
-                      frozen: tuple[str, ...]):
+def _cached_gradients(
+  state: TrainState, batch: dict, loss_fn, rng, accum_steps: int, num_shards: int, frozen: tuple[str, ...]
+):
   """Gradient caching: the loss on the whole global batch with activations held for one micro-batch at a time.
 
   Pass 1 computes every micro-batch's embeddings without gradients; the loss and its gradient with respect to the
@@ -89,14 +107,17 @@ def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps:
   _, ((audio_emb, text_emb), moments) = jax.lax.scan(embed, None, (micro, rngs))
   audio_emb, text_emb = (_join_micro_batches(jax.lax.stop_gradient(e), num_shards) for e in (audio_emb, text_emb))
   loss, (audio_grad, text_grad, loss_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1, 3))(
-      audio_emb, text_emb, batch["clip_id"], params["loss"])
+    audio_emb, text_emb, batch["clip_id"], params["loss"]
+  )
   embedding_grads = tuple(_split_micro_batches(g, accum_steps, num_shards) for g in (audio_grad, text_grad))
 
   def backprop(grads, inputs):
     micro_batch, micro_rng, micro_grads = inputs
     _, pullback, _ = jax.vjp(
-        lambda p: _forward(state, _cut_frozen(p, frozen), state.batch_stats, micro_batch, micro_rng, BATCH_MOMENTS),
-        params["model"], has_aux=True)
+      lambda p: _forward(state, _cut_frozen(p, frozen), state.batch_stats, micro_batch, micro_rng, BATCH_MOMENTS),
+      params["model"],
+      has_aux=True,
+    )
     (model_grads,) = pullback(micro_grads)
     return jax.tree.map(jnp.add, grads, model_grads), None
 
@@ -106,8 +127,16 @@ def _cached_gradients(state: TrainState, batch: dict, loss_fn, rng, accum_steps:
   return loss, {"model": model_grads, "loss": loss_grads}, batch_stats
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn, rng, accum_steps: int = 1, num_shards: int = 1,
-               frozen: tuple[str, ...] = ()):
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  loss_fn,
+  rng,
+  accum_steps: int = 1,
+  num_shards: int = 1,
+  frozen: tuple[str, ...] = (),
+):
   """One optimizer step on a global batch; returns the new state and replicated scalar metrics (loss, grad_norm of
   the trainable parameters, and the loss's learnable hyper-parameters: temperature, siglip_scale/bias).
 
@@ -117,17 +146,22 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, rng, accum_steps: int
   """
   step_rng = jax.random.fold_in(rng, state.step)
   if accum_steps == 1:
+
     def compute_loss(params):
-      (audio_emb, text_emb), batch_stats = _forward(state, _cut_frozen(params["model"], frozen), state.batch_stats,
-                                                    batch, step_rng)
+      (audio_emb, text_emb), batch_stats = _forward(
+        state, _cut_frozen(params["model"], frozen), state.batch_stats, batch, step_rng
+      )
       return loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"]), batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   else:
     loss, grads, batch_stats = _cached_gradients(state, batch, loss_fn, step_rng, accum_steps, num_shards, frozen)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
-                     **losses.learnable_values(state.params["loss"])}
+  return new_state, {
+    "loss": loss,
+    "grad_norm": optax.global_norm(grads),
+    **losses.learnable_values(state.params["loss"]),
+  }
 
 
 class _Setup:
@@ -144,27 +178,37 @@ class _Setup:
       self.builder = self.sources[0][0]  # Validation and test splits come from it.
     else:
       self.sources, self.builder = None, datasets.prepare_builder(config.data)
-    console.phase("Data: %s", "; ".join(
+    console.phase(
+      "Data: %s",
+      "; ".join(
         f"{builder.name} {split} ({input_pipeline.num_clips(builder, split)} clips, "
         f"{input_pipeline.train_pairs_per_epoch(builder, split)} captions)"
-        for builder, split in (self.sources or [(self.builder, config.data.test_split)])))
+        for builder, split in (self.sources or [(self.builder, config.data.test_split)])
+      ),
+    )
     self.mesh = sharding.create_mesh()
     self.local_batch_size = sharding.check_global_batch(config.train.global_batch_size, "train.global_batch_size")
     sharding.check_global_batch(config.eval.batch_size, "eval.batch_size")
     if config.eval.selection_metric == "loss":
-      raise ValueError("config.eval.selection_metric='loss': selection keeps the highest value; choose a retrieval "
-                       "metric such as t2a_mAP10")
+      raise ValueError(
+        "config.eval.selection_metric='loss': selection keeps the highest value; choose a retrieval "
+        "metric such as t2a_mAP10"
+      )
     self.num_input_shards = config.data.get("num_input_shards", 0) or jax.process_count()
     self.accum_steps = config.train.get("grad_accum_steps", 1)
     per_device = config.train.global_batch_size // jax.device_count()
     if self.accum_steps < 1 or per_device % self.accum_steps:
-      raise ValueError(f"train.grad_accum_steps={self.accum_steps} must be a positive divisor of the per-device "
-                       f"batch ({per_device} = train.global_batch_size / {jax.device_count()} devices)")
-    self.train_max_frames = ((config.data.train_max_frames or input_pipeline.longest_clip(self.sources))
-                             if training else None)
+      raise ValueError(
+        f"train.grad_accum_steps={self.accum_steps} must be a positive divisor of the per-device "
+        f"batch ({per_device} = train.global_batch_size / {jax.device_count()} devices)"
+      )
+    self.train_max_frames = (
+      (config.data.train_max_frames or input_pipeline.longest_clip(self.sources)) if training else None
+    )
     # Test only: the learning-rate schedule does not matter, only the optimizer state's structure.
-    self.steps_per_epoch = (input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size)
-                            if training else 1)
+    self.steps_per_epoch = (
+      input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size) if training else 1
+    )
     self.tokenize = tokenization.CaptionTokenizer.from_config(config)
     self.model = build_model(config.model)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
@@ -176,8 +220,9 @@ class _Setup:
 
   def fresh_state(self):
     state, shardings = create_train_state(self.config, self.model, self.tx, self.mesh, self.init_rng)
-    self.embedder = evaluation.Embedder(self.model, self.mesh, {"params": shardings.params["model"],
-                                                                "batch_stats": shardings.batch_stats})
+    self.embedder = evaluation.Embedder(
+      self.model, self.mesh, {"params": shardings.params["model"], "batch_stats": shardings.batch_stats}
+    )
     return state, shardings
 
   def restore(self, step: int, state, shardings):
@@ -187,8 +232,14 @@ class _Setup:
   def embed(self, state, split: str) -> evaluation.SplitEmbeddings:
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
     return evaluation.embed_split(
-        self.embedder, variables, self.builder, split, tokenize=self.tokenize,
-        global_batch_size=self.config.eval.batch_size, max_frames=AUDIO_MAX_FRAMES[self.config.model.audio.arch])
+      self.embedder,
+      variables,
+      self.builder,
+      split,
+      tokenize=self.tokenize,
+      global_batch_size=self.config.eval.batch_size,
+      max_frames=AUDIO_MAX_FRAMES[self.config.model.audio.arch],
+    )
 
   def evaluate(self, state, split: str) -> dict:
     emb = self.embed(state, split)
@@ -197,10 +248,17 @@ class _Setup:
   def train_batches(self, epoch: int, skip_batches: int):
     """This process's numpy slices of the global batches of `epoch`, from batch `skip_batches` on."""
     return input_pipeline.process_train_batches(
-        self.sources, global_batch_size=self.config.train.global_batch_size, num_shards=self.num_input_shards,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        max_frames=self.train_max_frames, seed=self.config.seed, epoch=epoch,
-        shuffle_buffer=self.config.data.shuffle_buffer, skip_batches=skip_batches)
+      self.sources,
+      global_batch_size=self.config.train.global_batch_size,
+      num_shards=self.num_input_shards,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      max_frames=self.train_max_frames,
+      seed=self.config.seed,
+      epoch=epoch,
+      shuffle_buffer=self.config.data.shuffle_buffer,
+      skip_batches=skip_batches,
+    )
 
 
 def validation_loss(emb: evaluation.SplitEmbeddings, loss_fn, loss_params, batch_size: int, seed: int) -> float:
@@ -208,9 +266,11 @@ def validation_loss(emb: evaluation.SplitEmbeddings, loss_fn, loss_params, batch
   seeded order (all pairs in one batch when there are fewer), from evaluation-mode embeddings."""
   order = np.random.default_rng(seed).permutation(len(emb.text))
   batch_size = min(batch_size, len(order))
-  batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-  values = [loss_fn(emb.audio[emb.caption_clip_ids[rows]], emb.text[rows], emb.caption_clip_ids[rows], loss_params)
-            for rows in batches]
+  batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+  values = [
+    loss_fn(emb.audio[emb.caption_clip_ids[rows]], emb.text[rows], emb.caption_clip_ids[rows], loss_params)
+    for rows in batches
+  ]
   return float(np.mean(jax.device_get(values)))
 
 
@@ -219,10 +279,15 @@ def _check_finite(metrics: dict, step: int, manager) -> dict:
   scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not np.isfinite(scalars["loss"]):
     last = manager.latest_step()
-    kept = f"the last good checkpoint (step {last}) in {manager.directory} is kept" if last is not None else \
-        "no checkpoint was saved yet"
-    raise FloatingPointError(f"training loss is {scalars['loss']} at or before step {step}: stopping; {kept}. "
-                             f"Lower optim.learning_rate or check the data.")
+    kept = (
+      f"the last good checkpoint (step {last}) in {manager.directory} is kept"
+      if last is not None
+      else "no checkpoint was saved yet"
+    )
+    raise FloatingPointError(
+      f"training loss is {scalars['loss']} at or before step {step}: stopping; {kept}. "
+      f"Lower optim.learning_rate or check the data."
+    )
   return scalars
 
 
@@ -232,8 +297,11 @@ def _changed_resume_keys(config: ml_collections.ConfigDict, workdir: str) -> lis
   workdir = os.path.abspath(os.path.expanduser(workdir))
   checkpoints = os.path.join(workdir, "checkpoints")
   config_path = os.path.join(workdir, CONFIG_FILE)
-  if not (os.path.isfile(config_path) and os.path.isdir(checkpoints)
-          and any(name.isdigit() for name in os.listdir(checkpoints))):
+  if not (
+    os.path.isfile(config_path)
+    and os.path.isdir(checkpoints)
+    and any(name.isdigit() for name in os.listdir(checkpoints))
+  ):
     return []
   with open(config_path) as f:
     saved = json.load(f)
@@ -250,15 +318,16 @@ def _changed_resume_keys(config: ml_collections.ConfigDict, workdir: str) -> lis
   return changed
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
-                       ) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains (resuming exactly from the workdir's latest checkpoint), then scores the best checkpoint on the test
   split. Resuming with another value of a key of RESUME_KEYS is refused unless `allow_config_change`."""
   changed = _changed_resume_keys(config, workdir)
   if changed and not allow_config_change:
-    raise ValueError(f"{workdir} holds a run trained with another data order or step count; resuming it with this "
-                     f"config would not continue it ({'; '.join(changed)}). Train into a new --workdir, or pass "
-                     "--allow_config_change to resume anyway.")
+    raise ValueError(
+      f"{workdir} holds a run trained with another data order or step count; resuming it with this "
+      f"config would not continue it ({'; '.join(changed)}). Train into a new --workdir, or pass "
+      "--allow_config_change to resume anyway."
+    )
   if changed:
     logging.warning("Resuming %s with a changed config (--allow_config_change): %s", workdir, "; ".join(changed))
   setup = _Setup(config, workdir)
@@ -274,40 +343,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
   loss_fn = losses.make_loss_fn_from_config(config.loss, setup.mesh)
-  step_fn = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=setup.train_rng,
-                                      accum_steps=setup.accum_steps, num_shards=jax.device_count(),
-                                      frozen=tuple(config.optim.frozen)),
-                    in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
-                    out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+  step_fn = jax.jit(
+    functools.partial(
+      train_step,
+      loss_fn=loss_fn,
+      rng=setup.train_rng,
+      accum_steps=setup.accum_steps,
+      num_shards=jax.device_count(),
+      frozen=tuple(config.optim.frozen),
+    ),
+    in_shardings=(shardings, sharding.batch_sharding(setup.mesh)),
+    out_shardings=(shardings, sharding.replicated(setup.mesh)),
+    donate_argnums=0,
+  )
   val_loss_fn = jax.jit(losses.make_loss_fn_from_config(config.loss, None))
   total_steps = setup.steps_per_epoch * config.train.num_epochs
   checkpoint_every = config.train.get("checkpoint_every_steps", 0)
   step = int(state.step)
-  console.phase("Training: %d epochs x %d steps of %d pairs (crops of %d frames) on %d devices (%d processes, %d "
-                "input shards, %d micro-batches); compiling the step first", config.train.num_epochs,
-                setup.steps_per_epoch, config.train.global_batch_size, setup.train_max_frames, jax.device_count(),
-                jax.process_count(), setup.num_input_shards, setup.accum_steps)
+  console.phase(
+    "Training: %d epochs x %d steps of %d pairs (crops of %d frames) on %d devices (%d processes, %d "
+    "input shards, %d micro-batches); compiling the step first",
+    config.train.num_epochs,
+    setup.steps_per_epoch,
+    config.train.global_batch_size,
+    setup.train_max_frames,
+    jax.device_count(),
+    jax.process_count(),
+    setup.num_input_shards,
+    setup.accum_steps,
+  )
   progress = console.TrainProgress(total_steps, step)
   compile_start = time.perf_counter()
   stall_watchdog = watchdog.StepWatchdog.for_this_job()  # Multi-process: a stalled step ends with an error.
   for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):
     for local in setup.train_batches(epoch, skip_batches=step - epoch * setup.steps_per_epoch):
       tokens = setup.tokenize(local["caption"])
-      batch = sharding.global_batch({"log_mel": local["log_mel"], "frame_mask": local["frame_mask"],
-                                     "clip_id": local["clip_id"], **tokens}, setup.mesh)
+      batch = sharding.global_batch(
+        {"log_mel": local["log_mel"], "frame_mask": local["frame_mask"], "clip_id": local["clip_id"], **tokens},
+        setup.mesh,
+      )
       state, metrics = step_fn(state, batch)
       step += 1
       stall_watchdog.dispatched(step, metrics)
       if step == progress.first_step + 1:
-        progress.write(f"Compiled the training step in {time.perf_counter() - compile_start:.1f} s (first batch "
-                       "included)")
+        progress.write(
+          f"Compiled the training step in {time.perf_counter() - compile_start:.1f} s (first batch included)"
+        )
         progress.restart_clock(step)  # Rates and ETA leave out the compilation of the first step.
       epoch_end = step % setup.steps_per_epoch == 0
       mid_epoch_save = checkpoint_every > 0 and step % checkpoint_every == 0 and not epoch_end
       if step % config.train.log_every_steps == 0 or epoch_end or mid_epoch_save:
         scalars = _check_finite(metrics, step, setup.manager)
-        scalars.update(learning_rate=float(setup.schedule(step - 1)) * float(state.lr_scale),
-                       steps_per_sec=progress.steps_per_sec(step))
+        scalars.update(
+          learning_rate=float(setup.schedule(step - 1)) * float(state.lr_scale),
+          steps_per_sec=progress.steps_per_sec(step),
+        )
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         progress.update(step, epoch + 1, scalars["loss"])
       if mid_epoch_save:
@@ -315,23 +405,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     eval_start = time.perf_counter()
     val_emb = setup.embed(state, config.data.val_split)
     val_metrics = retrieval_metrics(val_emb.audio, val_emb.text, val_emb.caption_clip_ids)
-    val_metrics["loss"] = validation_loss(val_emb, val_loss_fn, jax.device_get(state.params["loss"]),
-                                          config.train.global_batch_size, config.seed)
+    val_metrics["loss"] = validation_loss(
+      val_emb, val_loss_fn, jax.device_get(state.params["loss"]), config.train.global_batch_size, config.seed
+    )
     eval_s = time.perf_counter() - eval_start
     if config.eval.num_retrieval_examples > 0:
-      summaries.write_retrieval_examples(writer, step, val_emb, raw_dir=config.data.raw_dir,
-                                         split=config.data.val_split, num_queries=config.eval.num_retrieval_examples)
+      summaries.write_retrieval_examples(
+        writer,
+        step,
+        val_emb,
+        raw_dir=config.data.raw_dir,
+        split=config.data.val_split,
+        num_queries=config.eval.num_retrieval_examples,
+      )
     if config.eval.selection_metric not in val_metrics:
-      raise KeyError(f"config.eval.selection_metric={config.eval.selection_metric!r} is not one of "
-                     f"{sorted(val_metrics)}")
+      raise KeyError(
+        f"config.eval.selection_metric={config.eval.selection_metric!r} is not one of {sorted(val_metrics)}"
+      )
     if config.optim.get("schedule", "step") == "plateau":
       state = reduce_on_plateau(state, val_metrics["loss"], config.optim)
       val_metrics["lr_scale"] = float(state.lr_scale)
     writer.write_scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
     logging.info("epoch %d validation: %s", epoch + 1, {k: round(v, 4) for k, v in val_metrics.items()})
-    progress.write(f"Epoch {epoch + 1}/{config.train.num_epochs} validation ({config.data.val_split}, {eval_s:.1f} s):"
-                   f" t2a R@1 {val_metrics['t2a_R1']:.3f} mAP@10 {val_metrics['t2a_mAP10']:.3f}, a2t R@1 "
-                   f"{val_metrics['a2t_R1']:.3f}, loss {val_metrics['loss']:.4f}")
+    progress.write(
+      f"Epoch {epoch + 1}/{config.train.num_epochs} validation ({config.data.val_split}, {eval_s:.1f} s):"
+      f" t2a R@1 {val_metrics['t2a_R1']:.3f} mAP@10 {val_metrics['t2a_mAP10']:.3f}, a2t R@1 "
+      f"{val_metrics['a2t_R1']:.3f}, loss {val_metrics['loss']:.4f}"
+    )
     checkpointing.save(setup.manager, step, state, val_metrics)
     progress.restart_clock(step)
   progress.close()
@@ -358,8 +458,10 @@ def _evaluate_best_and_report(setup: _Setup, state, shardings) -> dict:
     results = {**metrics, "split": split, "checkpoint_step": int(best)}
     path = os.path.join(setup.workdir, "results.json")
     _write_atomically(path, json.dumps(results, indent=2))
-    print(f"Best checkpoint (step {best}) on split {split!r}:\n{format_metrics_table(metrics)}\n"
-          f"written to {path}", flush=True)
+    print(
+      f"Best checkpoint (step {best}) on split {split!r}:\n{format_metrics_table(metrics)}\nwritten to {path}",
+      flush=True,
+    )
   return metrics
 
 

@@ -2,6 +2,7 @@
 and how it is born: sharded over the mesh (replicated or FSDP, `sharding.state_shardings`) through `jax.eval_shape`
 + jit `out_shardings`, with pretrained text weights and converted PANNs audio weights (`model.audio.init_from`)
 loaded; the optimizer (Adam/AdamW, learning-rate schedules) with frozen subtrees and per-tower learning rates."""
+
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ _PLATEAU_THRESHOLD = 1e-4  # Relative improvement that resets the patience (PyTo
 class TrainState(train_state.TrainState):
   """Flax's TrainState plus BatchNorm statistics and the reduce-on-plateau state: every update is multiplied by
   `lr_scale` (1 unless optim.schedule is "plateau"), which `reduce_on_plateau` lowers between epochs."""
+
   batch_stats: Any
   lr_scale: jax.Array
   best_val_loss: jax.Array
@@ -32,8 +34,9 @@ class TrainState(train_state.TrainState):
   def apply_gradients(self, *, grads, **kwargs):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     updates = jax.tree.map(lambda u: u * self.lr_scale.astype(u.dtype), updates)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state,
-                        **kwargs)
+    return self.replace(
+      step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state, **kwargs
+    )
 
 
 def reduce_on_plateau(state: TrainState, val_loss: float, optim_config: ml_collections.ConfigDict) -> TrainState:
@@ -47,19 +50,26 @@ def reduce_on_plateau(state: TrainState, val_loss: float, optim_config: ml_colle
     waited += 1
   if waited > optim_config.plateau_patience:
     scale, waited = scale * optim_config.plateau_factor, 0
-  values = {"best_val_loss": np.float32(best), "epochs_without_improvement": np.int32(waited),
-            "lr_scale": np.float32(scale)}
+  values = {
+    "best_val_loss": np.float32(best),
+    "epochs_without_improvement": np.int32(waited),
+    "lr_scale": np.float32(scale),
+  }
   return state.replace(**{k: jax.device_put(v, getattr(state, k).sharding) for k, v in values.items()})
 
 
-def make_schedule(optim_config: ml_collections.ConfigDict, learning_rate: float, steps_per_epoch: int,
-                  num_epochs: int) -> optax.Schedule:
+def make_schedule(
+  optim_config: ml_collections.ConfigDict, learning_rate: float, steps_per_epoch: int, num_epochs: int
+) -> optax.Schedule:
   """The learning rate per step for `optim.schedule` (reduce-on-plateau is a constant here, scaled in the state)."""
   name = optim_config.get("schedule", "step")
   if name == "step":
     return optax.exponential_decay(
-        init_value=learning_rate, transition_steps=optim_config.decay_every_epochs * steps_per_epoch,
-        decay_rate=optim_config.decay_factor, staircase=True)
+      init_value=learning_rate,
+      transition_steps=optim_config.decay_every_epochs * steps_per_epoch,
+      decay_rate=optim_config.decay_factor,
+      staircase=True,
+    )
   if name == "cosine":
     total = steps_per_epoch * num_epochs
     warmup = min(int(round(optim_config.warmup_epochs * steps_per_epoch)), total - 1)
@@ -85,8 +95,11 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int
   def optimizer(learning_rate):
     schedule = make_schedule(optim_config, learning_rate, steps_per_epoch, num_epochs)
     if name == "adamw":
-      return optax.adamw(schedule, weight_decay=optim_config.weight_decay,
-                         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+      return optax.adamw(
+        schedule,
+        weight_decay=optim_config.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+      )
     return optax.adam(schedule)
 
   def label(name):
@@ -95,9 +108,10 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int
     return "text" if name == "text" and optim_config.text_learning_rate is not None else "rest"
 
   def labels(params):
-    return {"model": {name: jax.tree.map(lambda _: label(name), subtree)
-                      for name, subtree in params["model"].items()},
-            "loss": jax.tree.map(lambda _: "rest", params["loss"])}
+    return {
+      "model": {name: jax.tree.map(lambda _: label(name), subtree) for name, subtree in params["model"].items()},
+      "loss": jax.tree.map(lambda _: "rest", params["loss"]),
+    }
 
   schedule = make_schedule(optim_config, optim_config.learning_rate, steps_per_epoch, num_epochs)
   updates = {"rest": optimizer(optim_config.learning_rate), "frozen": optax.set_to_zero()}
@@ -105,8 +119,11 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int
     updates["text"] = optimizer(optim_config.text_learning_rate)
   parts = []
   if frozen:  # Frozen gradients must not count in the clipping norm.
-    parts.append(optax.multi_transform({name: optax.set_to_zero() if name == "frozen" else optax.identity()
-                                        for name in updates}, labels))
+    parts.append(
+      optax.multi_transform(
+        {name: optax.set_to_zero() if name == "frozen" else optax.identity() for name in updates}, labels
+      )
+    )
   if optim_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   return optax.chain(*parts, optax.multi_transform(updates, labels)), schedule
@@ -118,29 +135,42 @@ def _load_audio_init(state: TrainState, directory: str) -> TrainState:
   loaded = panns.load_audio_variables(directory, audio)
   placed = sharding.place_like(loaded, audio)
   model_params = {**state.params["model"], "audio": placed["params"]}
-  return state.replace(params={**state.params, "model": model_params},
-                       batch_stats={**state.batch_stats, "audio": placed["batch_stats"]})
+  return state.replace(
+    params={**state.params, "model": model_params}, batch_stats={**state.batch_stats, "audio": placed["batch_stats"]}
+  )
 
 
 def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):
   """A train state (params = {'model', 'loss'}) sharded as `train.param_sharding` says, and its shardings;
   pretrained text weights loaded, and the audio tower from `model.audio.init_from` unless "scratch". The state's
   apply_fn runs frozen towers (optim.frozen) in inference mode when `model.frozen_in_inference_mode` is True."""
-  model = with_frozen_towers_in_inference(model, tuple(config.optim.get("frozen", ())),
-                                          config.model.get("frozen_in_inference_mode", True))
+  model = with_frozen_towers_in_inference(
+    model, tuple(config.optim.get("frozen", ())), config.model.get("frozen_in_inference_mode", True)
+  )
   frames = 64  # Any length: no parameter depends on it.
-  dummy = (np.zeros((1, frames, 64), np.float32), np.ones((1, frames), bool),
-           np.zeros((1, config.model.text.max_len), np.int32), np.ones((1, config.model.text.max_len), np.int32))
+  dummy = (
+    np.zeros((1, frames, 64), np.float32),
+    np.ones((1, frames), bool),
+    np.zeros((1, config.model.text.max_len), np.int32),
+    np.ones((1, config.model.text.max_len), np.int32),
+  )
 
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng, "augment": rng}, *dummy, train=False)
     loss_params = losses.init_loss_params_from_config(config.loss)
-    return TrainState.create(apply_fn=model.apply, params={"model": variables["params"], "loss": loss_params},
-                             tx=tx, batch_stats=variables["batch_stats"], lr_scale=jnp.float32(1.0),
-                             best_val_loss=jnp.float32(np.inf), epochs_without_improvement=jnp.int32(0))
+    return TrainState.create(
+      apply_fn=model.apply,
+      params={"model": variables["params"], "loss": loss_params},
+      tx=tx,
+      batch_stats=variables["batch_stats"],
+      lr_scale=jnp.float32(1.0),
+      best_val_loss=jnp.float32(np.inf),
+      epochs_without_improvement=jnp.int32(0),
+    )
 
-  shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, config.train.get("param_sharding",
-                                                                                          "replicated"))
+  shardings = sharding.state_shardings(
+    jax.eval_shape(init, rng), mesh, config.train.get("param_sharding", "replicated")
+  )
   state = jax.jit(init, out_shardings=shardings)(rng)
   if config.model.text.pretrained:  # Adam's moments are zeros of the same shapes: only params change.
     model_params = load_pretrained_text(state.params["model"], config.model)

@@ -11,6 +11,7 @@ with STALL_EXIT_CODE, so that the launcher (scripts/launch_local.py, `srun --kil
 The timeout is the environment variable ATR_JAX_STALL_TIMEOUT_S (seconds; default DEFAULT_TIMEOUT_S; 0 switches the
 watchdog off). It watches multi-process jobs only: one process has no peer to wait for.
 """
+
 import collections
 import faulthandler
 import os
@@ -86,9 +87,11 @@ class StepWatchdog:
 
 def stall_message(stalled_step: int, last_step: int | None, waited_s: float, timeout_s: float) -> str:
   last = f"step {last_step} was the last to finish" if last_step is not None else "no step finished yet"
-  return (f"process {jax.process_index()} of {jax.process_count()}: training step {stalled_step} has not finished "
-          f"after {waited_s:.0f} s ({last}): a collective is stalled or another process is stuck; stopping this "
-          f"process ({ENV_VAR}={timeout_s:g}; 0 switches the watchdog off)")
+  return (
+    f"process {jax.process_index()} of {jax.process_count()}: training step {stalled_step} has not finished "
+    f"after {waited_s:.0f} s ({last}): a collective is stalled or another process is stuck; stopping this "
+    f"process ({ENV_VAR}={timeout_s:g}; 0 switches the watchdog off)"
+  )
 
 
 def _exit_on_stall(stalled_step: int, last_step: int | None, waited_s: float, timeout_s: float) -> None:

@@ -3,6 +3,7 @@
 Configs are code: each experiment file imports `get_base_config()` and overrides what differs. Every key is
 documented here; `--config.<key>=<value>` on the command line overrides one (an unknown key is an error).
 """
+
 import ml_collections
 
 

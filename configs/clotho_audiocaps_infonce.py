@@ -7,6 +7,7 @@ python -m atr_jax.main --config configs/clotho_audiocaps_infonce.py --workdir ru
     --config.data.extra_train=audiocaps:/data/audiocaps:train \
     --config.model.text.model_dir=~/models/bert-base-uncased
 """
+
 from configs import clotho_infonce
 
 

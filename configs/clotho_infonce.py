@@ -12,6 +12,7 @@ Then:
 python -m atr_jax.main --config configs/clotho_infonce.py --workdir runs/clotho \
     --config.data.raw_dir=/data/clotho_v2.1 --config.model.text.model_dir=~/models/bert-base-uncased
 """
+
 from configs.base import get_base_config
 
 

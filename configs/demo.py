@@ -3,6 +3,7 @@ package); generation, preparation, training and evaluation in a few minutes on 2
 
 Point it at any Clotho-layout folder with --config.data.raw_dir=DIR (generated there only when absent).
 """
+
 import os
 
 from configs.base import get_base_config

@@ -12,6 +12,7 @@ The file pattern is part of the builder's identity: each pattern has its own Bui
 and its hash), so its own folder `<data_dir>/audiocaps/<config>/<version>`, and a changed pattern is prepared anew
 instead of being served from an older preparation.
 """
+
 import dataclasses
 import hashlib
 import os
@@ -38,19 +39,23 @@ def check_file_pattern(pattern: str) -> None:
   each clip (it holds {youtube_id} or {audiocap_id})."""
   where = f"config.data.audiocaps_file_pattern (--audiocaps_file_pattern) {pattern!r}"
   try:
-    fields = {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(pattern)
-              if field is not None}
+    fields = {
+      field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(pattern) if field is not None
+    }
     pattern.format(youtube_id="x", start_time=30, audiocap_id=1)
   except (ValueError, KeyError, IndexError) as e:
     raise ValueError(f"{where} is not a valid pattern: {e}") from e
   if not fields <= set(PATTERN_FIELDS) or not fields & {"youtube_id", "audiocap_id"}:
-    raise ValueError(f"{where} must use {{youtube_id}} or {{audiocap_id}} and no field other than "
-                     f"{', '.join('{' + f + '}' for f in PATTERN_FIELDS)}")
+    raise ValueError(
+      f"{where} must use {{youtube_id}} or {{audiocap_id}} and no field other than "
+      f"{', '.join('{' + f + '}' for f in PATTERN_FIELDS)}"
+    )
 
 
 @dataclasses.dataclass(eq=False)
 class AudioCapsConfig(tfds.core.BuilderConfig):
   """How audio files are named for the official CSVs."""
+
   file_pattern: str = DEFAULT_FILE_PATTERN
 
 
@@ -61,8 +66,9 @@ def _config_name(pattern: str) -> str:
 
 def _make_config(pattern: str) -> AudioCapsConfig:
   check_file_pattern(pattern)
-  return AudioCapsConfig(name=_config_name(pattern), file_pattern=pattern,
-                         description=f"audio files named {pattern!r} (official CSVs)")
+  return AudioCapsConfig(
+    name=_config_name(pattern), file_pattern=pattern, description=f"audio files named {pattern!r} (official CSVs)"
+  )
 
 
 def _cell_value(text: str) -> int | str:
@@ -77,18 +83,19 @@ class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
   code_path = epath.Path(__file__)
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
-      "1.0.0": "Log-mel (64 bins, 32 kHz, hop 320) float16 clips with all their captions.",
-      "1.1.0": "Silent clips kept (a note in the report); the fingerprint of the sources is stored (sources.json) and "
-               "a dataset whose sources changed (newly downloaded audio, say) is prepared again.",
+    "1.0.0": "Log-mel (64 bins, 32 kHz, hop 320) float16 clips with all their captions.",
+    "1.1.0": "Silent clips kept (a note in the report); the fingerprint of the sources is stored (sources.json) and "
+    "a dataset whose sources changed (newly downloaded audio, say) is prepared again.",
   }
   BUILDER_CONFIGS = [_make_config(DEFAULT_FILE_PATTERN)]
   CSV_SPLITS = SPLITS
   captions_csv_path = staticmethod(captions_csv_path)
   HOMEPAGE = "https://audiocaps.github.io"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Download the AudioCaps CSVs (https://github.com/cdjkim/audiocaps) and the audio of their YouTube clips; put "
-      "train.csv, val.csv and test.csv next to the train/, val/ and test/ audio folders and pass that folder as "
-      "the manual_dir. Set the file name pattern of your copy (default '{youtube_id}.wav').")
+    "Download the AudioCaps CSVs (https://github.com/cdjkim/audiocaps) and the audio of their YouTube clips; put "
+    "train.csv, val.csv and test.csv next to the train/, val/ and test/ audio folders and pass that folder as "
+    "the manual_dir. Set the file name pattern of your copy (default '{youtube_id}.wav')."
+  )
 
   @classmethod
   def config_for(cls, file_pattern: str) -> AudioCapsConfig:
@@ -109,12 +116,15 @@ class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
       elif clip_builder.FILE_NAME_COLUMN in table.header:
         tables[split] = clip_builder.file_name_table(table, audio_dir, split, report)
       else:
-        raise ValueError(f"{table.path}: required column 'youtube_id' (official AudioCaps CSV) or 'file_name' "
-                         f"(renamed CSV) is missing (header: {table.header})")
+        raise ValueError(
+          f"{table.path}: required column 'youtube_id' (official AudioCaps CSV) or 'file_name' "
+          f"(renamed CSV) is missing (header: {table.header})"
+        )
     return {split: clip_builder.unique_clips(rows, split, report, need_captions=True) for split, rows in tables.items()}
 
-  def _official_table(self, table: clip_builder.CsvTable, audio_dir: str, split: str,
-                      report: extraction.Report) -> list[clip_builder.ClipRow]:
+  def _official_table(
+    self, table: clip_builder.CsvTable, audio_dir: str, split: str, report: extraction.Report
+  ) -> list[clip_builder.ClipRow]:
     ids, youtube, start, caption = (table.column(name) for name in OFFICIAL_COLUMNS)
     table.note_extra_columns([ids, youtube, start, caption], split, report)
     groups = {}  # (youtube_id, start_time), or the line for a row without a youtube_id -> its rows, in CSV order.
@@ -126,23 +136,32 @@ class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
       file_name = self._file_name(first[youtube], first[start], first[ids]) if first[youtube] else ""
       report.read(split, len(group))
       captions = clip_builder.non_empty_captions(
-          [(f"caption of audiocap_id {cells[ids]!r} ({table.where(line)})", cells[caption]) for line, cells in group],
-          file_name or f"line {first_line}", split, report)
+        [(f"caption of audiocap_id {cells[ids]!r} ({table.where(line)})", cells[caption]) for line, cells in group],
+        file_name or f"line {first_line}",
+        split,
+        report,
+      )
       clips.append(clip_builder.ClipRow(file_name, os.path.join(audio_dir, file_name), captions, first_line))
     return clips
 
   def _file_name(self, youtube_id: str, start_time: str, audiocap_id: str) -> str:
     try:
-      return self.builder_config.file_pattern.format(youtube_id=youtube_id, start_time=_cell_value(start_time),
-                                                     audiocap_id=_cell_value(audiocap_id))
+      return self.builder_config.file_pattern.format(
+        youtube_id=youtube_id, start_time=_cell_value(start_time), audiocap_id=_cell_value(audiocap_id)
+      )
     except (ValueError, TypeError):  # e.g. `{start_time:06d}` on a start_time that is not an integer.
       return ""
 
 
-def prepare(raw_dir: str, data_dir: str, file_pattern: str = DEFAULT_FILE_PATTERN,
-            workers: int | None = None, *, check_sources: bool = True) -> AudioCaps:
+def prepare(
+  raw_dir: str,
+  data_dir: str,
+  file_pattern: str = DEFAULT_FILE_PATTERN,
+  workers: int | None = None,
+  *,
+  check_sources: bool = True,
+) -> AudioCaps:
   """The `AudioCaps` builder of `data_dir` for `file_pattern`, built from `raw_dir` unless complete and up to date
   (`clip_builder.prepare`)."""
-  builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=AudioCaps.config_for(file_pattern),
-                      workers=workers)
+  builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=AudioCaps.config_for(file_pattern), workers=workers)
   return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

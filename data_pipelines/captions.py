@@ -5,6 +5,7 @@ applied when captions are tokenised).
   collapse runs of spaces and strip;
 - "raw": the caption unchanged.
 """
+
 import re
 
 MODES = ("reference", "raw")

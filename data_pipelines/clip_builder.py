@@ -20,6 +20,7 @@ Nothing about a bad input stops the run except a CSV missing a required column (
 what changed): into a staging folder beside the dataset, which replaces it only once complete, the feature cache
 sparing the decoding of every file but the new and modified ones.
 """
+
 import abc
 import collections
 import csv
@@ -53,6 +54,7 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 class ClipRow:
   """One clip as the raw tables describe it: `captions` are its non-empty captions, `line` the CSV line it starts
   on (0 for a clip found in a folder)."""
+
   file_name: str
   audio_path: str
   captions: tuple[str, ...]
@@ -70,6 +72,7 @@ def default_data_dir(raw_dir: str) -> str:
 class CsvTable:
   """A decoded CSV: `header` lower-cased and stripped, `rows` (line number, stripped cells padded to the header's
   length) without blank rows."""
+
   path: str
   header: list[str]
   rows: list[tuple[int, list[str]]]
@@ -85,8 +88,9 @@ class CsvTable:
 
   def caption_columns(self) -> list[int]:
     """Indices of the `caption` / `caption_<k>` columns in k order; a ValueError when there is none."""
-    found = sorted((int(m.group(1) or 0), i) for i, name in enumerate(self.header)
-                   if (m := _CAPTION_COLUMN.fullmatch(name)))
+    found = sorted(
+      (int(m.group(1) or 0), i) for i, name in enumerate(self.header) if (m := _CAPTION_COLUMN.fullmatch(name))
+    )
     if not found:
       raise ValueError(f"{self.path}: required column 'caption_1' (or 'caption') is missing (header: {self.header})")
     return [i for _, i in found]
@@ -94,8 +98,9 @@ class CsvTable:
   def note_extra_columns(self, used: list[int], split: str, report: extraction.Report) -> None:
     for i, name in enumerate(self.header):
       if i not in used:
-        report.note(split, os.path.basename(self.path), "extra_column",
-                    f"column {name or f'#{i + 1} (unnamed)'!r} ignored")
+        report.note(
+          split, os.path.basename(self.path), "extra_column", f"column {name or f'#{i + 1} (unnamed)'!r} ignored"
+        )
 
 
 def read_csv(path: str, split: str, report: extraction.Report) -> CsvTable:
@@ -126,8 +131,9 @@ def read_csv(path: str, split: str, report: extraction.Report) -> CsvTable:
   return CsvTable(path, header, rows)
 
 
-def non_empty_captions(cells: list[tuple[str, str]], item: str, split: str,
-                       report: extraction.Report) -> tuple[str, ...]:
+def non_empty_captions(
+  cells: list[tuple[str, str]], item: str, split: str, report: extraction.Report
+) -> tuple[str, ...]:
   """The non-empty texts of (label, text) caption cells; each empty one is reported as a skipped caption."""
   for label, text in cells:
     if not text:
@@ -143,8 +149,12 @@ def file_name_table(table: CsvTable, audio_dir: str, split: str, report: extract
   for line, cells in table.rows:
     file_name = cells[name_index]
     report.read(split, len(captions))
-    kept = non_empty_captions([(f"{table.header[i]} ({table.where(line)})", cells[i]) for i in captions],
-                              file_name or f"line {line}", split, report)
+    kept = non_empty_captions(
+      [(f"{table.header[i]} ({table.where(line)})", cells[i]) for i in captions],
+      file_name or f"line {line}",
+      split,
+      report,
+    )
     clips.append(ClipRow(file_name, os.path.join(audio_dir, file_name), kept, line))
   return clips
 
@@ -172,9 +182,13 @@ def unique_clips(clips: list[ClipRow], split: str, report: extraction.Report, *,
     if not clip.file_name:
       report.skip_clip(split, item, "no_file_name", f"line {clip.line} gives no file name", len(clip.captions))
     elif clip.file_name in kept:
-      report.skip_clip(split, item, "duplicate_file_name",
-                       f"line {clip.line} repeats the file name of line {kept[clip.file_name].line}",
-                       len(clip.captions))
+      report.skip_clip(
+        split,
+        item,
+        "duplicate_file_name",
+        f"line {clip.line} repeats the file name of line {kept[clip.file_name].line}",
+        len(clip.captions),
+      )
     elif need_captions and not clip.captions:
       report.skip_clip(split, item, "no_caption", f"line {clip.line} has no non-empty caption", 0)
     else:
@@ -202,12 +216,16 @@ def _change(before, after, changed: str) -> str:
 def _describe_changes(stored: dict, current: dict) -> str:
   """What differs between two `read_sources` fingerprints, e.g. "train.csv edited; 3 audio files added, 1
   modified" ("" when nothing does)."""
-  parts = [f"{name} {_change(stored['csv'].get(name), current['csv'].get(name), 'edited')}"
-           for name in sorted(stored["csv"].keys() | current["csv"].keys())
-           if stored["csv"].get(name) != current["csv"].get(name)]
-  audio = collections.Counter(_change(stored["audio"].get(path), current["audio"].get(path), "modified")
-                              for path in stored["audio"].keys() | current["audio"].keys()
-                              if stored["audio"].get(path) != current["audio"].get(path))
+  parts = [
+    f"{name} {_change(stored['csv'].get(name), current['csv'].get(name), 'edited')}"
+    for name in sorted(stored["csv"].keys() | current["csv"].keys())
+    if stored["csv"].get(name) != current["csv"].get(name)
+  ]
+  audio = collections.Counter(
+    _change(stored["audio"].get(path), current["audio"].get(path), "modified")
+    for path in stored["audio"].keys() | current["audio"].keys()
+    if stored["audio"].get(path) != current["audio"].get(path)
+  )
   counts = [(audio[change], change) for change in ("added", "modified", "removed") if audio[change]]
   if counts:
     (first, change), rest = counts[0], counts[1:]
@@ -251,8 +269,11 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     decoded, so that a source changed meanwhile shows as changed next time."""
     csvs = {os.path.relpath(path, raw_dir): _sha1_of_file(path) for path in self.captions_csvs(raw_dir).values()}
     tables = self._read_splits(raw_dir, report)
-    audio = {os.path.relpath(clip.audio_path, raw_dir): _size_and_mtime(clip.audio_path)
-             for clips in tables.values() for clip in clips}
+    audio = {
+      os.path.relpath(clip.audio_path, raw_dir): _size_and_mtime(clip.audio_path)
+      for clips in tables.values()
+      for clip in clips
+    }
     return tables, {"csv": csvs, "audio": audio}
 
   def source_changes(self, raw_dir: str) -> str:
@@ -268,18 +289,21 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__class__.__doc__,
-        features=tfds.features.FeaturesDict({
-            # Raw bytes: 2 bytes a value (the default encoding stores a float list, 4 bytes a value).
-            "log_mel": tfds.features.Tensor(shape=(None, features.N_MELS), dtype=np.float16,
-                                            encoding=tfds.features.Encoding.BYTES),
-            "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
-            "file_name": tfds.features.Text(),
-            "clip_id": np.int32,
-        }),
-        homepage=self.HOMEPAGE,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=self.__class__.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          # Raw bytes: 2 bytes a value (the default encoding stores a float list, 4 bytes a value).
+          "log_mel": tfds.features.Tensor(
+            shape=(None, features.N_MELS), dtype=np.float16, encoding=tfds.features.Encoding.BYTES
+          ),
+          "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
+          "file_name": tfds.features.Text(),
+          "clip_id": np.int32,
+        }
+      ),
+      homepage=self.HOMEPAGE,
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -295,10 +319,15 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     report.write_csv(os.path.join(self.data_dir, REPORT_FILE))
     with open(os.path.join(self.data_dir, SOURCES_FILE), "w", encoding="utf-8") as f:
       json.dump(sources, f)
-    clip_tables = {split: {"file_names": [clip.file_name for clip, _ in clips],
-                           "captions": [list(clip.captions) for clip, _ in clips],
-                           "num_frames": [extraction.log_mel_frames(path) for _, path in clips]}
-                   for split, clips in written.items() if clips}
+    clip_tables = {
+      split: {
+        "file_names": [clip.file_name for clip, _ in clips],
+        "captions": [list(clip.captions) for clip, _ in clips],
+        "num_frames": [extraction.log_mel_frames(path) for _, path in clips],
+      }
+      for split, clips in written.items()
+      if clips
+    }
     with open(os.path.join(self.data_dir, CLIPS_FILE), "w", encoding="utf-8") as f:
       json.dump(clip_tables, f, ensure_ascii=False)
     self.info.metadata["preparation"] = report.counts
@@ -311,8 +340,9 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(clips) for split, clips in written.items() if clips}
 
   @staticmethod
-  def _good_clips(split: str, clips: list[ClipRow], outcomes: list[extraction.AudioOutcome],
-                  report: extraction.Report) -> list[tuple[ClipRow, str]]:
+  def _good_clips(
+    split: str, clips: list[ClipRow], outcomes: list[extraction.AudioOutcome], report: extraction.Report
+  ) -> list[tuple[ClipRow, str]]:
     good = []
     for clip, outcome in zip(clips, outcomes, strict=True):
       for kind, detail in outcome.notes:
@@ -326,8 +356,15 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, clips: list[tuple[ClipRow, str]]):
     for clip_id, (clip, cache_path) in enumerate(clips):
-      yield clip.file_name, {"log_mel": extraction.load_log_mel(cache_path), "captions": list(clip.captions),
-                             "file_name": clip.file_name, "clip_id": clip_id}
+      yield (
+        clip.file_name,
+        {
+          "log_mel": extraction.load_log_mel(cache_path),
+          "captions": list(clip.captions),
+          "file_name": clip.file_name,
+          "clip_id": clip_id,
+        },
+      )
 
 
 def _same_builder(builder: CaptionedClips, data_dir: str, **kwargs) -> CaptionedClips:
@@ -385,8 +422,12 @@ def prepare(builder: CaptionedClips, raw_dir: str, *, check_sources: bool = True
     return builder
   if not os.path.isdir(raw_dir):
     if prepared:
-      logging.warning("%s: raw_dir %s does not exist: using %s as prepared, its sources unchecked", builder.name,
-                      raw_dir, builder.data_path)
+      logging.warning(
+        "%s: raw_dir %s does not exist: using %s as prepared, its sources unchecked",
+        builder.name,
+        raw_dir,
+        builder.data_path,
+      )
       return builder
     raise FileNotFoundError(f"raw_dir {raw_dir} does not exist (expected a {builder.name}-layout folder)")
   if prepared:
@@ -398,12 +439,17 @@ def prepare(builder: CaptionedClips, raw_dir: str, *, check_sources: bool = True
   else:
     leftovers = sorted(builder.data_path.parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*"))
     if leftovers:
-      logging.warning("Leftovers of interrupted preparations (delete them unless a preparation is running): %s",
-                      [os.fspath(p) for p in leftovers])
+      logging.warning(
+        "Leftovers of interrupted preparations (delete them unless a preparation is running): %s",
+        [os.fspath(p) for p in leftovers],
+      )
     logging.info("Preparing %s into %s", raw_dir, builder.data_path)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
-  logging.info("%s\nreport: %s", extraction.format_summary(builder.name, builder.info.metadata["preparation"]),
-               report_path(builder))
+  logging.info(
+    "%s\nreport: %s",
+    extraction.format_summary(builder.name, builder.info.metadata["preparation"]),
+    report_path(builder),
+  )
   return builder
 
 

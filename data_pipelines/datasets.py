@@ -2,6 +2,7 @@
 synthetic Clotho-layout dataset is generated first when asked) and the extra training sources of
 `config.data.extra_train`. Each is prepared on first use, and again when its sources changed, by process 0 while
 the other processes wait."""
+
 import functools
 import os
 
@@ -13,15 +14,23 @@ from data_pipelines import audiocaps, clip_builder, clotho, synthetic
 DATASETS = ("clotho", "audiocaps")
 
 
-def prepare(dataset: str, raw_dir: str, data_dir: str, *, audiocaps_file_pattern: str = audiocaps.DEFAULT_FILE_PATTERN,
-            workers: int | None = None, check_sources: bool = True) -> clip_builder.CaptionedClips:
+def prepare(
+  dataset: str,
+  raw_dir: str,
+  data_dir: str,
+  *,
+  audiocaps_file_pattern: str = audiocaps.DEFAULT_FILE_PATTERN,
+  workers: int | None = None,
+  check_sources: bool = True,
+) -> clip_builder.CaptionedClips:
   """The builder of `dataset` ("clotho" or "audiocaps") in `data_dir`, prepared from `raw_dir` unless complete and
   up to date (`clip_builder.prepare`)."""
   if dataset == "clotho":
     return clotho.prepare(raw_dir, data_dir, workers=workers, check_sources=check_sources)
   if dataset == "audiocaps":
-    return audiocaps.prepare(raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers,
-                             check_sources=check_sources)
+    return audiocaps.prepare(
+      raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers, check_sources=check_sources
+    )
   raise ValueError(f"dataset {dataset!r} is not supported (supported: {DATASETS})")
 
 
@@ -31,8 +40,9 @@ def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]
   if data_config.dataset not in DATASETS:
     raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: {DATASETS})")
   raw_dir = os.path.abspath(os.path.expanduser(data_config.raw_dir))
-  data_dir = (os.path.expanduser(data_config.data_dir) if data_config.data_dir
-              else clip_builder.default_data_dir(raw_dir))
+  data_dir = (
+    os.path.expanduser(data_config.data_dir) if data_config.data_dir else clip_builder.default_data_dir(raw_dir)
+  )
   return raw_dir, data_dir
 
 
@@ -42,22 +52,31 @@ def _ensure_raw(raw_dir: str, data_config: ml_collections.ConfigDict) -> None:
   if not data_config.generate_synthetic:
     raise FileNotFoundError(f"config.data.raw_dir={raw_dir!r} does not exist")
   if data_config.dataset != "clotho":
-    raise ValueError("config.data.generate_synthetic makes a Clotho-layout dataset: it needs "
-                     f"config.data.dataset='clotho', not {data_config.dataset!r}")
+    raise ValueError(
+      "config.data.generate_synthetic makes a Clotho-layout dataset: it needs "
+      f"config.data.dataset='clotho', not {data_config.dataset!r}"
+    )
   spec = data_config.synthetic
   logging.info("Generating the synthetic dataset into %s", raw_dir)
-  synthetic.generate(raw_dir, {"development": spec.num_development, "validation": spec.num_validation,
-                               "evaluation": spec.num_evaluation}, seed=spec.seed, duration_s=spec.duration_s)
+  synthetic.generate(
+    raw_dir,
+    {"development": spec.num_development, "validation": spec.num_validation, "evaluation": spec.num_evaluation},
+    seed=spec.seed,
+    duration_s=spec.duration_s,
+  )
 
 
-def _prepare_on_process_zero(dataset: str, raw_dir: str, data_dir: str, data_config: ml_collections.ConfigDict,
-                             make_raw=None) -> clip_builder.CaptionedClips:
+def _prepare_on_process_zero(
+  dataset: str, raw_dir: str, data_dir: str, data_config: ml_collections.ConfigDict, make_raw=None
+) -> clip_builder.CaptionedClips:
   """Process 0 prepares (after `make_raw()`; again when the sources changed), the others wait at a barrier, then open
   what process 0 prepared without comparing its sources again (they might see a later change, and prepare too)."""
   import jax
   from jax.experimental import multihost_utils
-  prepare_it = functools.partial(prepare, dataset, raw_dir, data_dir,
-                                 audiocaps_file_pattern=data_config.audiocaps_file_pattern)
+
+  prepare_it = functools.partial(
+    prepare, dataset, raw_dir, data_dir, audiocaps_file_pattern=data_config.audiocaps_file_pattern
+  )
   if jax.process_index() == 0:
     if make_raw is not None:
       make_raw()
@@ -71,8 +90,9 @@ def prepare_builder(data_config: ml_collections.ConfigDict) -> clip_builder.Capt
   """The prepared builder of the main dataset of `data_config`, made on first use. Safe to call from every process
   of a job that shares a filesystem: process 0 does the work while the others wait at a barrier."""
   raw_dir, data_dir = raw_and_data_dirs(data_config)
-  return _prepare_on_process_zero(data_config.dataset, raw_dir, data_dir, data_config,
-                                  make_raw=lambda: _ensure_raw(raw_dir, data_config))
+  return _prepare_on_process_zero(
+    data_config.dataset, raw_dir, data_dir, data_config, make_raw=lambda: _ensure_raw(raw_dir, data_config)
+  )
 
 
 def parse_extra_train(extra_train: str) -> list[tuple[str, str, str]]:
@@ -84,8 +104,9 @@ def parse_extra_train(extra_train: str) -> list[tuple[str, str, str]]:
     dataset, _, rest = entry.partition(":")
     raw_dir, _, split = rest.rpartition(":")
     if dataset not in DATASETS or not raw_dir or not split:
-      raise ValueError(f"config.data.extra_train entry {entry!r} is not 'dataset:raw_dir:split' with dataset one "
-                       f"of {DATASETS}")
+      raise ValueError(
+        f"config.data.extra_train entry {entry!r} is not 'dataset:raw_dir:split' with dataset one of {DATASETS}"
+      )
     entries.append((dataset, os.path.abspath(os.path.expanduser(raw_dir)), split))
   return entries
 

@@ -17,6 +17,7 @@ sources changed decodes only new and modified files; `keep_only` drops the entri
 `Report` collects, per split, the clips and captions read and written, what was skipped (by reason: a skipped clip
 takes its captions with it) and what was noted (by kind); it writes them as a CSV and `format_summary` prints them.
 """
+
 import contextlib
 import csv
 import dataclasses
@@ -45,6 +46,7 @@ _PARTIAL_SUFFIX = ".partial-"
 @dataclasses.dataclass(frozen=True)
 class AudioOutcome:
   """A good clip (`cache_path` set) or a skipped one (`reason` set); `notes` are (kind, detail) conversions."""
+
   cache_path: str | None
   reason: str = ""
   detail: str = ""
@@ -152,9 +154,14 @@ class _WorkerProcess:
   def _start(self) -> subprocess.Popen:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", "data_pipelines.extraction", self._cache_dir],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8",
-                            env=dict(os.environ, PYTHONPATH=python_path))
+    return subprocess.Popen(
+      [sys.executable, "-m", "data_pipelines.extraction", self._cache_dir],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      encoding="utf-8",
+      env=dict(os.environ, PYTHONPATH=python_path),
+    )
 
   def extract(self, path: str) -> AudioOutcome:
     if self._process is None:
@@ -167,12 +174,16 @@ class _WorkerProcess:
       answer = ""
     if answer:
       fields = json.loads(answer)
-      return AudioOutcome(fields["cache_path"], fields["reason"], fields["detail"],
-                          tuple(tuple(note) for note in fields["notes"]))
+      return AudioOutcome(
+        fields["cache_path"], fields["reason"], fields["detail"], tuple(tuple(note) for note in fields["notes"])
+      )
     status = self._process.wait()
     self._process = None
-    return AudioOutcome(None, "unreadable_audio", f"decoding {path} killed its worker process (exit status "
-                                                  f"{status}: a decoder crash, or out of memory)")
+    return AudioOutcome(
+      None,
+      "unreadable_audio",
+      f"decoding {path} killed its worker process (exit status {status}: a decoder crash, or out of memory)",
+    )
 
   def close(self, kill: bool) -> None:
     if self._process is not None:
@@ -233,8 +244,11 @@ class Extractor:
     """Outcomes of `paths`, in their order, under a progress bar (clips/s) titled `desc`, or advancing `progress`, a
     bar the caller holds open (then `desc` is not used)."""
     outcomes = [None] * len(paths)
-    with (tqdm.tqdm(total=len(paths), desc=desc, unit="clip", smoothing=0.1) if progress is None
-          else contextlib.nullcontext(progress)) as progress:
+    with (
+      tqdm.tqdm(total=len(paths), desc=desc, unit="clip", smoothing=0.1)
+      if progress is None
+      else contextlib.nullcontext(progress)
+    ) as progress:
       if not self._processes:
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
           for index, path in enumerate(paths):
@@ -265,9 +279,18 @@ class Report:
     self.counts: dict[str, dict] = {}
 
   def split_counts(self, split: str) -> dict:
-    return self.counts.setdefault(split, {"clips_read": 0, "captions_read": 0, "clips_written": 0,
-                                          "captions_written": 0, "skipped_clips": {}, "skipped_captions": {},
-                                          "notes": {}})
+    return self.counts.setdefault(
+      split,
+      {
+        "clips_read": 0,
+        "captions_read": 0,
+        "clips_written": 0,
+        "captions_written": 0,
+        "skipped_clips": {},
+        "skipped_captions": {},
+        "notes": {},
+      },
+    )
 
   def read(self, split: str, captions: int) -> None:
     """One clip read from the raw data, with `captions` caption cells (empty ones included)."""
@@ -313,9 +336,11 @@ def format_summary(dataset: str, counts: dict[str, dict]) -> str:
   """Lines of counts per split: clips and captions read / written, skipped by reason, notes by kind."""
   lines = []
   for split, c in counts.items():
-    lines.append(f"{dataset} {split}: clips {c['clips_read']} read, {c['clips_written']} written, "
-                 f"{sum(c['skipped_clips'].values())} skipped; captions {c['captions_read']} read, "
-                 f"{c['captions_written']} written, {sum(c['skipped_captions'].values())} skipped")
+    lines.append(
+      f"{dataset} {split}: clips {c['clips_read']} read, {c['clips_written']} written, "
+      f"{sum(c['skipped_clips'].values())} skipped; captions {c['captions_read']} read, "
+      f"{c['captions_written']} written, {sum(c['skipped_captions'].values())} skipped"
+    )
     lines.append(f"  skipped clips: {_by_key(c['skipped_clips'])}")
     lines.append(f"  skipped captions: {_by_key(c['skipped_captions'])}")
     lines.append(f"  notes: {_by_key(c['notes'])}")

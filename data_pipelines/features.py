@@ -6,6 +6,7 @@ declares). `log_mel` turns such a waveform into the (frames, 64) log-mel matrix 
 (n_fft 1024, hop 320, centred with reflect padding), power spectrum, Slaney mel filterbank 50-14000 Hz,
 10*log10(max(mel, 1e-10)). Every refusal is an `AudioError` whose `reason` is a short code for reports.
 """
+
 import dataclasses
 import functools
 import os
@@ -40,6 +41,7 @@ class AudioError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class AudioSource:
   """What a file held before `read_audio` made it 32 kHz mono."""
+
   sample_rate: int
   channels: int
 
@@ -91,12 +93,15 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
   if waveform.ndim != 1:
     raise AudioError(f"log_mel expects a mono 1-D waveform, got shape {waveform.shape}")
   if waveform.shape[0] < HOP_LENGTH:
-    raise AudioError(f"clip of {waveform.shape[0]} samples is too short (needs at least one hop, {HOP_LENGTH} "
-                     f"samples at {SAMPLE_RATE} Hz)", reason="too_short")
+    raise AudioError(
+      f"clip of {waveform.shape[0]} samples is too short (needs at least one hop, {HOP_LENGTH} "
+      f"samples at {SAMPLE_RATE} Hz)",
+      reason="too_short",
+    )
   padded = np.pad(waveform, N_FFT // 2, mode="reflect")
   frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
   spectrum = np.fft.rfft(frames * _periodic_hann(), axis=-1)
-  power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
+  power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
   mel = power @ mel_filterbank()
   return (10.0 * np.log10(np.maximum(mel, LOG_FLOOR))).astype(np.float32)
 
@@ -156,13 +161,16 @@ def read_audio(path: str) -> tuple[np.ndarray, AudioSource]:
     raise AudioError(f"audio file {path} holds no samples", reason="empty_file")
   declared = _declared_frames(path, info)
   if declared is not None and data.shape[0] < declared:
-    raise AudioError(f"audio file {path} is truncated: {data.shape[0]} of the {declared} frames its header "
-                     "declares", reason="truncated_audio")
+    raise AudioError(
+      f"audio file {path} is truncated: {data.shape[0]} of the {declared} frames its header declares",
+      reason="truncated_audio",
+    )
   if not np.isfinite(data).all():
     raise AudioError(f"audio file {path} holds NaN or infinite samples")
   mono = data.mean(axis=1)
   if rate != SAMPLE_RATE:
     import soxr  # A dependency of librosa.
+
     mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
   return mono, AudioSource(sample_rate=rate, channels=data.shape[1])
 

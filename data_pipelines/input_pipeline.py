@@ -10,6 +10,7 @@ shorter), and batches them. Everything random is seeded from
 Every shard yields `steps_per_epoch` batches (a short shard is repeated) so that hosts stay in step; a process runs
 its contiguous group of shards and concatenates their batches, so global batches do not depend on the process count.
 """
+
 import functools
 import json
 import os
@@ -53,10 +54,15 @@ def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
     raise ValueError(f"{path}: no split {split!r} (it has {sorted(table)})")
   table = table[split]
   if len(table["file_names"]) != num_clips(builder, split):
-    raise ValueError(f"{path}: {len(table['file_names'])} clips in split {split!r}, the records hold "
-                     f"{num_clips(builder, split)}: prepare the dataset again")
-  return _ClipTable(captions=tuple(tuple(clip_captions) for clip_captions in table["captions"]),
-                    file_names=tuple(table["file_names"]), num_frames=tuple(table["num_frames"]))
+    raise ValueError(
+      f"{path}: {len(table['file_names'])} clips in split {split!r}, the records hold "
+      f"{num_clips(builder, split)}: prepare the dataset again"
+    )
+  return _ClipTable(
+    captions=tuple(tuple(clip_captions) for clip_captions in table["captions"]),
+    file_names=tuple(table["file_names"]),
+    num_frames=tuple(table["num_frames"]),
+  )
 
 
 def train_pairs_per_epoch(builder: tfds.core.DatasetBuilder, split: str) -> int:
@@ -94,7 +100,7 @@ def _stream_seeds(seed: int, epoch: int, count: int) -> list[int]:
 
 def _crop_and_pad(log_mel: tf.Tensor, start: tf.Tensor, max_frames: int) -> tuple[tf.Tensor, tf.Tensor]:
   """`max_frames` frames of `log_mel` from `start` as float32, zero padded; mask True on real frames."""
-  window = log_mel[start:start + max_frames]
+  window = log_mel[start : start + max_frames]
   length = tf.shape(window)[0]
   padded = tf.pad(tf.cast(window, tf.float32), [[0, max_frames - length], [0, 0]])
   return tf.ensure_shape(padded, (max_frames, features.N_MELS)), tf.range(max_frames) < length
@@ -103,13 +109,15 @@ def _crop_and_pad(log_mel: tf.Tensor, start: tf.Tensor, max_frames: int) -> tupl
 def _clip_to_pairs(clip: dict) -> tf.data.Dataset:
   captions = clip["captions"]
   pairs = tf.data.Dataset.from_tensor_slices(
-      {"caption": captions, "caption_index": tf.range(tf.shape(captions)[0], dtype=tf.int32)})
+    {"caption": captions, "caption_index": tf.range(tf.shape(captions)[0], dtype=tf.int32)}
+  )
   return pairs.map(lambda pair: {**pair, "log_mel": clip["log_mel"], "clip_id": clip["clip_id"]})
 
 
 def _random_crop(pair: dict, base_seed: tf.Tensor, max_frames: int) -> dict:
   pair_seed = tf.random.experimental.stateless_fold_in(
-      tf.random.experimental.stateless_fold_in(base_seed, pair["clip_id"]), pair["caption_index"])
+    tf.random.experimental.stateless_fold_in(base_seed, pair["clip_id"]), pair["caption_index"]
+  )
   excess = tf.maximum(tf.shape(pair["log_mel"])[0] - max_frames, 0)
   start = tf.random.stateless_uniform((), pair_seed, minval=0, maxval=excess + 1, dtype=tf.int32)
   log_mel, frame_mask = _crop_and_pad(pair["log_mel"], start, max_frames)
@@ -128,8 +136,9 @@ def _source_clips(sources, shard_index: int, num_shards: int, file_seed: int, ch
   datasets, counts, offset = [], [], 0
   for builder, split in sources:
     shard = tfds.split_for_jax_process(split, process_index=shard_index, process_count=num_shards)
-    clips = builder.as_dataset(split=shard, shuffle_files=True,
-                               read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False))
+    clips = builder.as_dataset(
+      split=shard, shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False)
+    )
     datasets.append(clips.map(lambda clip, offset=offset: {**clip, "clip_id": clip["clip_id"] + offset}))
     counts.append(num_clips(builder, shard))
     offset += num_clips(builder, split)
@@ -139,9 +148,19 @@ def _source_clips(sources, shard_index: int, num_shards: int, file_seed: int, ch
   return tf.data.Dataset.choose_from_datasets(datasets, tf.data.Dataset.from_tensor_slices(choices))
 
 
-def train_dataset(sources, *, batch_size: int, max_frames: int, seed: int, epoch: int, shard_index: int = 0,
-                  num_shards: int = 1, shuffle_buffer: int = DEFAULT_PAIR_SHUFFLE_BUFFER,
-                  clip_shuffle_buffer: int = DEFAULT_CLIP_SHUFFLE_BUFFER, skip_batches: int = 0) -> tf.data.Dataset:
+def train_dataset(
+  sources,
+  *,
+  batch_size: int,
+  max_frames: int,
+  seed: int,
+  epoch: int,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  shuffle_buffer: int = DEFAULT_PAIR_SHUFFLE_BUFFER,
+  clip_shuffle_buffer: int = DEFAULT_CLIP_SHUFFLE_BUFFER,
+  skip_batches: int = 0,
+) -> tf.data.Dataset:
   """Epoch `epoch` of input shard `shard_index` (of `num_shards`), from batch `skip_batches` on.
 
   `sources` is a list of (builder, split) trained on together (clip ids offset to stay unique). `batch_size` is
@@ -155,22 +174,27 @@ def train_dataset(sources, *, batch_size: int, max_frames: int, seed: int, epoch
     raise ValueError(f"skip_batches={skip_batches} is outside [0, {steps}] (the epoch's batches)")
   file_seed, clip_seed, pair_seed, choice_seed = _stream_seeds(seed, epoch, 4)
   clips = _source_clips(sources, shard_index, num_shards, file_seed, choice_seed + shard_index)
-  pairs = (clips.shuffle(clip_shuffle_buffer, seed=clip_seed)
-           .flat_map(_clip_to_pairs)
-           .shuffle(shuffle_buffer, seed=pair_seed)
-           .repeat()  # A shard with fewer pairs than steps * batch_size goes round again.
-           # Stop at the epoch's last pair: reading past it would make `repeat` refill the shuffle buffers.
-           .take(steps * batch_size)
-           .skip(skip_batches * batch_size))
+  pairs = (
+    clips.shuffle(clip_shuffle_buffer, seed=clip_seed)
+    .flat_map(_clip_to_pairs)
+    .shuffle(shuffle_buffer, seed=pair_seed)
+    .repeat()  # A shard with fewer pairs than steps * batch_size goes round again.
+    # Stop at the epoch's last pair: reading past it would make `repeat` refill the shuffle buffers.
+    .take(steps * batch_size)
+    .skip(skip_batches * batch_size)
+  )
   crop = functools.partial(_random_crop, base_seed=tf.constant([seed, epoch], tf.int64), max_frames=max_frames)
-  batches = (pairs.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
-             .batch(batch_size, drop_remainder=True)
-             .prefetch(tf.data.AUTOTUNE))
+  batches = (
+    pairs.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+    .batch(batch_size, drop_remainder=True)
+    .prefetch(tf.data.AUTOTUNE)
+  )
   return _deterministic(batches)
 
 
-def process_train_batches(sources, *, global_batch_size: int, num_shards: int, process_index: int,
-                          process_count: int, **kwargs):
+def process_train_batches(
+  sources, *, global_batch_size: int, num_shards: int, process_index: int, process_count: int, **kwargs
+):
   """Numpy iterator of this process's slices of the epoch's global batches.
 
   The global batch is the concatenation of the `num_shards` input shards' batches in shard order; process p runs
@@ -179,16 +203,22 @@ def process_train_batches(sources, *, global_batch_size: int, num_shards: int, p
   `kwargs` go to `train_dataset` (max_frames, seed, epoch, shuffle buffers, skip_batches).
   """
   if num_shards <= 0 or num_shards % process_count or global_batch_size % num_shards:
-    raise ValueError(f"data.num_input_shards={num_shards} must be a positive multiple of the process count "
-                     f"({process_count}) that divides the global batch ({global_batch_size})")
+    raise ValueError(
+      f"data.num_input_shards={num_shards} must be a positive multiple of the process count "
+      f"({process_count}) that divides the global batch ({global_batch_size})"
+    )
   per_process = num_shards // process_count
-  shards = [train_dataset(sources, batch_size=global_batch_size // num_shards, shard_index=shard,
-                          num_shards=num_shards, **kwargs)
-            for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  shards = [
+    train_dataset(
+      sources, batch_size=global_batch_size // num_shards, shard_index=shard, num_shards=num_shards, **kwargs
+    )
+    for shard in range(process_index * per_process, (process_index + 1) * per_process)
+  ]
   if len(shards) == 1:
     return shards[0].as_numpy_iterator()
   zipped = tf.data.Dataset.zip(tuple(shards)).map(
-      lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0) for key in batches[0]})
+    lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0) for key in batches[0]}
+  )
   return zipped.prefetch(2).as_numpy_iterator()
 
 
@@ -210,18 +240,33 @@ def eval_clip_frames(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarra
 def _bucket_rows(clip: dict, log_mel_feature, frames: int) -> dict:
   log_mel = tf.cast(log_mel_feature.decode_example(clip["log_mel"]), tf.float32)
   length = tf.shape(log_mel)[0]
-  return {"log_mel": tf.ensure_shape(tf.pad(log_mel, [[0, frames - length], [0, 0]]), (frames, features.N_MELS)),
-          "frame_mask": tf.range(frames) < length, "clip_id": clip["clip_id"], "valid": tf.constant(True)}
+  return {
+    "log_mel": tf.ensure_shape(tf.pad(log_mel, [[0, frames - length], [0, 0]]), (frames, features.N_MELS)),
+    "frame_mask": tf.range(frames) < length,
+    "clip_id": clip["clip_id"],
+    "valid": tf.constant(True),
+  }
 
 
 def _padding_rows(frames: int, count: int) -> tf.data.Dataset:
-  row = {"log_mel": tf.zeros((frames, features.N_MELS), tf.float32), "frame_mask": tf.zeros(frames, tf.bool),
-         "clip_id": tf.constant(-1, tf.int32), "valid": tf.constant(False)}
+  row = {
+    "log_mel": tf.zeros((frames, features.N_MELS), tf.float32),
+    "frame_mask": tf.zeros(frames, tf.bool),
+    "clip_id": tf.constant(-1, tf.int32),
+    "valid": tf.constant(False),
+  }
   return tf.data.Dataset.from_tensors(row).repeat(count)
 
 
-def eval_clip_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int, process_index: int = 0,
-                      process_count: int = 1, max_frames: int | None = None):
+def eval_clip_batches(
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  max_frames: int | None = None,
+):
   """Iterator of numpy batches of this process's share of the clips of `split`: every clip exactly once and whole.
 
   Clips are grouped by `padded_frames` of their length (a few lengths per split, read from the prepared data);
@@ -235,9 +280,11 @@ def eval_clip_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_si
   if max_frames is not None and lengths.size and lengths.max() > max_frames:
     too_long = np.flatnonzero(lengths > max_frames)
     names = [_clip_table(builder, split).file_names[i] for i in too_long[:5]]
-    raise ValueError(f"{builder.name} split {split}: {too_long.size} clips are longer than the {max_frames} frames "
-                     f"the audio tower supports, e.g. {names} ({lengths[too_long[0]]} frames); they cannot be "
-                     "embedded whole")
+    raise ValueError(
+      f"{builder.name} split {split}: {too_long.size} clips are longer than the {max_frames} frames "
+      f"the audio tower supports, e.g. {names} ({lengths[too_long[0]]} frames); they cannot be "
+      "embedded whole"
+    )
   buckets = np.array([padded_frames(int(n)) for n in lengths], np.int64)
   log_mel_feature = builder.info.features["log_mel"]
   groups = []
@@ -247,13 +294,21 @@ def eval_clip_batches(builder: tfds.core.DatasetBuilder, split: str, *, batch_si
     mine[ids[process_index::process_count]] = True
     rows = int(mine.sum())
     num_batches = -(-(-(-ids.size // process_count)) // batch_size)
-    clips = builder.as_dataset(split=split, shuffle_files=False, decoders={"log_mel": tfds.decode.SkipDecoding()},
-                               read_config=tfds.ReadConfig(try_autocache=False))
-    group = (clips.filter(lambda clip, mine=tf.constant(mine): tf.gather(mine, clip["clip_id"]))
-             .map(functools.partial(_bucket_rows, log_mel_feature=log_mel_feature, frames=frames),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-             .concatenate(_padding_rows(frames, num_batches * batch_size - rows))
-             .batch(batch_size, drop_remainder=True))
+    clips = builder.as_dataset(
+      split=split,
+      shuffle_files=False,
+      decoders={"log_mel": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    group = (
+      clips.filter(lambda clip, mine=tf.constant(mine): tf.gather(mine, clip["clip_id"]))
+      .map(
+        functools.partial(_bucket_rows, log_mel_feature=log_mel_feature, frames=frames),
+        num_parallel_calls=tf.data.AUTOTUNE,
+      )
+      .concatenate(_padding_rows(frames, num_batches * batch_size - rows))
+      .batch(batch_size, drop_remainder=True)
+    )
     groups.append(group)
   batches = functools.reduce(tf.data.Dataset.concatenate, groups).prefetch(tf.data.AUTOTUNE)
   return _deterministic(batches).as_numpy_iterator()

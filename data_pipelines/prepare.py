@@ -8,28 +8,33 @@ OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run continues whe
 running it on a prepared OUT prepares again if the sources changed since (decoding only new and modified audio),
 else only prints the counts.
 """
+
 from absl import app, flags
 
 from data_pipelines import audiocaps, clip_builder, datasets, extraction
 
 _DATASET = flags.DEFINE_enum("dataset", "clotho", list(datasets.DATASETS), "Layout of raw_dir.")
-_RAW_DIR = flags.DEFINE_string("raw_dir", None, "Raw dataset folder (captions CSVs and audio folders).",
-                               required=True)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the TFRecords go (default: a per-raw_dir folder under "
-                               "~/.cache/atr_jax/prepared).")
+_RAW_DIR = flags.DEFINE_string("raw_dir", None, "Raw dataset folder (captions CSVs and audio folders).", required=True)
+_OUT_DIR = flags.DEFINE_string(
+  "out_dir", None, "Where the TFRecords go (default: a per-raw_dir folder under ~/.cache/atr_jax/prepared)."
+)
 _FILE_PATTERN = flags.DEFINE_string(
-    "audiocaps_file_pattern", audiocaps.DEFAULT_FILE_PATTERN,
-    "AudioCaps official CSVs: audio file name made of {youtube_id}, {start_time} and {audiocap_id}.")
-_WORKERS = flags.DEFINE_integer("workers", None, "Feature-extraction processes (default: one per CPU core).",
-                                lower_bound=1)
+  "audiocaps_file_pattern",
+  audiocaps.DEFAULT_FILE_PATTERN,
+  "AudioCaps official CSVs: audio file name made of {youtube_id}, {start_time} and {audiocap_id}.",
+)
+_WORKERS = flags.DEFINE_integer(
+  "workers", None, "Feature-extraction processes (default: one per CPU core).", lower_bound=1
+)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   out_dir = _OUT_DIR.value or clip_builder.default_data_dir(_RAW_DIR.value)
-  builder = datasets.prepare(_DATASET.value, _RAW_DIR.value, out_dir, audiocaps_file_pattern=_FILE_PATTERN.value,
-                             workers=_WORKERS.value)
+  builder = datasets.prepare(
+    _DATASET.value, _RAW_DIR.value, out_dir, audiocaps_file_pattern=_FILE_PATTERN.value, workers=_WORKERS.value
+  )
   counts = builder.info.metadata["preparation"]
   print(f"{_DATASET.value} prepared in {builder.data_path}")
   for split in builder.info.splits:

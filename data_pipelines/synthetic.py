@@ -20,6 +20,7 @@ Everything is drawn from a numpy Generator seeded by (seed, split, clip index): 
 Usage: python -m data_pipelines.synthetic --out_dir DIR [--num_development 1000 --num_validation 200
 --num_evaluation 200 --seed 0 --duration 3.0 --overwrite]
 """
+
 import argparse
 import csv
 import dataclasses
@@ -43,32 +44,56 @@ BACKGROUND_RMS = 0.01  # Relative to events of unit peak (about -40 dB).
 
 # Per kind: (singular, plural) nouns used in captions.
 KIND_NOUNS = {
-    "beep": (("beep", "beeps"), ("tone", "tones"), ("bleep", "bleeps"), ("pure tone", "pure tones")),
-    "rising whistle": (("rising whistle", "rising whistles"), ("upward sweep", "upward sweeps"),
-                       ("rising glide", "rising glides"), ("ascending whistle", "ascending whistles")),
-    "falling whistle": (("falling whistle", "falling whistles"), ("downward sweep", "downward sweeps"),
-                        ("falling glide", "falling glides"), ("descending whistle", "descending whistles")),
-    "noise burst": (("noise burst", "noise bursts"), ("burst of noise", "bursts of noise"),
-                    ("whoosh", "whooshes"), ("blast of static", "blasts of static")),
-    "knock": (("knock", "knocks"), ("tap", "taps"), ("click", "clicks"), ("rap", "raps")),
-    "buzz": (("buzz", "buzzes"), ("hum", "hums"), ("drone", "drones"), ("buzzing tone", "buzzing tones")),
-    "warble": (("warble", "warbles"), ("bird-like trill", "bird-like trills"), ("chirping trill", "chirping trills"),
-               ("twitter", "twitters")),
+  "beep": (("beep", "beeps"), ("tone", "tones"), ("bleep", "bleeps"), ("pure tone", "pure tones")),
+  "rising whistle": (
+    ("rising whistle", "rising whistles"),
+    ("upward sweep", "upward sweeps"),
+    ("rising glide", "rising glides"),
+    ("ascending whistle", "ascending whistles"),
+  ),
+  "falling whistle": (
+    ("falling whistle", "falling whistles"),
+    ("downward sweep", "downward sweeps"),
+    ("falling glide", "falling glides"),
+    ("descending whistle", "descending whistles"),
+  ),
+  "noise burst": (
+    ("noise burst", "noise bursts"),
+    ("burst of noise", "bursts of noise"),
+    ("whoosh", "whooshes"),
+    ("blast of static", "blasts of static"),
+  ),
+  "knock": (("knock", "knocks"), ("tap", "taps"), ("click", "clicks"), ("rap", "raps")),
+  "buzz": (("buzz", "buzzes"), ("hum", "hums"), ("drone", "drones"), ("buzzing tone", "buzzing tones")),
+  "warble": (
+    ("warble", "warbles"),
+    ("bird-like trill", "bird-like trills"),
+    ("chirping trill", "chirping trills"),
+    ("twitter", "twitters"),
+  ),
 }
 KINDS = tuple(KIND_NOUNS)
-PITCH_WORDS = {"low": ("low", "low-pitched", "deep"), "mid": ("mid-pitched", "medium-pitched", "mid-range"),
-               "high": ("high", "high-pitched", "shrill")}
+PITCH_WORDS = {
+  "low": ("low", "low-pitched", "deep"),
+  "mid": ("mid-pitched", "medium-pitched", "mid-range"),
+  "high": ("high", "high-pitched", "shrill"),
+}
 COUNT_WORDS = {2: ("two", "a pair of"), 3: ("three",), 4: ("four",)}
 TIMES_WORDS = {2: ("twice", "two times"), 3: ("three times", "thrice"), 4: ("four times",)}
 LOUDNESS_WORDS = {
-    "louder": ("getting louder", "growing louder", "becoming louder and louder", "increasing in volume",
-               "swelling in volume"),
-    "quieter": ("getting quieter", "growing softer", "fading away", "decreasing in volume", "dying down"),
-    "steady": ("at a steady volume", "at constant loudness", "at an unchanging volume", "at an even level"),
+  "louder": (
+    "getting louder",
+    "growing louder",
+    "becoming louder and louder",
+    "increasing in volume",
+    "swelling in volume",
+  ),
+  "quieter": ("getting quieter", "growing softer", "fading away", "decreasing in volume", "dying down"),
+  "steady": ("at a steady volume", "at constant loudness", "at an unchanging volume", "at an even level"),
 }
 BACKGROUND_WORDS = {
-    "silence": (" in silence", " against a silent background", " with no background noise"),
-    "noise": (" over faint background static", " with soft noise in the background", " over a quiet noise floor"),
+  "silence": (" in silence", " against a silent background", " with no background noise"),
+  "noise": (" over faint background static", " with soft noise in the background", " over a quiet noise floor"),
 }
 
 
@@ -82,6 +107,7 @@ class Event:
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
   """The attribute record of one clip; `events` play in order."""
+
   events: tuple[Event, ...]
   loudness: str
   background: str
@@ -138,21 +164,21 @@ def _verb(is_plural: bool, singular: str, plural: str) -> str:
 
 # Templates get (a, a_plural, b, b_plural, loud, background) with a, b noun phrases (b is None for one-event clips).
 ONE_EVENT_TEMPLATES = (
-    lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'is', 'are')} heard {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"there {_verb(pl, 'is', 'are')} {a} {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'plays', 'play')}, {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{a} {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"you can hear {a} {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{loud}, {a} {_verb(pl, 'sounds', 'sound')}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'is', 'are')} heard {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"there {_verb(pl, 'is', 'are')} {a} {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'plays', 'play')}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{a} {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"you can hear {a} {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{loud}, {a} {_verb(pl, 'sounds', 'sound')}{bg}",
 )
 TWO_EVENT_TEMPLATES = (
-    lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'is', 'are')} followed by {b}, {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"first {a}, then {b}, {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{b} {_verb(bpl, 'comes', 'come')} after {a}, {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{a} and afterwards {b}, {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{loud}, {a} {_verb(pl, 'gives', 'give')} way to {b}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"after {a}, {b} {_verb(bpl, 'plays', 'play')}, {loud}{bg}",
-    lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'precedes', 'precede')} {b}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'is', 'are')} followed by {b}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"first {a}, then {b}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{b} {_verb(bpl, 'comes', 'come')} after {a}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{a} and afterwards {b}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{loud}, {a} {_verb(pl, 'gives', 'give')} way to {b}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"after {a}, {b} {_verb(bpl, 'plays', 'play')}, {loud}{bg}",
+  lambda a, pl, b, bpl, loud, bg: f"{a} {_verb(pl, 'precedes', 'precede')} {b}, {loud}{bg}",
 )
 
 
@@ -223,7 +249,7 @@ def render_clip(spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
     first, n = int(onset_s * SAMPLE_RATE), int(length_s * SAMPLE_RATE)
     f0 = frequencies[event.kind, event.pitch] * rng.uniform(0.98, 1.02)
     gain = 10 ** (rng.uniform(-1.0, 1.0) / 20)
-    audio[first:first + n] += gain * _event_wave(event.kind, f0, n, rng)
+    audio[first : first + n] += gain * _event_wave(event.kind, f0, n, rng)
   if spec.loudness != "steady":
     position = np.clip((np.arange(num_samples) / SAMPLE_RATE - start_s) / (end_s - start_s), 0.0, 1.0)
     audio *= 10 ** ((position - 1.0 if spec.loudness == "louder" else -position) * RAMP_DB / 20)
@@ -257,8 +283,9 @@ def _write_split(root: str, split: str, num: int, seed: int, duration_s: float) 
       writer.writerow([name] + captions)
 
 
-def generate(out_dir: str, num_clips: dict[str, int], seed: int = 0, duration_s: float = 3.0,
-             overwrite: bool = False) -> None:
+def generate(
+  out_dir: str, num_clips: dict[str, int], seed: int = 0, duration_s: float = 3.0, overwrite: bool = False
+) -> None:
   """Writes the dataset into a temporary sibling folder and renames it to `out_dir` once complete.
 
   `num_clips` maps each of SPLITS to a clip count. An existing non-empty `out_dir` is an error unless `overwrite`.
@@ -270,9 +297,11 @@ def generate(out_dir: str, num_clips: dict[str, int], seed: int = 0, duration_s:
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
     complete = all(os.path.exists(os.path.join(out_dir, f"clotho_captions_{s}.csv")) for s in SPLITS)
-    raise FileExistsError(f"{out_dir} already exists and is not empty"
-                          f"{' (a complete dataset)' if complete else ''}; pass overwrite=True (--overwrite) "
-                          "to replace it")
+    raise FileExistsError(
+      f"{out_dir} already exists and is not empty"
+      f"{' (a complete dataset)' if complete else ''}; pass overwrite=True (--overwrite) "
+      "to replace it"
+    )
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
@@ -304,8 +333,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--duration", type=float, default=3.0, help="nominal clip length in seconds (+-0.5 s)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
   args = parser.parse_args(argv)
-  generate(args.out_dir, {split: getattr(args, f"num_{split}") for split in SPLITS}, seed=args.seed,
-           duration_s=args.duration, overwrite=args.overwrite)
+  generate(
+    args.out_dir,
+    {split: getattr(args, f"num_{split}") for split in SPLITS},
+    seed=args.seed,
+    duration_s=args.duration,
+    overwrite=args.overwrite,
+  )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ peak memory: the metric's own allocations (tracemalloc, on top of the embeddings
 
 python -m scripts.benchmark_eval [--sizes=5225x1045,200000x50000] [--dim=1024] [--repeats=3]
 """
+
+import functools
 import resource
 import time
 import tracemalloc
@@ -24,7 +26,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 def _unit_embeddings(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
   x = rng.standard_normal((n, dim), dtype=np.float32)
   for start in range(0, n, 8192):  # In place, by chunks: no float64 or full-size temporaries.
-    chunk = x[start:start + 8192]
+    chunk = x[start : start + 8192]
     chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
   return x
 
@@ -67,20 +69,25 @@ def _parse_size(size: str) -> tuple[int, int]:
 def main(argv):
   del argv
   rng = np.random.default_rng(_SEED.value)
-  rows = ["| captions x clips (dim) | floor: products (s) | retrieval_metrics (s) | ratio | metric peak (MB) "
-          "| max RSS (MB) |", "|---|---|---|---|---|---|"]
+  rows = [
+    "| captions x clips (dim) | floor: products (s) | retrieval_metrics (s) | ratio | metric peak (MB) "
+    "| max RSS (MB) |",
+    "|---|---|---|---|---|---|",
+  ]
   for size in _SIZES.value:
     n_text, n_audio = _parse_size(size)
     audio, text, text_to_audio = _retrieval_set(rng, n_text, n_audio, _DIM.value)
     repeats = _REPEATS.value if n_text * n_audio < 10**9 else 1
-    floor = _best_time(lambda: _floor(audio, text, text_to_audio), repeats)
+    floor = _best_time(functools.partial(_floor, audio, text, text_to_audio), repeats)
     tracemalloc.start()
-    elapsed = _best_time(lambda: metrics.retrieval_metrics(audio, text, text_to_audio), repeats)
+    elapsed = _best_time(functools.partial(metrics.retrieval_metrics, audio, text, text_to_audio), repeats)
     metric_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    rows.append(f"| {n_text:,} x {n_audio:,} ({_DIM.value}) | {floor:.2f} | {elapsed:.2f} | {elapsed / floor:.2f} "
-                f"| {metric_peak / 2**20:.0f} | {max_rss:.0f} |")
+    rows.append(
+      f"| {n_text:,} x {n_audio:,} ({_DIM.value}) | {floor:.2f} | {elapsed:.2f} | {elapsed / floor:.2f} "
+      f"| {metric_peak / 2**20:.0f} | {max_rss:.0f} |"
+    )
     print(rows[-1], flush=True)
     del audio, text
   print("\n".join(rows))

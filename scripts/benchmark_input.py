@@ -7,6 +7,7 @@ each later epoch is timed from building the dataset to its last batch, as the tr
 
 python -m scripts.benchmark_input [--duration_s=10] [--max_frames=1001] [--batch_size=64] [--epochs=3]
 """
+
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # The process defaults of the training entry point, which runs this pipeline.
@@ -42,8 +43,9 @@ def prepared_dataset(cache_dir: str, num_clips: int, duration_s: float):
 def time_epoch(builder, epoch: int, *, batch_size: int, max_frames: int, shuffle_buffer: int) -> dict:
   """Pairs, seconds, and seconds to the first batch of one epoch of numpy batches."""
   start = time.perf_counter()
-  dataset = input_pipeline.train_dataset([(builder, SPLIT)], batch_size=batch_size, max_frames=max_frames, seed=0,
-                                         epoch=epoch, shuffle_buffer=shuffle_buffer)
+  dataset = input_pipeline.train_dataset(
+    [(builder, SPLIT)], batch_size=batch_size, max_frames=max_frames, seed=0, epoch=epoch, shuffle_buffer=shuffle_buffer
+  )
   pairs, first_batch_s = 0, None
   for batch in dataset.as_numpy_iterator():
     if first_batch_s is None:
@@ -61,12 +63,15 @@ def main(argv):
   time_epoch(builder, 0, **kwargs)
   epochs = [time_epoch(builder, epoch, **kwargs) for epoch in range(1, _EPOCHS.value + 1)]
   rates = [e["pairs"] / e["seconds"] for e in epochs]
-  print(f"| clips | clip s | max frames | batch | pairs/epoch | CPU cores | epoch s median | first batch s median | "
-        f"pairs/s median (min-max) |\n|---|---|---|---|---|---|---|---|---|\n"
-        f"| {_NUM_CLIPS.value} | {_DURATION_S.value:g} | {_MAX_FRAMES.value} | {_BATCH_SIZE.value} | "
-        f"{epochs[0]['pairs']} | {os.cpu_count()} | {np.median([e['seconds'] for e in epochs]):.2f} | "
-        f"{np.median([e['first_batch_s'] for e in epochs]):.2f} | {np.median(rates):.0f} "
-        f"({min(rates):.0f}-{max(rates):.0f}) |", flush=True)
+  print(
+    f"| clips | clip s | max frames | batch | pairs/epoch | CPU cores | epoch s median | first batch s median | "
+    f"pairs/s median (min-max) |\n|---|---|---|---|---|---|---|---|---|\n"
+    f"| {_NUM_CLIPS.value} | {_DURATION_S.value:g} | {_MAX_FRAMES.value} | {_BATCH_SIZE.value} | "
+    f"{epochs[0]['pairs']} | {os.cpu_count()} | {np.median([e['seconds'] for e in epochs]):.2f} | "
+    f"{np.median([e['first_batch_s'] for e in epochs]):.2f} | {np.median(rates):.0f} "
+    f"({min(rates):.0f}-{max(rates):.0f}) |",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the step time over that of one process on the same number of devices (which runs
 
 python -m scripts.benchmark_multiprocess --config configs/demo.py --layouts 1x4,2x2,1x2,2x1
 """
+
 import sys
 
 from atr_jax import xla_flags
@@ -25,8 +26,9 @@ from scripts import benchmark_train  # noqa: E402  Its flags --config, --repeats
 
 _LAYOUTS = flags.DEFINE_list("layouts", ["1x4", "2x2", "1x2", "2x1"], "PROCESSESxDEVICES layouts to time.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 900, "Wall-clock limit of one layout's run.")
-_PROCESS_RESULT = flags.DEFINE_string("process_result", None, "Internal: run one process of a layout; process 0 "
-                                      "writes its figures as JSON to this path.")
+_PROCESS_RESULT = flags.DEFINE_string(
+  "process_result", None, "Internal: run one process of a layout; process 0 writes its figures as JSON to this path."
+)
 flags.DEFINE_string("coordinator_address", None, "Set by scripts/launch_local.py.")
 flags.DEFINE_integer("num_processes", None, "Set by scripts/launch_local.py.")
 flags.DEFINE_integer("process_id", None, "Set by scripts/launch_local.py.")
@@ -37,8 +39,7 @@ def _worker(config, result_path: str) -> None:
   from atr_jax import distributed
 
   if flags.FLAGS.num_processes > 1:  # One process runs as `python -m atr_jax.main` alone would: no jax.distributed.
-    distributed.maybe_initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                 flags.FLAGS.process_id)
+    distributed.maybe_initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
   bench = benchmark_train._setup_jax(config)
   benchmark_train._timed(bench.run_step, benchmark_train._WARMUP.value)
   times = benchmark_train._timed(bench.run_step, benchmark_train._REPEATS.value)
@@ -66,9 +67,18 @@ def run_layout(layout: str, argv: list[str], timeout_s: int) -> dict:
   num_processes, devices = (int(n) for n in layout.split("x"))
   with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, "result.json")
-    command = [sys.executable, "-m", "scripts.launch_local", f"--num_processes={num_processes}",
-               f"--devices_per_process={devices}", "--", "-m", "scripts.benchmark_multiprocess", *argv,
-               f"--process_result={path}"]
+    command = [
+      sys.executable,
+      "-m",
+      "scripts.launch_local",
+      f"--num_processes={num_processes}",
+      f"--devices_per_process={devices}",
+      "--",
+      "-m",
+      "scripts.benchmark_multiprocess",
+      *argv,
+      f"--process_result={path}",
+    ]
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
     if result.returncode != 0 or not os.path.exists(path):
       raise RuntimeError(f"layout {layout} failed (exit code {result.returncode}):\n{result.stdout[-4000:]}")
@@ -81,14 +91,18 @@ def format_table(config, results: list[dict]) -> str:
   total device count (when timed)."""
   single = {r["processes"] * r["devices"]: float(np.median(r["times"])) for r in results if r["processes"] == 1}
   batch = config.train.global_batch_size
-  rows = ["| processes x devices | batch | init s | compile s | step s median (min-max) | pairs/s | time / 1 process |",
-          "|---|---|---|---|---|---|---|"]
+  rows = [
+    "| processes x devices | batch | init s | compile s | step s median (min-max) | pairs/s | time / 1 process |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in results:
     median = float(np.median(r["times"]))
     reference = single.get(r["processes"] * r["devices"])
     ratio = "-" if reference is None else f"{median / reference:.2f}"
-    rows.append(f"| {r['processes']} x {r['devices']} | {batch} | {r['init_s']:.1f} | {r['compile_s']:.1f} | "
-                f"{median:.3f} ({min(r['times']):.3f}-{max(r['times']):.3f}) | {batch / median:.1f} | {ratio} |")
+    rows.append(
+      f"| {r['processes']} x {r['devices']} | {batch} | {r['init_s']:.1f} | {r['compile_s']:.1f} | "
+      f"{median:.3f} ({min(r['times']):.3f}-{max(r['times']):.3f}) | {batch / median:.1f} | {ratio} |"
+    )
   return "\n".join(rows)
 
 

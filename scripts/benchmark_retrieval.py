@@ -11,6 +11,7 @@ memory do not depend on the weights). The index holds random unit embeddings of 
 indexed in this process once the model is loaded, each after resetting the peak RSS (Linux), so the table shows what
 indexing itself needs (the decoding worker processes, one clip each, are not counted).
 """
+
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # Before jax is imported.
@@ -35,12 +36,14 @@ from atr_jax.train import CONFIG_FILE  # noqa: E402
 from atr_jax.train_state import create_train_state, make_optimizer  # noqa: E402
 from data_pipelines import features  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose model is benchmarked (fresh weights).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config whose model is benchmarked (fresh weights).", lock_config=True
+)
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 10000, "Clips in the index.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed queries after 3 warm-up queries.")
-_INDEX_FILES = flags.DEFINE_list("index_files", [], "Also index folders of this many noise clips (e.g. 1000,5000) "
-                                 "and print each run's peak RSS.")
+_INDEX_FILES = flags.DEFINE_list(
+  "index_files", [], "Also index folders of this many noise clips (e.g. 1000,5000) and print each run's peak RSS."
+)
 _CLIP_S = flags.DEFINE_float("clip_s", 1.0, "--index_files: seconds per clip.")
 _QUERY = "a dog barks"
 
@@ -104,20 +107,26 @@ def main(argv):
       end_to_end.append(end - start)
       search.append(end - middle)
   print(json.dumps({"workdir": workdir}))
-  print(f"| clips | embed dim | text tower | load s | query ms (median) | of which top-10 search ms |\n"
-        f"|---|---|---|---|---|---|\n"
-        f"| {_NUM_CLIPS.value} | {retriever.config.model.embed_dim} | "
-        f"{retriever.config.model.text.model_dir.rstrip('/').split('/')[-2:][0]} | {load_s:.1f} | "
-        f"{1e3 * np.median(end_to_end):.1f} | {1e3 * np.median(search):.2f} |")
+  print(
+    f"| clips | embed dim | text tower | load s | query ms (median) | of which top-10 search ms |\n"
+    f"|---|---|---|---|---|---|\n"
+    f"| {_NUM_CLIPS.value} | {retriever.config.model.embed_dim} | "
+    f"{retriever.config.model.text.model_dir.rstrip('/').split('/')[-2:][0]} | {load_s:.1f} | "
+    f"{1e3 * np.median(end_to_end):.1f} | {1e3 * np.median(search):.2f} |"
+  )
   if _INDEX_FILES.value:
     with tempfile.TemporaryDirectory(prefix="atr_jax_index_bench_") as folder:
       _index_memory(retriever, folder, 16)  # Compiles the embedding step outside the measurements.
       rows = [(n, *_index_memory(retriever, folder, n)) for n in map(int, _INDEX_FILES.value)]
-    print("\n| files | clip s | batch | RSS before MiB | peak RSS MiB | peak - before MiB | index s | files/s |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+      "\n| files | clip s | batch | RSS before MiB | peak RSS MiB | peak - before MiB | index s | files/s |\n"
+      "|---|---|---|---|---|---|---|---|"
+    )
     for num_files, before, peak, seconds in rows:
-      print(f"| {num_files} | {_CLIP_S.value:g} | {flags.FLAGS.batch_size} | {before:.0f} | {peak:.0f} | "
-            f"{peak - before:.0f} | {seconds:.1f} | {num_files / seconds:.0f} |")
+      print(
+        f"| {num_files} | {_CLIP_S.value:g} | {flags.FLAGS.batch_size} | {before:.0f} | {peak:.0f} | "
+        f"{peak - before:.0f} | {seconds:.1f} | {num_files / seconds:.0f} |"
+      )
 
 
 if __name__ == "__main__":

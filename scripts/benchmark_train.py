@@ -14,6 +14,7 @@ adds a PyTorch row with the same malloc setting. After set-up and warm-up, the w
 python -m scripts.benchmark_train --config configs/clotho_infonce.py --bert_base --torch \
     --config.train.global_batch_size=8 --config.data.train_max_frames=1001 --config.loss.name=ntxent
 """
+
 import sys
 
 from atr_jax import xla_flags
@@ -44,20 +45,42 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (ours: after co
 _STEPS_PER_ROUND = flags.DEFINE_integer("steps_per_round", 2, "The frameworks take turns, this many steps each.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference step, in the same run.")
 _TORCH_KEEP_FREED_MEMORY = flags.DEFINE_bool(
-    "torch_keep_freed_memory", False, "With --torch, one more PyTorch row that runs with our glibc malloc setting "
-    "(atr_jax.xla_flags.keep_freed_memory), to show how much of the difference is the C allocator.")
+  "torch_keep_freed_memory",
+  False,
+  "With --torch, one more PyTorch row that runs with our glibc malloc setting "
+  "(atr_jax.xla_flags.keep_freed_memory), to show how much of the difference is the C allocator.",
+)
 _BERT_BASE = flags.DEFINE_bool(
-    "bert_base", False, "Text tower: a randomly initialised BERT of bert-base-uncased shape (hidden 768, 12 layers, "
-    "12 heads, intermediate 3072, vocab 30522) in place of model.text.model_dir.")
-_WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch", "torch_keep_freed_memory"],
-                            "Internal: serve one framework's step to the parent process over stdin/stdout.")
+  "bert_base",
+  False,
+  "Text tower: a randomly initialised BERT of bert-base-uncased shape (hidden 768, 12 layers, "
+  "12 heads, intermediate 3072, vocab 30522) in place of model.text.model_dir.",
+)
+_WORKER = flags.DEFINE_enum(
+  "worker",
+  None,
+  ["jax", "torch", "torch_keep_freed_memory"],
+  "Internal: serve one framework's step to the parent process over stdin/stdout.",
+)
 
 _REPLY_PREFIX = "BENCHMARK_WORKER "
 _BERT_BASE_UNCASED = {  # The architecture keys of bert-base-uncased's config.json.
-    "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
-    "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.1,
-    "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0}
+  "architectures": ["BertForMaskedLM"],
+  "model_type": "bert",
+  "vocab_size": 30522,
+  "hidden_size": 768,
+  "num_hidden_layers": 12,
+  "num_attention_heads": 12,
+  "intermediate_size": 3072,
+  "hidden_act": "gelu",
+  "max_position_embeddings": 512,
+  "type_vocab_size": 2,
+  "layer_norm_eps": 1e-12,
+  "hidden_dropout_prob": 0.1,
+  "attention_probs_dropout_prob": 0.1,
+  "initializer_range": 0.02,
+  "pad_token_id": 0,
+}
 
 
 def _text_json(config: ml_collections.ConfigDict) -> dict:
@@ -80,20 +103,25 @@ def _random_batch(config: ml_collections.ConfigDict) -> dict:
   """Numpy inputs of one global batch: random log-mels, all frames valid, random token ids, two captions per
   clip."""
   rng = np.random.default_rng(0)
-  b, t, l = config.train.global_batch_size, config.data.train_max_frames, config.model.text.max_len
+  b, t, tokens = config.train.global_batch_size, config.data.train_max_frames, config.model.text.max_len
   if t < 1:
-    raise ValueError("config.data.train_max_frames must be set (e.g. 1001 for 10 s crops): the benchmark has no "
-                     "dataset to take the longest clip from")
-  return {"log_mel": (rng.standard_normal((b, t, 64)) * 10 - 40).astype(np.float32),
-          "frame_mask": np.ones((b, t), bool),
-          "input_ids": rng.integers(1, _text_json(config)["vocab_size"], (b, l)).astype(np.int32),
-          "attention_mask": np.ones((b, l), np.int32),
-          "clip_id": np.arange(b, dtype=np.int32) // 2}
+    raise ValueError(
+      "config.data.train_max_frames must be set (e.g. 1001 for 10 s crops): the benchmark has no "
+      "dataset to take the longest clip from"
+    )
+  return {
+    "log_mel": (rng.standard_normal((b, t, 64)) * 10 - 40).astype(np.float32),
+    "frame_mask": np.ones((b, t), bool),
+    "input_ids": rng.integers(1, _text_json(config)["vocab_size"], (b, tokens)).astype(np.int32),
+    "attention_mask": np.ones((b, tokens), np.int32),
+    "clip_id": np.arange(b, dtype=np.int32) // 2,
+  }
 
 
 class _Bench(NamedTuple):
   """One framework's step, ready to time: `info` (name, device, dtype, init_s, compile_s), `run_step` (returns
   once the step is done) and `finish` (-> peak_bytes, peak_kind, loss of the last step)."""
+
   info: dict
   run_step: Callable[[], None]
   finish: Callable[[], dict]
@@ -131,11 +159,16 @@ def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
   jax.block_until_ready(state)
   init_s = time.perf_counter() - start
   loss_fn = losses.make_loss_fn_from_config(config.loss, mesh)
-  step = jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=jax.random.key(1)),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(train_step, loss_fn=loss_fn, rng=jax.random.key(1)),
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
   rows = config.train.global_batch_size // jax.process_count()  # This process's slice of the global batch.
-  local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in _random_batch(config).items()}
+  local = {
+    k: v[jax.process_index() * rows : (jax.process_index() + 1) * rows] for k, v in _random_batch(config).items()
+  }
   batch = sharding.global_batch(local, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -150,12 +183,16 @@ def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
     peak = _peak_rss_bytes() if on_cpu else (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
-    return {"peak_bytes": peak, "peak_kind": "RSS" if on_cpu else "device",
-            "loss": float(carry["metrics"]["loss"])}
+    return {"peak_bytes": peak, "peak_kind": "RSS" if on_cpu else "device", "loss": float(carry["metrics"]["loss"])}
 
   device = jax.devices()[0]
-  info = {"name": "ours (JAX)", "device": f"{jax.device_count()} {device.device_kind}", "dtype": config.model.dtype,
-          "init_s": init_s, "compile_s": compile_s}
+  info = {
+    "name": "ours (JAX)",
+    "device": f"{jax.device_count()} {device.device_kind}",
+    "dtype": config.model.dtype,
+    "init_s": init_s,
+    "compile_s": compile_s,
+  }
   return _Bench(info, run_step, finish)
 
 
@@ -183,8 +220,7 @@ def _setup_torch(config: ml_collections.ConfigDict, name: str = "PyTorch") -> _B
     return {"peak_bytes": peak, "peak_kind": "RSS" if on_cpu else "device", "loss": losses[-1]}
 
   threads = f"{torch.get_num_threads()} threads" if on_cpu else torch.cuda.get_device_name()
-  info = {"name": name, "device": f"{device.type} ({threads})", "dtype": "float32", "init_s": init_s,
-          "compile_s": None}
+  info = {"name": name, "device": f"{device.type} ({threads})", "dtype": "float32", "init_s": init_s, "compile_s": None}
   return _Bench(info, run_step, finish)
 
 
@@ -218,9 +254,10 @@ class _Worker:
   def _read(self) -> dict:
     for line in self.process.stdout:
       if line.startswith(_REPLY_PREFIX):
-        return json.loads(line[len(_REPLY_PREFIX):])
-    raise RuntimeError(f"the {self.framework} worker exited (status {self.process.wait()}) without replying; "
-                       "its errors are above")
+        return json.loads(line[len(_REPLY_PREFIX) :])
+    raise RuntimeError(
+      f"the {self.framework} worker exited (status {self.process.wait()}) without replying; its errors are above"
+    )
 
   def ask(self, command: str) -> dict:
     self.process.stdin.write(command + "\n")
@@ -247,18 +284,22 @@ def format_table(config: ml_collections.ConfigDict, results: list[dict]) -> str:
   text = _text_json(config)
   text_shape = f"{text['num_hidden_layers']}x{text['hidden_size']}"
   reference = next((np.median(r["times"]) for r in results if r["name"] == "PyTorch"), None)
-  rows = ["| framework | device | dtype | batch | frames | tokens | text layers x width | init s | compile s | "
-          "step s median (min-max) | pairs/s | peak memory GB | time / PyTorch |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  rows = [
+    "| framework | device | dtype | batch | frames | tokens | text layers x width | init s | compile s | "
+    "step s median (min-max) | pairs/s | peak memory GB | time / PyTorch |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   batch = config.train.global_batch_size
   for r in results:
     median = float(np.median(r["times"]))
     compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
     ratio = "-" if reference is None else f"{median / reference:.2f}"
-    rows.append(f"| {r['name']} | {r['device']} | {r['dtype']} | {batch} | {config.data.train_max_frames} | "
-                f"{config.model.text.max_len} | {text_shape} | {r['init_s']:.1f} | {compile_s} | "
-                f"{median:.3f} ({min(r['times']):.3f}-{max(r['times']):.3f}) | {batch / median:.1f} | "
-                f"{r['peak_bytes'] / 1e9:.2f} ({r['peak_kind']}) | {ratio} |")
+    rows.append(
+      f"| {r['name']} | {r['device']} | {r['dtype']} | {batch} | {config.data.train_max_frames} | "
+      f"{config.model.text.max_len} | {text_shape} | {r['init_s']:.1f} | {compile_s} | "
+      f"{median:.3f} ({min(r['times']):.3f}-{max(r['times']):.3f}) | {batch / median:.1f} | "
+      f"{r['peak_bytes'] / 1e9:.2f} ({r['peak_kind']}) | {ratio} |"
+    )
   return "\n".join(rows)
 
 
@@ -269,14 +310,16 @@ def main(argv):
     if _BERT_BASE.value:
       _use_random_bert_base(config, folder)
     if _WORKER.value is not None:
-      setups = {"jax": _setup_jax, "torch": _setup_torch,
-                "torch_keep_freed_memory": lambda c: _setup_torch(c, "PyTorch + keep_freed_memory")}
+      setups = {
+        "jax": _setup_jax,
+        "torch": _setup_torch,
+        "torch_keep_freed_memory": lambda c: _setup_torch(c, "PyTorch + keep_freed_memory"),
+      }
       _serve(setups[_WORKER.value](config), _WARMUP.value)
       return
     frameworks = ["jax"] + (["torch"] if _TORCH.value else [])
     frameworks += ["torch_keep_freed_memory"] if _TORCH.value and _TORCH_KEEP_FREED_MEMORY.value else []
-    print(format_table(config, measure(frameworks, _WARMUP.value, _REPEATS.value, _STEPS_PER_ROUND.value)),
-          flush=True)
+    print(format_table(config, measure(frameworks, _WARMUP.value, _REPEATS.value, _STEPS_PER_ROUND.value)), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --
 The file is read with torch's weights-only unpickler (torch CPU needed here only). The tower is the one of
 configs/base.py for `--arch` (block-6 pooling does not change CNN14's parameters, so one conversion serves both).
 """
+
 import argparse
 
 import jax
@@ -17,32 +18,33 @@ from configs.base import get_base_config
 
 
 def tower_variables_shape(tower) -> dict:
-    """The tower's {'params', 'batch_stats'} as ShapeDtypeStructs (nothing allocated)."""
-    frames = 64
-    return jax.eval_shape(lambda: tower.init(jax.random.key(0), jnp.zeros((1, frames, 64)),
-                                             jnp.ones((1, frames), bool), train=False))
+  """The tower's {'params', 'batch_stats'} as ShapeDtypeStructs (nothing allocated)."""
+  frames = 64
+  return jax.eval_shape(
+    lambda: tower.init(jax.random.key(0), jnp.zeros((1, frames, 64)), jnp.ones((1, frames), bool), train=False)
+  )
 
 
 def convert(checkpoint: str, tower, out_dir: str) -> str:
-    """Reads `checkpoint`, maps it onto `tower`'s variables (ValueError listing every mismatch), writes them to
-    `out_dir`; returns the absolute output folder."""
-    state_dict = panns.read_panns_state_dict(checkpoint)
-    variables = panns.state_dict_to_variables(state_dict, tower_variables_shape(tower), checkpoint)
-    return panns.save_audio_variables(variables, out_dir)
+  """Reads `checkpoint`, maps it onto `tower`'s variables (ValueError listing every mismatch), writes them to
+  `out_dir`; returns the absolute output folder."""
+  state_dict = panns.read_panns_state_dict(checkpoint)
+  variables = panns.state_dict_to_variables(state_dict, tower_variables_shape(tower), checkpoint)
+  return panns.save_audio_variables(variables, out_dir)
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--checkpoint', required=True, help='PANNs .pth file ({"model": state_dict, ...})')
-    parser.add_argument('--arch', required=True, choices=AUDIO_ARCHS)
-    parser.add_argument('--out', required=True, help='output folder (orbax); replaced if present')
-    args = parser.parse_args(argv)
-    audio_config = get_base_config().model.audio
-    audio_config.arch = args.arch
-    out_dir = convert(args.checkpoint, build_audio_tower(audio_config), args.out)
-    print(f'Wrote the {args.arch} audio tower variables to {out_dir}')
-    return out_dir
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--checkpoint", required=True, help='PANNs .pth file ({"model": state_dict, ...})')
+  parser.add_argument("--arch", required=True, choices=AUDIO_ARCHS)
+  parser.add_argument("--out", required=True, help="output folder (orbax); replaced if present")
+  args = parser.parse_args(argv)
+  audio_config = get_base_config().model.audio
+  audio_config.arch = args.arch
+  out_dir = convert(args.checkpoint, build_audio_tower(audio_config), args.out)
+  print(f"Wrote the {args.arch} audio tower variables to {out_dir}")
+  return out_dir
 
 
-if __name__ == '__main__':
-    main()
+if __name__ == "__main__":
+  main()

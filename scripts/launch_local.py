@@ -11,6 +11,7 @@ forever): each process gets ATR_JAX_STALL_TIMEOUT_S (atr_jax.watchdog: a trainin
 its process and step) and, unless XLA_FLAGS already sets it, XLA's --xla_cpu_collective_timeout_seconds (any CPU
 collective, e.g. in evaluation or at the data-preparation barrier, fails with gloo's timeout).
 """
+
 import argparse
 import os
 import re
@@ -33,8 +34,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(num_processes: int, devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S,
-                environ=os.environ) -> dict:
+def process_env(
+  num_processes: int, devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S, environ=os.environ
+) -> dict:
   """`environ` with D fake CPU devices per process (other XLA flags kept) and the stall timeouts (module
   docstring); without JAX's persistent compilation cache when there are several processes: only process 0 writes
   it and its keys differ per process, so on a rerun process 0 races ahead and gloo's 30 s setup deadline fails the
@@ -69,8 +71,9 @@ def _stop(processes: list[subprocess.Popen]) -> None:
     process.wait()
 
 
-def launch(command: list[str], num_processes: int, devices_per_process: int,
-           stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S) -> int:
+def launch(
+  command: list[str], num_processes: int, devices_per_process: int, stall_timeout_s: int = DEFAULT_STALL_TIMEOUT_S
+) -> int:
   """Runs `python command...` as `num_processes` coordinated processes; returns 0 or the first failure's code."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"--num_processes={num_processes} and --devices_per_process={devices_per_process} must be >= 1")
@@ -83,16 +86,25 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
   lock = threading.Lock()
   processes, relays = [], []
   for process_id in range(num_processes):
-    argv = [sys.executable, *command, f"--coordinator_address={coordinator}", f"--num_processes={num_processes}",
-            f"--process_id={process_id}"]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               errors="replace")
+    argv = [
+      sys.executable,
+      *command,
+      f"--coordinator_address={coordinator}",
+      f"--num_processes={num_processes}",
+      f"--process_id={process_id}",
+    ]
+    process = subprocess.Popen(
+      argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
     relay = threading.Thread(target=_relay, args=(process_id, process.stdout, lock), daemon=True)
     relay.start()
     processes.append(process)
     relays.append(relay)
-  print(f"[launch_local] {num_processes} processes x {devices_per_process} CPU devices, coordinator {coordinator}: "
-        f"{' '.join(command)}", flush=True)
+  print(
+    f"[launch_local] {num_processes} processes x {devices_per_process} CPU devices, coordinator {coordinator}: "
+    f"{' '.join(command)}",
+    flush=True,
+  )
   try:
     failed = None
     while failed is None and any(p.poll() is None for p in processes):
@@ -106,8 +118,9 @@ def launch(command: list[str], num_processes: int, devices_per_process: int,
   if failed is None:
     return 0
   code = processes[failed].returncode
-  print(f"[launch_local] process {failed} exited with code {code}; stopped the other processes", file=sys.stderr,
-        flush=True)
+  print(
+    f"[launch_local] process {failed} exited with code {code}; stopped the other processes", file=sys.stderr, flush=True
+  )
   return code if code > 0 else 1
 
 
@@ -120,10 +133,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--devices_per_process", type=int, default=1, help="fake CPU devices per process")
-  parser.add_argument("--stall_timeout_s", type=int,
-                      default=int(os.environ.get(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S)),
-                      help="a training step or CPU collective stalled this long ends its process with an error "
-                           "naming it (0: wait forever)")
+  parser.add_argument(
+    "--stall_timeout_s",
+    type=int,
+    default=int(os.environ.get(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S)),
+    help="a training step or CPU collective stalled this long ends its process with an error "
+    "naming it (0: wait forever)",
+  )
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the arguments of python")
   args = parser.parse_args()
   command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -1,6 +1,7 @@
 """Test session setup (before jax is imported): 8 fake CPU devices, and one XLA compilation cache for the session
 that the training subprocesses share (a killed run, its restart and the uninterrupted run compile the same
 programs once), removed at exit."""
+
 import atexit
 import os
 import shutil
@@ -34,6 +35,7 @@ def tiny_trained(tmp_path_factory):
   from tiny_run import tiny_config
 
   from atr_jax import train
+
   tmp_path = tmp_path_factory.mktemp("tiny_trained")
   config = tiny_config(tmp_path)
   workdir = str(tmp_path / "run")

@@ -1,5 +1,6 @@
 """Checkpoints: the latest and the best are both kept (and nothing else); restore is exact and sharded; a damaged
 one is named."""
+
 import glob
 import os
 import shutil
@@ -17,10 +18,15 @@ def _state(seed):
   rng = np.random.default_rng(seed)
   params = {"model": {"w": rng.standard_normal((4, 3)).astype(np.float32)}, "loss": {}}
   tx = optax.adam(1e-3)
-  state = TrainState.create(apply_fn=None, params=params, tx=tx,
-                            batch_stats={"mean": rng.standard_normal(3).astype(np.float32)},
-                            lr_scale=np.float32(0.5), best_val_loss=np.float32(rng.random()),
-                            epochs_without_improvement=np.int32(seed))
+  state = TrainState.create(
+    apply_fn=None,
+    params=params,
+    tx=tx,
+    batch_stats={"mean": rng.standard_normal(3).astype(np.float32)},
+    lr_scale=np.float32(0.5),
+    best_val_loss=np.float32(rng.random()),
+    epochs_without_improvement=np.int32(seed),
+  )
   grads = jax.tree.map(lambda p: np.ones_like(p), params)
   return state.apply_gradients(grads=grads)
 
@@ -70,6 +76,9 @@ def test_a_damaged_checkpoint_is_named(tiny_trained, tmp_path):
     if os.path.isfile(path) and "/d/" in path:  # The array data files.
       with open(path, "r+b") as f:
         f.truncate(max(os.path.getsize(path) // 2, 1))
-  with pytest.raises(ValueError, match=rf"the checkpoint of step {step} \(.*checkpoints/{step}\) cannot be read.*"
-                                       r"delete that folder"):
+  with pytest.raises(
+    ValueError,
+    match=rf"the checkpoint of step {step} \(.*checkpoints/{step}\) cannot be read.*"
+    r"delete that folder",
+  ):
     train.evaluate_best(config, workdir)

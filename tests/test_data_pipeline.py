@@ -3,6 +3,7 @@
 The fixture mixes 44.1 kHz and 32 kHz wavs of different lengths, a stereo file, a broken, a missing and a too-short
 wav, a caption-less row, and CSVs in UTF-8, latin-1 and cp1252.
 """
+
 import collections
 import csv
 import hashlib
@@ -23,21 +24,39 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FRAMES = 150
 # file name -> (sample rate, seconds, channels); sorted names give the clip ids.
 GOOD_AUDIO = {
-    "development": {"d0.wav": (44100, 3.0, 1), "d1.wav": (32000, 2.0, 1), "d2.wav": (44100, 1.5, 2),
-                    "d3.wav": (32000, 0.5, 1), "d5.wav": (44100, 1.0, 1), "d6.wav": (32000, 2.5, 1),
-                    "d7.wav": (44100, 1.2, 1), "d8.wav": (32000, 2.8, 1)},
-    "validation": {"v0.wav": (44100, 2.0, 1), "v1.wav": (32000, 1.0, 1), "v2.wav": (32000, 2.2, 1),
-                   "v3.wav": (44100, 0.8, 1)},
-    "evaluation": {"e0.wav": (32000, 2.0, 1), "e1.wav": (44100, 1.0, 1), "e2.wav": (32000, 0.7, 1)},
+  "development": {
+    "d0.wav": (44100, 3.0, 1),
+    "d1.wav": (32000, 2.0, 1),
+    "d2.wav": (44100, 1.5, 2),
+    "d3.wav": (32000, 0.5, 1),
+    "d5.wav": (44100, 1.0, 1),
+    "d6.wav": (32000, 2.5, 1),
+    "d7.wav": (44100, 1.2, 1),
+    "d8.wav": (32000, 2.8, 1),
+  },
+  "validation": {
+    "v0.wav": (44100, 2.0, 1),
+    "v1.wav": (32000, 1.0, 1),
+    "v2.wav": (32000, 2.2, 1),
+    "v3.wav": (44100, 0.8, 1),
+  },
+  "evaluation": {"e0.wav": (32000, 2.0, 1), "e1.wav": (44100, 1.0, 1), "e2.wav": (32000, 0.7, 1)},
 }
 CAPTION_COUNTS = {"validation": {"v0.wav": 5, "v1.wav": 4, "v2.wav": 2, "v3.wav": 1}}
-SPECIAL_CAPTIONS = {"d1.wav": 'a "quoted", comma caption', "d5.wav": "A café's naïve façade: “smart” quotes!",
-                    "v0.wav": "café naïve façade",
-                    "e1.wav": "a “smart” quote — and a dash"}
+SPECIAL_CAPTIONS = {
+  "d1.wav": 'a "quoted", comma caption',
+  "d5.wav": "A café's naïve façade: “smart” quotes!",
+  "v0.wav": "café naïve façade",
+  "e1.wav": "a “smart” quote — and a dash",
+}
 CSV_ENCODINGS = {"development": "utf-8", "validation": "latin-1", "evaluation": "cp1252"}
 # Rows that must be skipped (garbage bytes, no file, empty captions, 100 samples): name -> reported reason.
-BAD_ROWS = {"d4_broken.wav": "unreadable_audio", "d4_missing.wav": "missing_audio", "d4_nocaption.wav": "no_caption",
-            "d9_short.wav": "too_short"}
+BAD_ROWS = {
+  "d4_broken.wav": "unreadable_audio",
+  "d4_missing.wav": "missing_audio",
+  "d4_nocaption.wav": "no_caption",
+  "d9_short.wav": "too_short",
+}
 
 
 def _captions(split: str, name: str) -> list[str]:
@@ -100,8 +119,9 @@ def _records(builder, split) -> dict[str, dict]:
 
 def _all_pairs(split: str) -> collections.Counter:
   names = sorted(GOOD_AUDIO[split])
-  return collections.Counter((clip_id, caption) for clip_id, name in enumerate(names)
-                             for caption in _captions(split, name))
+  return collections.Counter(
+    (clip_id, caption) for clip_id, name in enumerate(names) for caption in _captions(split, name)
+  )
 
 
 def _epoch_pairs(batches) -> list[tuple[int, str]]:
@@ -117,7 +137,8 @@ def test_default_data_dir_is_per_raw_folder(tmp_path):
   raw = tmp_path / "my_clotho"
   expected_hash = hashlib.sha1(str(raw).encode()).hexdigest()[:8]
   assert clotho.default_data_dir(str(raw) + "/") == os.path.expanduser(
-      f"~/.cache/atr_jax/prepared/my_clotho-{expected_hash}")
+    f"~/.cache/atr_jax/prepared/my_clotho-{expected_hash}"
+  )
 
 
 def test_log_mel_records_equal_the_front_end(raw_dir, builder):
@@ -137,11 +158,15 @@ def test_log_mel_records_equal_the_front_end(raw_dir, builder):
 
 
 def test_longest_clip_is_read_from_the_prepared_data(builder):
-  lengths = [record["log_mel"].shape[0] for split in ("development", "validation")
-             for record in _records(builder, split).values()]
+  lengths = [
+    record["log_mel"].shape[0]
+    for split in ("development", "validation")
+    for record in _records(builder, split).values()
+  ]
   assert input_pipeline.longest_clip([(builder, "development"), (builder, "validation")]) == max(lengths)
   assert input_pipeline.longest_clip([(builder, "development")]) == max(
-      record["log_mel"].shape[0] for record in _records(builder, "development").values())
+    record["log_mel"].shape[0] for record in _records(builder, "development").values()
+  )
 
 
 def test_ids_names_captions_and_frames_round_trip(builder):
@@ -151,8 +176,9 @@ def test_ids_names_captions_and_frames_round_trip(builder):
     assert file_names == names
     assert captions == [c for name in names for c in _captions(split, name)]
     assert caption_clip_ids.dtype == np.int32
-    np.testing.assert_array_equal(caption_clip_ids, np.repeat(np.arange(len(names)), [len(_captions(split, n))
-                                                                                        for n in names]))
+    np.testing.assert_array_equal(
+      caption_clip_ids, np.repeat(np.arange(len(names)), [len(_captions(split, n)) for n in names])
+    )
     frames = input_pipeline.eval_clip_frames(builder, split)  # From the preparation's clip table, as the rest.
     for name, record in _records(builder, split).items():
       assert record["clip_id"] == names.index(name)
@@ -169,8 +195,9 @@ def test_bad_rows_are_skipped_and_reported(builder):
   assert skipped == BAD_ROWS
 
 
-@pytest.mark.parametrize("header, missing", [(["name", "caption_1"], "file_name"),
-                                             (["file_name", "description"], "caption_1")])
+@pytest.mark.parametrize(
+  "header, missing", [(["name", "caption_1"], "file_name"), (["file_name", "description"], "caption_1")]
+)
 def test_missing_column_is_a_clear_error(tmp_path, header, missing):
   raw = tmp_path / "raw"
   (raw / "development").mkdir(parents=True)
@@ -187,7 +214,11 @@ def test_one_epoch_visits_each_pair_once(builder, split, batch_size):
   assert sum(expected.values()) % batch_size == 0
   assert input_pipeline.train_pairs_per_epoch(builder, split) == sum(expected.values())
   batches = _train_batches(builder, split, batch_size=batch_size)
-  assert len(batches) == input_pipeline.steps_per_epoch([(builder, split)], batch_size) == sum(expected.values()) // batch_size
+  assert (
+    len(batches)
+    == input_pipeline.steps_per_epoch([(builder, split)], batch_size)
+    == sum(expected.values()) // batch_size
+  )
   assert collections.Counter(_epoch_pairs(batches)) == expected
 
 
@@ -203,7 +234,7 @@ def test_crops_are_uniform_windows_with_padding_and_mask(builder):
         length = min(len(clip), MAX_FRAMES)
         np.testing.assert_array_equal(mask, np.arange(MAX_FRAMES) < length)
         np.testing.assert_array_equal(log_mel[length:], 0.0)
-        matches = [s for s in range(len(clip) - length + 1) if np.array_equal(clip[s:s + length], log_mel[:length])]
+        matches = [s for s in range(len(clip) - length + 1) if np.array_equal(clip[s : s + length], log_mel[:length])]
         assert matches, f"row of clip {clip_id} is not a window of it"
         starts[int(clip_id)].add(matches[0])
   long_clips = [i for i, clip in stored.items() if len(clip) > MAX_FRAMES]
@@ -236,8 +267,9 @@ def test_skip_batches_resumes_the_epoch(builder):
 
 
 def test_two_shards_split_the_pairs(builder):
-  per_process = [_epoch_pairs(_train_batches(builder, "development", batch_size=4, shard_index=p,
-                                             num_shards=2)) for p in range(2)]
+  per_process = [
+    _epoch_pairs(_train_batches(builder, "development", batch_size=4, shard_index=p, num_shards=2)) for p in range(2)
+  ]
   steps = input_pipeline.steps_per_epoch([(builder, "development")], 8)
   assert [len(pairs) for pairs in per_process] == [steps * 4] * 2
   assert not set(per_process[0]) & set(per_process[1])
@@ -247,26 +279,34 @@ def test_two_shards_split_the_pairs(builder):
 def test_shards_stay_in_step_when_they_differ_in_pairs(builder):
   # validation: 4 clips with 5, 4, 2 and 1 captions; each shard gets 2 clips, so the pair counts differ.
   steps = input_pipeline.steps_per_epoch([(builder, "validation")], 4)
-  per_process = [_train_batches(builder, "validation", batch_size=2, shard_index=p, num_shards=2)
-                 for p in range(2)]
+  per_process = [_train_batches(builder, "validation", batch_size=2, shard_index=p, num_shards=2) for p in range(2)]
   assert [len(batches) for batches in per_process] == [steps, steps]
   clip_sets = [{clip_id for clip_id, _ in _epoch_pairs(batches)} for batches in per_process]
   assert not clip_sets[0] & clip_sets[1]
 
 
-@pytest.mark.parametrize("split, batch_size, process_count", [("evaluation", 2, 1), ("evaluation", 2, 2),
-                                                             ("development", 3, 3), ("development", 2, 2)])
+@pytest.mark.parametrize(
+  "split, batch_size, process_count",
+  [("evaluation", 2, 1), ("evaluation", 2, 2), ("development", 3, 3), ("development", 2, 2)],
+)
 def test_eval_batches_hold_every_clip_once_and_whole(builder, split, batch_size, process_count):
   stored = {int(r["clip_id"]): r["log_mel"].astype(np.float32) for r in _records(builder, split).values()}
-  np.testing.assert_array_equal(input_pipeline.eval_clip_frames(builder, split),
-                                [len(stored[i]) for i in range(len(stored))])
-  per_process = [list(input_pipeline.eval_clip_batches(builder, split, batch_size=batch_size,
-                                                       process_index=p, process_count=process_count))
-                 for p in range(process_count)]
+  np.testing.assert_array_equal(
+    input_pipeline.eval_clip_frames(builder, split), [len(stored[i]) for i in range(len(stored))]
+  )
+  per_process = [
+    list(
+      input_pipeline.eval_clip_batches(
+        builder, split, batch_size=batch_size, process_index=p, process_count=process_count
+      )
+    )
+    for p in range(process_count)
+  ]
   buckets = collections.Counter(input_pipeline.padded_frames(len(clip)) for clip in stored.values())
   # Every process runs the same batch shapes in the same order: each length group in increasing length.
-  expected_shapes = [frames for frames in sorted(buckets)
-                     for _ in range(-(-(-(-buckets[frames] // process_count)) // batch_size))]
+  expected_shapes = [
+    frames for frames in sorted(buckets) for _ in range(-(-(-(-buckets[frames] // process_count)) // batch_size))
+  ]
   for batches in per_process:
     assert [batch["log_mel"].shape[1] for batch in batches] == expected_shapes
   seen = []
@@ -275,8 +315,7 @@ def test_eval_batches_hold_every_clip_once_and_whole(builder, split, batch_size,
       frames = batch["log_mel"].shape[1]
       assert batch["log_mel"].shape == (batch_size, frames, features.N_MELS)
       assert batch["valid"].dtype == bool and batch["clip_id"].dtype == np.int32
-      for log_mel, mask, clip_id, valid in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"],
-                                               batch["valid"]):
+      for log_mel, mask, clip_id, valid in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"], batch["valid"]):
         if not valid:
           assert clip_id == -1 and not mask.any() and not log_mel.any()
           continue
@@ -284,8 +323,8 @@ def test_eval_batches_hold_every_clip_once_and_whole(builder, split, batch_size,
         clip = stored[int(clip_id)]
         assert frames == input_pipeline.padded_frames(len(clip))
         np.testing.assert_array_equal(mask, np.arange(frames) < len(clip))
-        np.testing.assert_array_equal(log_mel[:len(clip)], clip)  # The whole clip, never cut.
-        np.testing.assert_array_equal(log_mel[len(clip):], 0.0)
+        np.testing.assert_array_equal(log_mel[: len(clip)], clip)  # The whole clip, never cut.
+        np.testing.assert_array_equal(log_mel[len(clip) :], 0.0)
   assert sorted(seen) == list(range(len(stored)))
   assert len(buckets) > 1
 
@@ -313,26 +352,42 @@ def test_training_and_evaluation_tokenize_the_same_text(builder):
   the same (clip, caption) pairs, quotes, punctuation and non-ASCII captions included."""
   from atr_jax.models.bert import minilm_dir
   from atr_jax.tokenization import CaptionTokenizer, load_tokenizer
+
   tokenize = CaptionTokenizer(load_tokenizer(minilm_dir()), max_len=24, cleaning="reference")
   captions, clip_ids, _ = input_pipeline.eval_captions(builder, "development")
   assert {SPECIAL_CAPTIONS["d1.wav"], SPECIAL_CAPTIONS["d5.wav"]} <= set(captions)
   expected = collections.Counter(zip(clip_ids.tolist(), map(tuple, tokenize(captions)["input_ids"].tolist())))
-  batches = list(input_pipeline.process_train_batches(
-      [(builder, "development")], global_batch_size=8, num_shards=1, process_index=0, process_count=1,
-      max_frames=MAX_FRAMES, seed=3, epoch=0))
-  trained = collections.Counter((int(clip_id), tuple(ids)) for batch in batches
-                                for clip_id, ids in zip(batch["clip_id"], tokenize(batch["caption"])["input_ids"]))
+  batches = list(
+    input_pipeline.process_train_batches(
+      [(builder, "development")],
+      global_batch_size=8,
+      num_shards=1,
+      process_index=0,
+      process_count=1,
+      max_frames=MAX_FRAMES,
+      seed=3,
+      epoch=0,
+    )
+  )
+  trained = collections.Counter(
+    (int(clip_id), tuple(ids))
+    for batch in batches
+    for clip_id, ids in zip(batch["clip_id"], tokenize(batch["caption"])["input_ids"])
+  )
   assert isinstance(batches[0]["caption"][0], bytes)
   assert sum(trained.values()) == sum(expected.values()) == 40
   assert trained == expected
   ids = tokenize([SPECIAL_CAPTIONS["d5.wav"]])["input_ids"][0]
   # The cleaned text (lower case, ':' and '!' removed), accents stripped by the uncased tokenizer.
-  assert load_tokenizer(minilm_dir()).decode(ids, skip_special_tokens=True) == "a cafe ' s naive facade “ smart ” quotes"
+  assert (
+    load_tokenizer(minilm_dir()).decode(ids, skip_special_tokens=True) == "a cafe ' s naive facade “ smart ” quotes"
+  )
 
 
 def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypatch):
   def fail(path):
     raise AssertionError(f"prepare re-read {path}")
+
   monkeypatch.setattr(features, "read_audio", fail)
   start = time.perf_counter()
   again = clotho.prepare(raw_dir, builder.data_dir_root)
@@ -356,8 +411,12 @@ _KILLED_PREPARE = textwrap.dedent("""
 
 def test_killed_preparation_is_redone(raw_dir, tmp_path):
   data_dir, flag = tmp_path / "prepared", tmp_path / "stalled"
-  child = subprocess.Popen([sys.executable, "-c", _KILLED_PREPARE, raw_dir, str(data_dir), str(flag)],
-                           cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  child = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_PREPARE, raw_dir, str(data_dir), str(flag)],
+    cwd=REPO_ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.monotonic() + 120
     while not flag.exists():
@@ -374,14 +433,19 @@ def test_killed_preparation_is_redone(raw_dir, tmp_path):
   rebuilt = clotho.prepare(raw_dir, str(data_dir))
   assert rebuilt.is_prepared()
   assert {split: rebuilt.info.splits[split].num_examples for split in GOOD_AUDIO} == {
-      split: len(audio) for split, audio in GOOD_AUDIO.items()}
+    split: len(audio) for split, audio in GOOD_AUDIO.items()
+  }
   assert _records(rebuilt, "development").keys() == GOOD_AUDIO["development"].keys()
 
 
 def test_prepare_cli_prints_counts(raw_dir, builder):
-  result = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", f"--raw_dir={raw_dir}",
-                           f"--out_dir={builder.data_dir_root}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          check=True)
+  result = subprocess.run(
+    [sys.executable, "-m", "data_pipelines.prepare", f"--raw_dir={raw_dir}", f"--out_dir={builder.data_dir_root}"],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert "development: 8 clips, 40 captions" in result.stdout
   assert "validation: 4 clips, 12 captions" in result.stdout
   assert "evaluation: 3 clips, 15 captions" in result.stdout
@@ -391,8 +455,9 @@ def test_global_batches_do_not_depend_on_the_process_count(builder):
   sources = [(builder, "development")]
   args = dict(global_batch_size=8, num_shards=2, max_frames=MAX_FRAMES, seed=4, epoch=1, skip_batches=1)
   one_process = list(input_pipeline.process_train_batches(sources, process_index=0, process_count=1, **args))
-  two_processes = [list(input_pipeline.process_train_batches(sources, process_index=p, process_count=2, **args))
-                   for p in range(2)]
+  two_processes = [
+    list(input_pipeline.process_train_batches(sources, process_index=p, process_count=2, **args)) for p in range(2)
+  ]
   assert len(one_process) == input_pipeline.steps_per_epoch(sources, 8) - 1
   for whole, first, second in zip(one_process, *two_processes, strict=True):
     for key in whole:
@@ -405,12 +470,16 @@ def test_sources_are_combined_with_unique_clip_ids(builder):
   sources = [(builder, "development"), (builder, "validation")]
   dev_clips = len(GOOD_AUDIO["development"])
   expected = _all_pairs("development") + collections.Counter(
-      {(clip_id + dev_clips, caption): n for (clip_id, caption), n in _all_pairs("validation").items()})
+    {(clip_id + dev_clips, caption): n for (clip_id, caption), n in _all_pairs("validation").items()}
+  )
   total = sum(expected.values())
   batch_size = 4
   assert input_pipeline.steps_per_epoch(sources, batch_size) == total // batch_size
-  batches = list(input_pipeline.train_dataset(sources, batch_size=batch_size, max_frames=MAX_FRAMES, seed=3,
-                                              epoch=0).as_numpy_iterator())
+  batches = list(
+    input_pipeline.train_dataset(
+      sources, batch_size=batch_size, max_frames=MAX_FRAMES, seed=3, epoch=0
+    ).as_numpy_iterator()
+  )
   pairs = collections.Counter(_epoch_pairs(batches))
   assert sum(pairs.values()) == total // batch_size * batch_size
   assert not pairs - expected  # Every pair is a real one, with its clip id offset past the first source's clips.

@@ -1,4 +1,5 @@
 """The log-mel front end against librosa (SPEC 2) and audio loading (conversions, refusals with their reasons)."""
+
 import struct
 import warnings
 
@@ -11,9 +12,20 @@ from data_pipelines import features
 
 
 def _librosa_log_mel(wave):
-  mel = librosa.feature.melspectrogram(y=wave, sr=32000, n_fft=1024, hop_length=320, win_length=1024,
-                                       window="hann", center=True, pad_mode="reflect", power=2.0, n_mels=64,
-                                       fmin=50, fmax=14000)
+  mel = librosa.feature.melspectrogram(
+    y=wave,
+    sr=32000,
+    n_fft=1024,
+    hop_length=320,
+    win_length=1024,
+    window="hann",
+    center=True,
+    pad_mode="reflect",
+    power=2.0,
+    n_mels=64,
+    fmin=50,
+    fmax=14000,
+  )
   return 10.0 * np.log10(np.maximum(mel, 1e-10)).T
 
 
@@ -21,15 +33,16 @@ def _librosa_log_mel(wave):
 def test_log_mel_matches_librosa_reflect(num_samples):
   rng = np.random.default_rng(num_samples)
   t = np.arange(num_samples) / 32000
-  wave = (0.3 * np.sin(2 * np.pi * rng.uniform(100, 8000) * t) + 0.05 * rng.standard_normal(num_samples))
+  wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 8000) * t) + 0.05 * rng.standard_normal(num_samples)
   wave = wave.astype(np.float32)
   ours = features.log_mel(wave)
   ref = _librosa_log_mel(wave)
   assert ours.shape == ref.shape == (1 + num_samples // 320, 64)
   np.testing.assert_allclose(ours, ref, atol=2e-3)  # dB; ~1e-7 relative in power.
   # Constant padding (librosa >= 0.10 default) gives different edge frames: reflect is really what we match.
-  const = librosa.feature.melspectrogram(y=wave, sr=32000, n_fft=1024, hop_length=320, center=True,
-                                         pad_mode="constant", n_mels=64, fmin=50, fmax=14000)
+  const = librosa.feature.melspectrogram(
+    y=wave, sr=32000, n_fft=1024, hop_length=320, center=True, pad_mode="constant", n_mels=64, fmin=50, fmax=14000
+  )
   assert np.abs(ours[0] - 10 * np.log10(np.maximum(const[:, 0], 1e-10))).max() > 0.1
 
 
@@ -85,8 +98,12 @@ def test_load_audio_errors_name_the_file_and_the_reason(tmp_path):
   sf.write(no_samples, np.zeros((0,), np.float32), 32000)
   zero_bytes = tmp_path / "zero_bytes.wav"
   zero_bytes.write_bytes(b"")
-  for path, reason in ((broken, "unreadable_audio"), (no_samples, "empty_file"), (zero_bytes, "empty_file"),
-                       (tmp_path / "absent.wav", "unreadable_audio")):
+  for path, reason in (
+    (broken, "unreadable_audio"),
+    (no_samples, "empty_file"),
+    (zero_bytes, "empty_file"),
+    (tmp_path / "absent.wav", "unreadable_audio"),
+  ):
     with pytest.raises(features.AudioError, match=path.name) as error:
       features.load_audio(str(path))
     assert error.value.reason == reason
@@ -94,7 +111,7 @@ def test_load_audio_errors_name_the_file_and_the_reason(tmp_path):
 
 def _truncate(path, keep_fraction=0.6):
   data = path.read_bytes()
-  path.write_bytes(data[:int(len(data) * keep_fraction)])
+  path.write_bytes(data[: int(len(data) * keep_fraction)])
 
 
 @pytest.mark.parametrize("subtype, rate, channels", [("PCM_16", 44100, 1), ("PCM_24", 32000, 2), ("FLOAT", 16000, 1)])
@@ -128,8 +145,18 @@ def test_wav_with_extra_chunks_and_unknown_size_is_not_called_truncated(tmp_path
   fmt = struct.pack("<HHIIHH", 1, 1, 32000, 64000, 2, 16)
   info = b"INFOISFT" + struct.pack("<I", 5) + b"test\x00\x00"  # Odd-sized sub-chunk, padded.
   for data_size in (len(samples), 0xFFFFFFFF):
-    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"LIST" + struct.pack("<I", len(info)) + info
-            + b"data" + struct.pack("<I", data_size) + samples)
+    body = (
+      b"WAVE"
+      + b"fmt "
+      + struct.pack("<I", len(fmt))
+      + fmt
+      + b"LIST"
+      + struct.pack("<I", len(info))
+      + info
+      + b"data"
+      + struct.pack("<I", data_size)
+      + samples
+    )
     path = tmp_path / f"clip_{data_size}.wav"
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
     waveform, _ = features.read_audio(str(path))

@@ -1,4 +1,5 @@
 """Text model folders: local folders pass through; hub names are fetched, and a failed fetch names the model."""
+
 import huggingface_hub
 import pytest
 
@@ -12,8 +13,11 @@ def test_local_folder_is_used_as_is():
 
 def test_hub_name_is_downloaded(monkeypatch):
   calls = []
-  monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                      lambda repo_id, allow_patterns: calls.append((repo_id, allow_patterns)) or minilm_dir())
+  monkeypatch.setattr(
+    huggingface_hub,
+    "snapshot_download",
+    lambda repo_id, allow_patterns: calls.append((repo_id, allow_patterns)) or minilm_dir(),
+  )
   assert hf_hub.resolve_model_dir("prajjwal1/bert-mini") == minilm_dir()
   assert calls[0][0] == "prajjwal1/bert-mini" and "config.json" in calls[0][1]
 
@@ -21,6 +25,7 @@ def test_hub_name_is_downloaded(monkeypatch):
 def test_failed_download_and_missing_folder_say_which_model(monkeypatch):
   def offline(repo_id, allow_patterns):
     raise OSError("no network")
+
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
   with pytest.raises(FileNotFoundError, match="bert-base-uncased.*no network"):
     hf_hub.resolve_model_dir("bert-base-uncased")

@@ -1,5 +1,6 @@
 """atr_jax.collectives: the all-gather whose gradient is an all-reduce gives the values and gradients of
 jax.lax.all_gather and compiles without a reduce-scatter; and atr_jax.watchdog names a stalled step."""
+
 import threading
 
 import jax
@@ -58,7 +59,7 @@ def test_watchdog_names_the_first_step_that_does_not_finish():
   watch.dispatched(2, {"loss": _Output(ready=True), "grad_norm": _Output()})
   watch.dispatched(3, {"loss": _Output()})
   assert stalled.wait(timeout=10), "the watchdog did not fire"
-  (step, last_step, waited, timeout), = stalls
+  ((step, last_step, waited, timeout),) = stalls
   assert (step, last_step, timeout) == (2, 1, 0.4) and waited >= 0.4
   message = watchdog.stall_message(step, last_step, waited, timeout)
   assert "process 0 of 1: training step 2 has not finished" in message and "step 1 was the last" in message

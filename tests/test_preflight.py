@@ -1,5 +1,6 @@
 """Missing paths stop a run before any work, each error naming the config key and the path; pretrained audio
 weights are an explicit choice."""
+
 import os
 
 import pytest
@@ -12,8 +13,7 @@ from data_pipelines import synthetic
 
 def _config_with_raw(tmp_path):
   config = tiny_config(tmp_path)
-  synthetic.generate(config.data.raw_dir, {"development": 2, "validation": 1, "evaluation": 1}, seed=0,
-                     duration_s=1.5)
+  synthetic.generate(config.data.raw_dir, {"development": 2, "validation": 1, "evaluation": 1}, seed=0, duration_s=1.5)
   config.data.generate_synthetic = False
   return config
 
@@ -33,8 +33,11 @@ def test_audio_weights_are_explicit(tmp_path):
   assert config.model.audio.init_from == "scratch"
   preflight.check_model_paths(config.model)  # Deliberately random: nothing to look for.
   config.model.audio.init_from = str(tmp_path / "panns" / "cnn14")
-  with pytest.raises(FileNotFoundError, match=r"config\.model\.audio\.init_from=.*panns/cnn14 does not exist.*"
-                                              r"convert_panns.*'scratch'"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"config\.model\.audio\.init_from=.*panns/cnn14 does not exist.*"
+    r"convert_panns.*'scratch'",
+  ):
     preflight.check_model_paths(config.model)
   config.model.audio.init_from = ""
   with pytest.raises(ValueError, match=r"config\.model\.audio\.init_from is empty"):
@@ -59,8 +62,11 @@ def test_a_missing_caption_csv_names_the_split_key_and_the_file(tmp_path):
   config = _config_with_raw(tmp_path)
   preflight.check_data_paths(config.data, training=True)
   os.remove(os.path.join(config.data.raw_dir, "clotho_captions_validation.csv"))
-  with pytest.raises(FileNotFoundError, match=r"config\.data\.val_split='validation': .*clotho_captions_validation"
-                                              r"\.csv does not exist"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"config\.data\.val_split='validation': .*clotho_captions_validation"
+    r"\.csv does not exist",
+  ):
     preflight.check_data_paths(config.data, training=True)
   preflight.check_data_paths(config.data, training=False)  # A test-only run does not read it.
 
@@ -69,8 +75,11 @@ def test_extra_training_sources_are_checked_for_training_only(tmp_path):
   config = _config_with_raw(tmp_path)
   config.data.extra_train = f"audiocaps:{tmp_path / 'audiocaps'}:train"
   preflight.check_data_paths(config.data, training=False)
-  with pytest.raises(FileNotFoundError, match=r"config\.data\.extra_train entry audiocaps:.*audiocaps:train: .*"
-                                              r"does not exist"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"config\.data\.extra_train entry audiocaps:.*audiocaps:train: .*"
+    r"does not exist",
+  ):
     preflight.check_data_paths(config.data, training=True)
   os.makedirs(tmp_path / "audiocaps")
   with pytest.raises(FileNotFoundError, match=r"audiocaps:train.*train\.csv does not exist"):

@@ -7,6 +7,7 @@ reason and nothing else is, that the counts add up, that a preparation killed mi
 dataset, and that a prepared dataset follows its sources (an edited CSV, added or modified audio) without losing
 the prepared data to a failed re-preparation.
 """
+
 import collections
 import csv
 import io
@@ -30,8 +31,14 @@ SEED = 7
 CLIP_S = 1.0
 CLOTHO_HEADER = ["file_name"] + [f"caption_{k}" for k in range(1, 6)] + ["sound_id"]  # sound_id: an extra column.
 # Clip-level skip reason of each broken development row (None: kept). The audio of each is made by `_write_audio`.
-CLOTHO_BROKEN = {"missing.wav": "missing_audio", "garbage.wav": "unreadable_audio", "truncated.wav": "truncated_audio",
-                 "zero_bytes.wav": "empty_file", "tiny.wav": "too_short", "nocaption.wav": "no_caption"}
+CLOTHO_BROKEN = {
+  "missing.wav": "missing_audio",
+  "garbage.wav": "unreadable_audio",
+  "truncated.wav": "truncated_audio",
+  "zero_bytes.wav": "empty_file",
+  "tiny.wav": "too_short",
+  "nocaption.wav": "no_caption",
+}
 # Good development clips in other formats: name -> (sample rate, channels, notes expected).
 CLOTHO_CONVERTED = {"stereo_44k.wav": (44100, 2, {"downmixed", "resampled"}), "mono_16k.wav": (16000, 1, {"resampled"})}
 CP1252_CAPTION = "a café door – naïvely slammed"
@@ -61,7 +68,7 @@ def _write_audio(path: str, kind: str, index: int) -> None:
     with open(path, "rb") as f:
       data = f.read()
     with open(path, "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
   elif kind == "zero_bytes.wav":
     open(path, "wb").close()
   elif kind == "tiny.wav":
@@ -191,10 +198,16 @@ class AudioCapsFixture:
     for split in audiocaps.SPLITS:
       os.makedirs(os.path.join(root, split))
     # (audiocap_id, youtube_id, start_time, caption, audio written?)
-    train = [(101, "yt_a", 30, "a car passes by", True), (102, "yt_b", 0, "people talk", True),
-             (103, "yt_b", 0, "a crowd murmurs", True), (104, "yt_c", 10, "", True),
-             (105, "yt_c", 10, "rain falls on a roof", True), (106, "yt_gone", 20, "a dog barks", False),
-             (107, "", 5, "a caption without a video", False), (108, "yt_b", 40, "a door closes", True)]
+    train = [
+      (101, "yt_a", 30, "a car passes by", True),
+      (102, "yt_b", 0, "people talk", True),
+      (103, "yt_b", 0, "a crowd murmurs", True),
+      (104, "yt_c", 10, "", True),
+      (105, "yt_c", 10, "rain falls on a roof", True),
+      (106, "yt_gone", 20, "a dog barks", False),
+      (107, "", 5, "a caption without a video", False),
+      (108, "yt_b", 40, "a door closes", True),
+    ]
     val = [(200 + k, "yt_v", 0, f"caption {k} of yt_v", True) for k in range(5)]
     val += [(210 + k, "yt_w", 60, f"caption {k} of yt_w", False) for k in range(5)]
     for split, rows in (("train", train), ("val", val)):
@@ -255,9 +268,20 @@ def audiocaps_cli(audiocaps_raw, tmp_path_factory):
   """(builder, stdout) of the prepare CLI on the AudioCaps fixture."""
   out_dir = str(tmp_path_factory.mktemp("audiocaps_prepared"))
   result = subprocess.run(
-      [sys.executable, "-m", "data_pipelines.prepare", "--dataset=audiocaps", f"--raw_dir={audiocaps_raw.root}",
-       f"--out_dir={out_dir}", f"--audiocaps_file_pattern={AUDIOCAPS_PATTERN}", "--workers=1"],
-      cwd=REPO_ROOT, capture_output=True, text=True)
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.prepare",
+      "--dataset=audiocaps",
+      f"--raw_dir={audiocaps_raw.root}",
+      f"--out_dir={out_dir}",
+      f"--audiocaps_file_pattern={AUDIOCAPS_PATTERN}",
+      "--workers=1",
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return audiocaps.prepare(audiocaps_raw.root, out_dir, file_pattern=AUDIOCAPS_PATTERN), result.stdout
 
@@ -300,8 +324,9 @@ def _check_counts_add_up(builder, fixture) -> None:
     assert c["captions_read"] == c["captions_written"] + sum(c["skipped_captions"].values()), split
     assert c["clips_written"] == builder.info.splits[split].num_examples == len(fixture.expected[split])
     assert c["captions_written"] == sum(len(v) for v in fixture.expected[split].values())
-    reported = collections.Counter((reason, outcome) for s, _, outcome, reason in fixture.report.elements()
-                                   if s == split)
+    reported = collections.Counter(
+      (reason, outcome) for s, _, outcome, reason in fixture.report.elements() if s == split
+    )
     assert c["skipped_clips"] == {r: n for (r, o), n in reported.items() if o == extraction.SKIPPED_CLIP}
     assert c["notes"] == {r: n for (r, o), n in reported.items() if o == extraction.NOTE}
 
@@ -318,11 +343,14 @@ def test_clotho_every_broken_input_is_reported_with_its_reason(clotho_raw, cloth
 def test_clotho_counts_add_up(clotho_raw, clotho_builder):
   _check_counts_add_up(clotho_builder, clotho_raw)
   development = clotho_builder.info.metadata["preparation"]["development"]
-  assert (development["clips_read"], development["captions_read"]) == (clotho_raw.development_rows,
-                                                                       5 * clotho_raw.development_rows)
+  assert (development["clips_read"], development["captions_read"]) == (
+    clotho_raw.development_rows,
+    5 * clotho_raw.development_rows,
+  )
   # 5 broken audio files, the repeated and the nameless row take their captions along; 5 + 2 + 4 empty cells.
-  assert development["skipped_captions"] == {reason: 5 for reason in CLOTHO_BROKEN.values() if reason != "no_caption"
-                                             } | {"duplicate_file_name": 5, "no_file_name": 1, "empty_caption": 11}
+  assert development["skipped_captions"] == {
+    reason: 5 for reason in CLOTHO_BROKEN.values() if reason != "no_caption"
+  } | {"duplicate_file_name": 5, "no_file_name": 1, "empty_caption": 11}
   # Kept for the next preparation, one entry per stored clip.
   assert len(os.listdir(clotho_builder.feature_cache_dir)) == sum(len(v) for v in clotho_raw.expected.values())
 
@@ -342,8 +370,10 @@ def test_audiocaps_official_and_renamed_csvs(audiocaps_raw, audiocaps_cli):
   _check_counts_add_up(builder, audiocaps_raw)
   train = builder.info.metadata["preparation"]["train"]
   assert (train["clips_read"], train["captions_read"]) == (6, 8)  # Rows grouped by (youtube_id, start_time).
-  assert [c.decode() for c in _records(builder, "train")["yt_b_0.wav"]["captions"]] == ["people talk",
-                                                                                        "a crowd murmurs"]
+  assert [c.decode() for c in _records(builder, "train")["yt_b_0.wav"]["captions"]] == [
+    "people talk",
+    "a crowd murmurs",
+  ]
 
 
 def test_prepare_cli_prints_counts_and_the_report(audiocaps_cli):
@@ -369,7 +399,9 @@ def test_file_pattern_names_the_files_and_the_builder(tmp_path):
   by_id = audiocaps.prepare(str(raw), str(tmp_path / "prepared"), file_pattern="yt_x_{audiocap_id:d}.wav", workers=1)
   assert by_id.data_path != default.data_path and by_id.data_path.parent.parent == default.data_path.parent.parent
   assert {name: [c.decode() for c in r["captions"]] for name, r in _records(by_id, "train").items()} == {
-      "yt_x_1.wav": ["first"], "yt_x_2.wav": ["second"]}
+    "yt_x_1.wav": ["first"],
+    "yt_x_2.wav": ["second"],
+  }
   assert _report_rows(by_id) == []
   # Preparing again with the first pattern serves the first preparation: each pattern has its own folder.
   again = audiocaps.prepare(str(raw), str(tmp_path / "prepared"), workers=1)
@@ -382,12 +414,15 @@ def test_bad_file_pattern_is_a_clear_error(pattern):
     audiocaps.AudioCaps.config_for(pattern)
 
 
-@pytest.mark.parametrize("dataset, file_name, header, missing", [
+@pytest.mark.parametrize(
+  "dataset, file_name, header, missing",
+  [
     ("clotho", "clotho_captions_development.csv", ["name", "caption_1"], "'file_name'"),
     ("clotho", "clotho_captions_development.csv", ["file_name", "description"], "'caption_1'"),
     ("audiocaps", "train.csv", ["audiocap_id", "youtube_id", "caption"], "'start_time'"),
     ("audiocaps", "val.csv", ["id", "caption"], "'youtube_id'.*or 'file_name'"),
-])
+  ],
+)
 def test_missing_column_is_a_clear_error(tmp_path, dataset, file_name, header, missing):
   raw = tmp_path / "raw"
   raw.mkdir()
@@ -429,13 +464,11 @@ def test_edited_caption_csv_is_prepared_again_from_the_cache(tmp_path, monkeypat
   with open(path, "w", newline="", encoding="utf-8") as f:
     csv.writer(f).writerows(rows)
   again, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
-  assert ("clotho: sources changed since preparation (clotho_captions_development.csv edited): preparing again"
-          in log)
+  assert "clotho: sources changed since preparation (clotho_captions_development.csv edited): preparing again" in log
   assert decoded == []  # Every clip's features came from the cache.
   assert again.data_path == first.data_path
   assert [c.decode() for c in _records(again, "development")[rows[1][0]]["captions"]] == rows[1][1:]
-  assert not [p.name for p in again.data_path.parent.iterdir() if p.name not in (again.data_path.name,
-                                                                                 "feature_cache")]
+  assert not [p.name for p in again.data_path.parent.iterdir() if p.name not in (again.data_path.name, "feature_cache")]
 
 
 def test_modified_audio_alone_is_extracted_again(tmp_path, monkeypatch, caplog):
@@ -467,7 +500,9 @@ def test_newly_downloaded_audio_is_prepared_again(tmp_path, monkeypatch, caplog)
   assert "audiocaps: sources changed since preparation (1 audio file added): preparing again" in log
   assert decoded == ["yt_b.wav"]
   assert {name: [c.decode() for c in r["captions"]] for name, r in _records(again, "train").items()} == {
-      "yt_a.wav": ["a car passes"], "yt_b.wav": ["a dog barks"]}
+    "yt_a.wav": ["a car passes"],
+    "yt_b.wav": ["a dog barks"],
+  }
   assert again.info.metadata["preparation"]["train"]["skipped_clips"] == {}
 
 
@@ -479,6 +514,7 @@ def test_unchanged_sources_are_reused_without_extraction(tmp_path, monkeypatch, 
 
   def fail(path):
     raise AssertionError(f"prepare decoded {path}")
+
   monkeypatch.setattr(features, "read_audio", fail)
   again, _, log = _prepare_counting(lambda: clotho.prepare(raw, data_dir, workers=1), monkeypatch, caplog)
   assert "preparing again" not in log and "Preparing" not in log
@@ -493,6 +529,7 @@ def test_failed_re_preparation_keeps_the_prepared_dataset(tmp_path, monkeypatch)
 
   def fail(cache_path):
     raise RuntimeError("killed while writing")
+
   monkeypatch.setattr(extraction, "load_log_mel", fail)
   with pytest.raises(RuntimeError, match="killed while writing"):
     clotho.prepare(raw, data_dir, workers=1)
@@ -533,10 +570,21 @@ def test_killed_preparation_restarts_where_it_stopped(clotho_raw, clotho_builder
   data_dir = tmp_path / "prepared"
   cache_dir = data_dir / "clotho" / "feature_cache"
   (tmp_path / "site").mkdir()
-  child = subprocess.Popen([sys.executable, "-m", "data_pipelines.prepare", f"--raw_dir={clotho_raw.root}",
-                            f"--out_dir={data_dir}", "--workers=2"], cwd=REPO_ROOT,
-                           env=_env_with_sitecustomize(tmp_path / "site", _SLOW_LOG_MEL),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  child = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.prepare",
+      f"--raw_dir={clotho_raw.root}",
+      f"--out_dir={data_dir}",
+      "--workers=2",
+    ],
+    cwd=REPO_ROOT,
+    env=_env_with_sitecustomize(tmp_path / "site", _SLOW_LOG_MEL),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + 120
     while not (cache_dir.exists() and len(list(cache_dir.glob("*.npz"))) >= 4):
@@ -591,7 +639,8 @@ from data_pipelines import extraction
 paths = sys.argv[2:]
 with extraction.Extractor(sys.argv[1], workers=2) as extractor:
   outcomes = extractor.run(paths, "crash test")
-print(json.dumps([[os.path.basename(p), o.reason, o.detail, o.cache_path is not None] for p, o in zip(paths, outcomes)]))
+print(json.dumps([[os.path.basename(p), o.reason, o.detail, o.cache_path is not None]
+                  for p, o in zip(paths, outcomes)]))
 """
 
 
@@ -600,13 +649,19 @@ def test_a_worker_killed_by_one_file_skips_only_that_file(tmp_path):
   for index, name in enumerate(names):
     _write_audio(str(tmp_path / name), "good", index)
   (tmp_path / "site").mkdir()
-  result = subprocess.run([sys.executable, "-c", _RUN_EXTRACTOR, str(tmp_path / "cache")]
-                          + [str(tmp_path / n) for n in names], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=_env_with_sitecustomize(tmp_path / "site", _CRASH_ON_A_FILE), timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", _RUN_EXTRACTOR, str(tmp_path / "cache")] + [str(tmp_path / n) for n in names],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    env=_env_with_sitecustomize(tmp_path / "site", _CRASH_ON_A_FILE),
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   outcomes = {name: (reason, detail, good) for name, reason, detail, good in json.loads(result.stdout)}
   assert {name: (reason, good) for name, (reason, _, good) in outcomes.items()} == {
-      name: ("unreadable_audio", False) if name == "crash.wav" else ("", True) for name in names}
+    name: ("unreadable_audio", False) if name == "crash.wav" else ("", True) for name in names
+  }
   assert "crash.wav killed its worker process (exit status 3" in outcomes["crash.wav"][1]
 
 
@@ -618,16 +673,18 @@ def test_train_sources_main_first_then_extra(clotho_raw, clotho_builder, audioca
   config.extra_train = f" audiocaps:{audiocaps_raw.root}:train , audiocaps:{audiocaps_raw.root}:test"
   sources = datasets.train_sources(config)
   assert [(b.name, os.fspath(b.data_path), split) for b, split in sources] == [
-      ("clotho", os.fspath(clotho_builder.data_path), "development"),
-      ("audiocaps", os.fspath(audiocaps_cli[0].data_path), "train"),
-      ("audiocaps", os.fspath(audiocaps_cli[0].data_path), "test")]
+    ("clotho", os.fspath(clotho_builder.data_path), "development"),
+    ("audiocaps", os.fspath(audiocaps_cli[0].data_path), "train"),
+    ("audiocaps", os.fspath(audiocaps_cli[0].data_path), "test"),
+  ]
   config.extra_train = f"audiocaps:{audiocaps_raw.root}:training"
   with pytest.raises(ValueError, match="extra_train entry .*split 'training' is not in"):
     datasets.train_sources(config)
 
 
-@pytest.mark.parametrize("entry", ["audiocaps:/data/ac", "wavcaps:/data/w:train", ":/data:train", "clotho::train",
-                                   "clotho:/data:"])
+@pytest.mark.parametrize(
+  "entry", ["audiocaps:/data/ac", "wavcaps:/data/w:train", ":/data:train", "clotho::train", "clotho:/data:"]
+)
 def test_malformed_extra_train_entry_is_named(entry):
   with pytest.raises(ValueError, match=f"config.data.extra_train entry '{entry}'"):
     datasets.parse_extra_train(f"clotho:/ok:development,{entry}")
@@ -638,11 +695,14 @@ def test_parse_extra_train_keeps_colons_inside_the_folder():
   assert datasets.parse_extra_train("") == []
 
 
-@pytest.mark.parametrize("text, cleaned", [
+@pytest.mark.parametrize(
+  "text, cleaned",
+  [
     ('A Dog barks , loudly!  Then "silence" ; done .', "a dog barks loudly then silence done"),
     ("Rain: on a ROOF?yes", "rain on a roof yes"),
     ("it's a bird-like trill", "it's a bird-like trill"),
-])
+  ],
+)
 def test_reference_caption_cleaning(text, cleaned):
   assert captions.clean_caption(text, "reference") == cleaned
   assert captions.clean_caption(text, "raw") == text

@@ -1,6 +1,7 @@
 """Exact resume: a training run killed (SIGKILL) at fixed steps around its checkpoints (every 2 steps) and its epoch
-end, restarted each time with the same command, ends with the same parameters, optimizer state and test metrics as an uninterrupted run; a NaN loss stops the run with a clear
-message and keeps the last good checkpoint."""
+end, restarted each time with the same command, ends with the same parameters, optimizer state and test metrics as
+an uninterrupted run; a NaN loss stops the run with a clear message and keeps the last good checkpoint."""
+
 import json
 import os
 import signal
@@ -26,9 +27,10 @@ KILL_STEPS = (3, 4, 9)
 
 def _write_config(tmp_path) -> str:
   path = tmp_path / "resume_config.py"
-  path.write_text(textwrap.dedent(f"""
+  path.write_text(
+    textwrap.dedent(f"""
       import sys
-      sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+      sys.path.insert(0, {os.path.join(REPO, "tests")!r})
       from tiny_run import tiny_config
 
       def get_config():
@@ -40,7 +42,8 @@ def _write_config(tmp_path) -> str:
         config.optim.plateau_patience = 0
         config.eval.num_retrieval_examples = 0
         return config
-      """))
+      """)
+  )
   return str(path)
 
 
@@ -71,9 +74,15 @@ def _run_killed_at(command: list, kill_step: int) -> str:
 def _check_console(run: subprocess.CompletedProcess, workdir: str) -> None:
   """The default console of a run: a line per phase and per logged step, the final table; the library details
   (orbax, TFDS, clu) only in the workdir's log file."""
-  for phase in ("Data: clotho development (24 clips, 120 captions)", "Training: 2 epochs x 7 steps",
-                "Compiled the training step", "step 7/14 epoch 1 loss", "Epoch 1/2 validation (validation",
-                "Epoch 2/2 validation", "Testing the best checkpoint"):
+  for phase in (
+    "Data: clotho development (24 clips, 120 captions)",
+    "Training: 2 epochs x 7 steps",
+    "Compiled the training step",
+    "step 7/14 epoch 1 loss",
+    "Epoch 1/2 validation (validation",
+    "Epoch 2/2 validation",
+    "Testing the best checkpoint",
+  ):
     assert phase in run.stderr, run.stderr
   assert "Best checkpoint (step" in run.stdout and "t2a" in run.stdout
   for detail in ("CheckpointManager", "checkpoint_manager.py", "Constructing tf.data.Dataset", "train/loss="):
@@ -89,8 +98,9 @@ def test_killed_run_resumes_exactly(tmp_path):
   config_path = _write_config(tmp_path)
   datasets.train_sources(tiny_config(tmp_path).data)  # Prepare the data once, before both runs.
   uninterrupted, resumed = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
-  run = subprocess.run(_command(config_path, uninterrupted), cwd=REPO, check=True, capture_output=True, text=True,
-                       timeout=600)
+  run = subprocess.run(
+    _command(config_path, uninterrupted), cwd=REPO, check=True, capture_output=True, text=True, timeout=600
+  )
   _check_console(run, uninterrupted)
 
   for kill_step in KILL_STEPS:  # Each run after the first resumes from whichever checkpoint the last kill left.
@@ -107,8 +117,9 @@ def test_killed_run_resumes_exactly(tmp_path):
   leaves_b = jax.tree.leaves(state_b)
   assert len(leaves_a) == len(leaves_b)
   for (path, a), b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{jax.tree_util.keystr(path)} differs "
-                                  f"after kills at steps {KILL_STEPS}")
+    np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b), err_msg=f"{jax.tree_util.keystr(path)} differs after kills at steps {KILL_STEPS}"
+    )
   results = [json.load(open(os.path.join(w, "results.json"))) for w in (uninterrupted, resumed)]
   assert results[0] == results[1]
 
@@ -122,8 +133,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # The learning rate jumps x1e30 after 4 updates: the loss is finite until step 5, NaN from step 6 on.
   config.optim.update(decay_every_epochs=3 / STEPS_PER_EPOCH, decay_factor=1e30, grad_clip_norm=0.0)
   workdir = str(tmp_path / "run")
-  with pytest.raises(FloatingPointError, match=r"training loss is nan at or before step \d+: stopping; the last "
-                                               r"good checkpoint \(step 3\)"):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"training loss is nan at or before step \d+: stopping; the last "
+    r"good checkpoint \(step 3\)",
+  ):
     train.train_and_evaluate(config, workdir)
   manager = checkpointing.create_manager(workdir, "t2a_mAP10")
   assert manager.all_steps() == [3]

@@ -1,4 +1,5 @@
 """Retrieval for users: index a folder of audio files with a trained workdir, query it with text and with audio."""
+
 import csv
 import functools
 import json
@@ -144,8 +145,14 @@ def test_cli_index_then_text_and_audio_queries(trained, tmp_path):
   audio_dir = os.path.join(raw_dir, "evaluation")
   index = str(tmp_path / "index")
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run([sys.executable, "-m", "atr_jax.retrieve", *args, f"--workdir={workdir}"],  # noqa: E731
-                                     capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  run = lambda *args: subprocess.run(
+    [sys.executable, "-m", "atr_jax.retrieve", *args, f"--workdir={workdir}"],  # noqa: E731
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=300,
+  )
   result = run("index", f"--audio_dir={audio_dir}", f"--index={index}")
   assert result.returncode == 0, result.stderr
   assert "indexed 8 files (0 skipped)" in result.stdout

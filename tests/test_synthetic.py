@@ -1,5 +1,6 @@
 """Tests of data_pipelines.synthetic: Clotho layout, captions, wav format, determinism, atomic writes, and that the
 attributes the captions name (pitch, count, loudness, sweep direction) are measurable in the written audio."""
+
 import collections
 import csv
 import os
@@ -42,7 +43,7 @@ def _clips(root):
 def _segments(audio, bridge_frames=3):
   """(start, end) sample ranges where the 10 ms RMS envelope stands out of the floor (short gaps bridged)."""
   frames = audio[: len(audio) // FRAME * FRAME].reshape(-1, FRAME)
-  envelope = np.sqrt(np.mean(frames ** 2, axis=1))
+  envelope = np.sqrt(np.mean(frames**2, axis=1))
   active = np.flatnonzero(envelope > max(0.07 * envelope.max(), 4 * np.percentile(envelope, 10)))
   segments = []
   for frame in active:
@@ -72,9 +73,11 @@ def test_layout_and_csv_header_match_clotho(dataset):
 def test_five_distinct_captions_naming_pitch_count_and_loudness(dataset):
   pitch_words = {"low": {"low", "deep"}, "mid": {"mid", "medium"}, "high": {"high", "shrill"}}
   count_words = {2: {"two", "pair", "twice"}, 3: {"three", "thrice"}, 4: {"four"}}
-  loudness_words = {"louder": {"louder", "swelling", "increasing"},
-                    "quieter": {"quieter", "softer", "fading", "decreasing", "dying"},
-                    "steady": {"steady", "constant", "unchanging", "even"}}
+  loudness_words = {
+    "louder": {"louder", "swelling", "increasing"},
+    "quieter": {"quieter", "softer", "fading", "decreasing", "dying"},
+    "steady": {"steady", "constant", "unchanging", "even"},
+  }
   for spec, captions, _ in _clips(dataset):
     assert len(captions) == 5 and len(set(captions)) == 5 and all(c.strip() for c in captions)
     for caption in captions:
@@ -119,8 +122,7 @@ def test_stated_pitch_is_the_dominant_frequency(dataset):
   checked = 0
   for spec, _, audio in _clips(dataset):
     event = spec.events[0]
-    if len(spec.events) == 1 and event.kind in ("beep", "buzz", "warble", "knock", "rising whistle",
-                                                "falling whistle"):
+    if len(spec.events) == 1 and event.kind in ("beep", "buzz", "warble", "knock", "rising whistle", "falling whistle"):
       low, high = bands[event.pitch]
       assert low <= _dominant_hz(audio) <= high, spec
       checked += 1
@@ -154,7 +156,7 @@ def test_whistle_direction_is_audible(dataset):
     if len(spec.events) == 1 and kind.endswith("whistle"):
       start, end = _segments(audio)[0]
       third = (end - start) // 3
-      rise = _dominant_hz(audio[end - third:end]) / _dominant_hz(audio[start:start + third])
+      rise = _dominant_hz(audio[end - third : end]) / _dominant_hz(audio[start : start + third])
       assert rise > 1.2 if kind == "rising whistle" else rise < 1 / 1.2, (spec, rise)
       checked += 1
   assert checked >= 2
@@ -183,6 +185,7 @@ def test_existing_dataset_needs_overwrite_and_failed_run_leaves_nothing(tmp_path
 
   def broken_make_clip(seed, split, index, duration_s):
     raise RuntimeError("killed")
+
   monkeypatch.setattr(synthetic, "make_clip", broken_make_clip)
   with pytest.raises(RuntimeError, match="killed"):
     synthetic.generate(str(tmp_path / "fresh"), {"development": 2, "validation": 1, "evaluation": 1})

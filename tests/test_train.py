@@ -1,5 +1,6 @@
 """End to end: a tiny synthetic Clotho-layout dataset through preparation, training, checkpoints, automatic
 resume, evaluation and results.json."""
+
 import glob
 import json
 import logging
@@ -39,8 +40,11 @@ def test_train_resume_and_evaluate(tiny_trained, tmp_path, caplog):
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.num_epochs = 3
   config.train.global_batch_size = 8
-  with pytest.raises(ValueError, match=r"another data order or step count.*train\.global_batch_size: 16 -> 8; "
-                                       r"train\.num_epochs: 2 -> 3\).*--allow_config_change"):
+  with pytest.raises(
+    ValueError,
+    match=r"another data order or step count.*train\.global_batch_size: 16 -> 8; "
+    r"train\.num_epochs: 2 -> 3\).*--allow_config_change",
+  ):
     train.train_and_evaluate(config, workdir)
   config.train.global_batch_size = 16
   caplog.set_level(logging.INFO)
@@ -66,8 +70,9 @@ def test_fsdp_run_equals_the_replicated_run(tiny_trained, tmp_path):
   metrics = train.train_and_evaluate(config, workdir)
   expected = _results(replicated)
   assert _results(workdir)["checkpoint_step"] == expected["checkpoint_step"]
-  np.testing.assert_allclose([metrics[k] for k in sorted(METRIC_KEYS)], [expected[k] for k in sorted(METRIC_KEYS)],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    [metrics[k] for k in sorted(METRIC_KEYS)], [expected[k] for k in sorted(METRIC_KEYS)], atol=1e-6
+  )
   again = train.evaluate_best(config, workdir)  # Restore into FSDP shardings, then the test split again.
   assert {k: again[k] for k in METRIC_KEYS} == {k: metrics[k] for k in METRIC_KEYS}
   manager, reference_manager = (checkpointing.create_manager(w, "t2a_mAP10") for w in (workdir, replicated))
@@ -108,10 +113,23 @@ def test_the_training_crop_defaults_to_the_longest_training_clip(tmp_path):
 def test_cli_rejects_misspelt_config_key(tmp_path):
   import subprocess
   import sys
+
   result = subprocess.run(
-      [sys.executable, "-m", "atr_jax.main", "--config", "configs/demo.py", "--workdir", str(tmp_path),
-       "--config.train.num_epoch=3"], capture_output=True, text=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      "-m",
+      "atr_jax.main",
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      str(tmp_path),
+      "--config.train.num_epoch=3",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert result.returncode != 0
   assert "num_epoch" in result.stderr
   assert not os.listdir(tmp_path)  # Nothing was started.

@@ -1,6 +1,7 @@
 """The training step's options against their plain equivalents: gradient caching (micro-batches) equals the step
 written out per micro-batch, FSDP equals replication, rematerialisation changes nothing, bf16 compute keeps float32
 parameters; the schedules, AdamW's decay mask and reduce-on-plateau against optax/PyTorch semantics."""
+
 import functools
 
 import flax.linen as nn
@@ -20,25 +21,30 @@ from atr_jax.train_state import create_train_state, make_optimizer, make_schedul
 
 def _batch(config, seed: int) -> dict:
   rng = np.random.default_rng(seed)
-  b, t, l = config.train.global_batch_size, config.data.train_max_frames, config.model.text.max_len
-  lengths = rng.integers(l // 2, l + 1, b)
-  return {"log_mel": (rng.standard_normal((b, t, 64)) * 10 - 40).astype(np.float32),
-          "frame_mask": np.arange(t)[None] < rng.integers(t // 2, t + 1, b)[:, None],
-          "input_ids": rng.integers(1000, 2000, (b, l)).astype(np.int32),
-          "attention_mask": (np.arange(l)[None] < lengths[:, None]).astype(np.int32),
-          "clip_id": rng.integers(0, b // 2, b).astype(np.int32)}
+  b, t, tokens = config.train.global_batch_size, config.data.train_max_frames, config.model.text.max_len
+  lengths = rng.integers(tokens // 2, tokens + 1, b)
+  return {
+    "log_mel": (rng.standard_normal((b, t, 64)) * 10 - 40).astype(np.float32),
+    "frame_mask": np.arange(t)[None] < rng.integers(t // 2, t + 1, b)[:, None],
+    "input_ids": rng.integers(1000, 2000, (b, tokens)).astype(np.int32),
+    "attention_mask": (np.arange(tokens)[None] < lengths[:, None]).astype(np.int32),
+    "clip_id": rng.integers(0, b // 2, b).astype(np.int32),
+  }
 
 
 def _jit_step(config, mesh, shardings, accum_steps: int):
   loss_fn = losses.make_loss_fn_from_config(config.loss, mesh)
   # An 'rbg' key: XLA CPU compiles threefry's random bits (dropout, SpecAugment) slowly; the comparisons below are
   # between runs on the same mesh and batch sharding, which draw the same bits either way.
-  return jax.jit(functools.partial(train_step, loss_fn=loss_fn, rng=jax.random.key(1, impl="rbg"),
-                                   accum_steps=accum_steps, num_shards=mesh.size),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)),
-                 # Less LLVM optimisation: compiles in a third of the time, computes the same function.
-                 compiler_options={"xla_backend_optimization_level": 0})
+  return jax.jit(
+    functools.partial(
+      train_step, loss_fn=loss_fn, rng=jax.random.key(1, impl="rbg"), accum_steps=accum_steps, num_shards=mesh.size
+    ),
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    # Less LLVM optimisation: compiles in a third of the time, computes the same function.
+    compiler_options={"xla_backend_optimization_level": 0},
+  )
 
 
 def _run_steps(config, num_steps: int = 2, accum_steps: int = 1):
@@ -68,8 +74,9 @@ def _baseline(config):
 
 def _assert_trees_close(a, b, rtol, atol):
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 @pytest.fixture
@@ -84,8 +91,9 @@ def config(tmp_path):
 def _gradient_recorder() -> optax.GradientTransformation:
   """An optimizer whose state is the last gradients it was given; it leaves the parameters unchanged."""
   return optax.GradientTransformation(
-      init=lambda params: jax.tree.map(jnp.zeros_like, params),
-      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+    init=lambda params: jax.tree.map(jnp.zeros_like, params),
+    update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+  )
 
 
 def _per_micro_batch_reference(apply_fn, params, batch_stats, batch: dict, loss_fn, accum_steps: int):
@@ -102,9 +110,15 @@ def _per_micro_batch_reference(apply_fn, params, batch_stats, batch: dict, loss_
   with nn.intercept_methods(record):
     for m in range(accum_steps):
       micro = jax.tree.map(lambda x: x[m::accum_steps], batch)
-      emb, _ = apply_fn({"params": params["model"], "batch_stats": batch_stats}, micro["log_mel"],
-                        micro["frame_mask"], micro["input_ids"], micro["attention_mask"], train=True,
-                        mutable=["batch_stats"])
+      emb, _ = apply_fn(
+        {"params": params["model"], "batch_stats": batch_stats},
+        micro["log_mel"],
+        micro["frame_mask"],
+        micro["input_ids"],
+        micro["attention_mask"],
+        train=True,
+        mutable=["batch_stats"],
+      )
       embeddings.append(emb)
   audio, text = (jnp.stack(e, axis=1).reshape(len(batch["clip_id"]), -1) for e in zip(*embeddings))
   return loss_fn(audio, text, batch["clip_id"], params["loss"]), inputs
@@ -119,8 +133,9 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
   config.model.audio.spec_augment, config.model.audio.dropout, config.model.text.dropout = False, 0.0, 0.0
   accum_steps = 4  # 1 row per device in each micro-batch.
   mesh = sharding.create_mesh()
-  state, shardings = create_train_state(config, build_model(config.model), _gradient_recorder(), mesh,
-                                        jax.random.key(0, impl="rbg"))
+  state, shardings = create_train_state(
+    config, build_model(config.model), _gradient_recorder(), mesh, jax.random.key(0, impl="rbg")
+  )
   batch = _batch(config, 0)
   new_state, metrics = _jit_step(config, mesh, shardings, accum_steps)(state, sharding.global_batch(batch, mesh))
 
@@ -129,24 +144,30 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
   # normalisation itself moves them by ~100% (against the one-batch gradient).
   loss_fn = losses.make_loss_fn_from_config(config.loss, None)
   reference = jax.value_and_grad(
-      lambda params, batch: _per_micro_batch_reference(state.apply_fn, params, state.batch_stats, batch, loss_fn,
-                                                       accum_steps), has_aux=True)
+    lambda params, batch: _per_micro_batch_reference(
+      state.apply_fn, params, state.batch_stats, batch, loss_fn, accum_steps
+    ),
+    has_aux=True,
+  )
   (loss, bn_inputs), grads = jax.jit(reference, compiler_options={"xla_backend_optimization_level": 0})(
-      state.params, sharding.global_batch(batch, mesh))
+    state.params, sharding.global_batch(batch, mesh)
+  )
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   assert np.abs(grads["model"]["audio"]["conv_block1"]["conv1"]["kernel"]).max() > 0
   _assert_trees_close(new_state.opt_state, grads, rtol=1e-3, atol=1e-5)
 
-  for (path, stat), start in zip(jax.tree_util.tree_leaves_with_path(new_state.batch_stats),
-                                 jax.tree.leaves(state.batch_stats), strict=True):
+  for (path, stat), start in zip(
+    jax.tree_util.tree_leaves_with_path(new_state.batch_stats), jax.tree.leaves(state.batch_stats), strict=True
+  ):
     inputs = bn_inputs[tuple(key.key for key in path[:-1])]
     x = np.concatenate([np.asarray(x, np.float64) for x, _ in inputs])
     valid = np.broadcast_to(np.concatenate([mask for _, mask in inputs]), x.shape[:-1] + (1,))
     axes = tuple(range(x.ndim - 1))
     mean = np.sum(x * valid, axes) / valid.sum()
     moment = mean if path[-1].key == "mean" else np.sum(np.square(x - mean) * valid, axes) / (valid.sum() - 1)
-    np.testing.assert_allclose(stat, 0.9 * np.asarray(start, np.float64) + 0.1 * moment, rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      stat, 0.9 * np.asarray(start, np.float64) + 0.1 * moment, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 @pytest.mark.slow
@@ -159,13 +180,17 @@ def _lowered_convolutions(config, frozen: tuple, accum_steps: int = 1) -> tuple[
   tx, _ = make_optimizer(config.optim, steps_per_epoch=10)
   state, _ = create_train_state(config, model, tx, mesh, jax.random.key(0, impl="rbg"))
   batch = sharding.global_batch(_batch(config, 0), mesh)
-  step = functools.partial(train_step, loss_fn=losses.make_loss_fn_from_config(config.loss, mesh),
-                           rng=jax.random.key(1, impl="rbg"), accum_steps=accum_steps, num_shards=mesh.size,
-                           frozen=frozen)
+  step = functools.partial(
+    train_step,
+    loss_fn=losses.make_loss_fn_from_config(config.loss, mesh),
+    rng=jax.random.key(1, impl="rbg"),
+    accum_steps=accum_steps,
+    num_shards=mesh.size,
+    frozen=frozen,
+  )
   forward = functools.partial(_forward, rng=jax.random.key(1, impl="rbg"))
   count = lambda fn, *args: jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")  # noqa: E731
-  return (count(step, state, batch),
-          count(lambda s, b: forward(s, s.params["model"], s.batch_stats, b), state, batch))
+  return (count(step, state, batch), count(lambda s, b: forward(s, s.params["model"], s.batch_stats, b), state, batch))
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
@@ -181,9 +206,11 @@ def test_the_learnt_temperature_is_reported(config):
   state, step_losses = _baseline(config)
   mesh = sharding.create_mesh()
   _, metrics = _jit_step(config, mesh, jax.tree.map(lambda x: x.sharding, state), 1)(
-      state, sharding.global_batch(_batch(config, 5), mesh))
-  np.testing.assert_allclose(float(metrics["temperature"]), np.exp(float(state.params["loss"]["log_temperature"])),
-                             rtol=1e-6)
+    state, sharding.global_batch(_batch(config, 5), mesh)
+  )
+  np.testing.assert_allclose(
+    float(metrics["temperature"]), np.exp(float(state.params["loss"]["log_temperature"])), rtol=1e-6
+  )
   assert float(metrics["temperature"]) != config.loss.temperature  # Two steps moved it.
 
 
@@ -218,8 +245,11 @@ def test_bfloat16_compute_keeps_float32_parameters(config):
   config.model.dtype = "bfloat16"
   bf16, bf16_losses = _run_steps(config)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.params))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.opt_state) if hasattr(x, "dtype")
-             and jnp.issubdtype(x.dtype, jnp.floating))
+  assert all(
+    x.dtype == jnp.float32
+    for x in jax.tree.leaves(bf16.opt_state)
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+  )
   np.testing.assert_allclose(bf16_losses, fp32_losses, rtol=0.05)
   assert bf16_losses != fp32_losses  # The compute really ran in bfloat16.
 

@@ -1,4 +1,5 @@
 """Process defaults of atr_jax.xla_flags, each checked in a fresh interpreter (they must act before jax loads)."""
+
 import os
 import subprocess
 import sys
@@ -30,8 +31,9 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def _python(script: str, *args: str, env: dict | None = None) -> list[str]:
   """Runs `script` in a fresh interpreter at the repository root -> its stdout's words."""
-  return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=_REPO, env=env,
-                        check=True).stdout.split()
+  return subprocess.run(
+    [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=_REPO, env=env, check=True
+  ).stdout.split()
 
 
 def _refaults(mode: str) -> tuple[str, int]:
@@ -55,7 +57,9 @@ def test_set_defaults_keeps_the_users_ynn_fusion_choice():
   assert _python(script, env=dict(os.environ, XLA_FLAGS=users_choice)) == [users_choice]
   other_flag = "--xla_force_host_platform_device_count=2"
   assert _python(script, env=dict(os.environ, XLA_FLAGS=other_flag)) == [
-      other_flag, "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    other_flag,
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+  ]
 
 
 _SET_DEFAULTS_SCRIPT = """
@@ -85,12 +89,20 @@ def test_an_installed_accelerator_plugin_means_no_cpu_defaults(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS=None, XLA_FLAGS=None, PYTHONPATH=f"{tmp_path}{os.pathsep}{_REPO}")
   assert _set_defaults_in(env) == ["False", "None"]
   env["JAX_PLATFORMS"] = "cpu"  # The user's choice wins over the plugin.
-  assert _set_defaults_in(env) == ["malloc_set", "True", "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'"]
+  assert _set_defaults_in(env) == [
+    "malloc_set",
+    "True",
+    "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'",
+  ]
 
 
 def test_cpu_runs_get_the_cpu_defaults():
   env = dict(os.environ, JAX_PLATFORMS=None, XLA_FLAGS=None)
-  assert _set_defaults_in(env) == ["malloc_set", "True", "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'"]
+  assert _set_defaults_in(env) == [
+    "malloc_set",
+    "True",
+    "'--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'",
+  ]
 
 
 @pytest.mark.parametrize("backend, custom_gradients", [("cpu", True), ("gpu", False), ("tpu", False)])
@@ -98,6 +110,7 @@ def test_convolution_gradients_are_chosen_by_backend(monkeypatch, backend, custo
   import jax
   import numpy as np
   from atr_jax.models.cnn14 import Conv3x3
+
   conv = Conv3x3(4)
   x = np.random.default_rng(0).standard_normal((2, 6, 5, 3)).astype(np.float32)
   params = conv.init(jax.random.key(0), x)

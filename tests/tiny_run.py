@@ -1,5 +1,6 @@
 """A tiny end-to-end configuration for tests: a small synthetic dataset, a narrow CNN14 and a 2-layer random BERT
 that uses MiniLM's tokenizer (the real loading path at a fraction of the cost)."""
+
 import json
 import os
 import pathlib

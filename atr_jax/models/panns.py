@@ -9,6 +9,7 @@ Mapping: PyTorch `a.b.c.weight` -> Flax `a/b/c/kernel` (conv, (O, I, kh, kw) -> 
 (BatchNorm); `bias` -> `bias`; `running_mean`/`running_var` -> batch_stats `mean`/`var`. Skipped, as in the
 reference: fc*, spectrogram_extractor*, logmel_extractor*, num_batches_tracked.
 """
+
 import os
 
 import flax.traverse_util
@@ -16,118 +17,128 @@ import numpy as np
 
 from atr_jax.models.bert import check_params_match
 
-SKIPPED_PREFIXES = ('fc', 'spectrogram_extractor.', 'logmel_extractor.')
-_BN_STATISTICS = {'running_mean': 'mean', 'running_var': 'var'}
+SKIPPED_PREFIXES = ("fc", "spectrogram_extractor.", "logmel_extractor.")
+_BN_STATISTICS = {"running_mean": "mean", "running_var": "var"}
 
 
 def _numpy_safe_globals() -> list:
-    """What a numpy array or scalar pickled by numpy 1.x or 2.x needs (and nothing else that numpy defines)."""
-    from numpy._core import multiarray
-    allowed = [np.ndarray, np.dtype, *{type(np.dtype(code)) for code in np.typecodes['All']}]  # + DType classes
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        allowed += [(multiarray._reconstruct, f'{module}._reconstruct'), (multiarray.scalar, f'{module}.scalar')]
-    return allowed
+  """What a numpy array or scalar pickled by numpy 1.x or 2.x needs (and nothing else that numpy defines)."""
+  from numpy._core import multiarray
+
+  allowed = [np.ndarray, np.dtype, *{type(np.dtype(code)) for code in np.typecodes["All"]}]  # + DType classes
+  for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+  return allowed
 
 
 def read_panns_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The float32 numpy tensors of `{'model': state_dict, ...}` in a PANNs .pth file, read with torch's
-    weights-only unpickler (no arbitrary code runs; numpy arrays of the sampler state are allowed)."""
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(f'reading the PyTorch checkpoint {path} needs torch (pip install torch; CPU is enough)'
-                          ) from error
-    path = os.path.expanduser(path)
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # A damaged or truncated file, or not a PyTorch file at all.
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})') from error
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
-        raise ValueError(f'{path} is not a PANNs checkpoint: expected a dict with a "model" state_dict')
-    return {name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-            for name, tensor in checkpoint['model'].items()}
+  """The float32 numpy tensors of `{'model': state_dict, ...}` in a PANNs .pth file, read with torch's
+  weights-only unpickler (no arbitrary code runs; numpy arrays of the sampler state are allowed)."""
+  try:
+    import torch
+  except ImportError as error:
+    raise ImportError(
+      f"reading the PyTorch checkpoint {path} needs torch (pip install torch; CPU is enough)"
+    ) from error
+  path = os.path.expanduser(path)
+  try:
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception as error:  # A damaged or truncated file, or not a PyTorch file at all.
+    raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+  if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+    raise ValueError(f'{path} is not a PANNs checkpoint: expected a dict with a "model" state_dict')
+  return {
+    name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    for name, tensor in checkpoint["model"].items()
+  }
 
 
 def _flax_key(name: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-    """'conv_block1.conv1.weight' -> (('params', 'conv_block1', 'conv1', 'kernel'), HWIO kernel). A name that fits
-    no rule comes back as a one-element key, so it is reported as unexpected."""
-    *module, leaf = name.split('.')
-    if leaf == 'weight' and value.ndim == 4:
-        return ('params', *module, 'kernel'), value.transpose(2, 3, 1, 0)
-    if leaf == 'weight' and value.ndim == 1:
-        return ('params', *module, 'scale'), value
-    if leaf == 'bias' and value.ndim == 1:
-        return ('params', *module, 'bias'), value
-    if leaf in _BN_STATISTICS:
-        return ('batch_stats', *module, _BN_STATISTICS[leaf]), value
-    return (name,), value
+  """'conv_block1.conv1.weight' -> (('params', 'conv_block1', 'conv1', 'kernel'), HWIO kernel). A name that fits
+  no rule comes back as a one-element key, so it is reported as unexpected."""
+  *module, leaf = name.split(".")
+  if leaf == "weight" and value.ndim == 4:
+    return ("params", *module, "kernel"), value.transpose(2, 3, 1, 0)
+  if leaf == "weight" and value.ndim == 1:
+    return ("params", *module, "scale"), value
+  if leaf == "bias" and value.ndim == 1:
+    return ("params", *module, "bias"), value
+  if leaf in _BN_STATISTICS:
+    return ("batch_stats", *module, _BN_STATISTICS[leaf]), value
+  return (name,), value
 
 
 def _torch_key(flax_key: str) -> str:
-    """'batch_stats/conv_block3/bn2/var' -> 'conv_block3.bn2.running_var' (the inverse of `_flax_key`)."""
-    collection, *module, leaf = flax_key.split('/')
-    if collection == 'batch_stats':
-        leaf = {flax: torch for torch, flax in _BN_STATISTICS.items()}[leaf]
-    return '.'.join([*module, 'bias' if leaf == 'bias' else leaf if collection == 'batch_stats' else 'weight'])
+  """'batch_stats/conv_block3/bn2/var' -> 'conv_block3.bn2.running_var' (the inverse of `_flax_key`)."""
+  collection, *module, leaf = flax_key.split("/")
+  if collection == "batch_stats":
+    leaf = {flax: torch for torch, flax in _BN_STATISTICS.items()}[leaf]
+  return ".".join([*module, "bias" if leaf == "bias" else leaf if collection == "batch_stats" else "weight"])
 
 
 def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, source: str) -> dict:
-    """PANNs state_dict -> {'params', 'batch_stats'} of the audio tower whose variables (arrays or
-    ShapeDtypeStructs) are `expected`. Raises one ValueError listing missing keys, unexpected keys and shape
-    mismatches (`source` names the file in it)."""
-    flat = {}
-    for name, value in state_dict.items():
-        if name.startswith(SKIPPED_PREFIXES) or name.endswith('.num_batches_tracked'):
-            continue
-        key, array = _flax_key(name, np.asarray(value))
-        flat[key] = np.ascontiguousarray(array, dtype=np.float32)
-    variables = flax.traverse_util.unflatten_dict(flat)
-    expected = {'params': expected['params'], 'batch_stats': expected['batch_stats']}
-    check_params_match(expected, variables, source, _torch_key)
-    return variables
+  """PANNs state_dict -> {'params', 'batch_stats'} of the audio tower whose variables (arrays or
+  ShapeDtypeStructs) are `expected`. Raises one ValueError listing missing keys, unexpected keys and shape
+  mismatches (`source` names the file in it)."""
+  flat = {}
+  for name, value in state_dict.items():
+    if name.startswith(SKIPPED_PREFIXES) or name.endswith(".num_batches_tracked"):
+      continue
+    key, array = _flax_key(name, np.asarray(value))
+    flat[key] = np.ascontiguousarray(array, dtype=np.float32)
+  variables = flax.traverse_util.unflatten_dict(flat)
+  expected = {"params": expected["params"], "batch_stats": expected["batch_stats"]}
+  check_params_match(expected, variables, source, _torch_key)
+  return variables
 
 
-SCRATCH = 'scratch'  # model.audio.init_from for a deliberately random audio tower.
-CONVERT_COMMAND = 'python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}'
+SCRATCH = "scratch"  # model.audio.init_from for a deliberately random audio tower.
+CONVERT_COMMAND = "python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}"
 
 
 def audio_init_dir(model_config) -> str | None:
-    """The folder whose converted weights initialise the audio tower (`model.audio.init_from`, expanded), or None
-    for "scratch"; an empty value is an error (pretrained or random initialisation is always a deliberate choice)."""
-    value = model_config.audio.init_from
-    if value == SCRATCH:
-        return None
-    if not value:
-        raise ValueError(f'config.model.audio.init_from is empty: set it to a converted PANNs folder '
-                         f'({CONVERT_COMMAND.format("DIR")}) or to {SCRATCH!r} for a randomly initialised audio tower')
-    return os.path.abspath(os.path.expanduser(value))
+  """The folder whose converted weights initialise the audio tower (`model.audio.init_from`, expanded), or None
+  for "scratch"; an empty value is an error (pretrained or random initialisation is always a deliberate choice)."""
+  value = model_config.audio.init_from
+  if value == SCRATCH:
+    return None
+  if not value:
+    raise ValueError(
+      f"config.model.audio.init_from is empty: set it to a converted PANNs folder "
+      f"({CONVERT_COMMAND.format('DIR')}) or to {SCRATCH!r} for a randomly initialised audio tower"
+    )
+  return os.path.abspath(os.path.expanduser(value))
 
 
 def save_audio_variables(variables: dict, out_dir: str) -> str:
-    """Writes {'params', 'batch_stats'} with orbax to `out_dir` (replaced if present); returns its absolute path."""
-    import orbax.checkpoint as ocp
-    out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir, {'params': variables['params'], 'batch_stats': variables['batch_stats']},
-                      force=True)
-    checkpointer.wait_until_finished()
-    return out_dir
+  """Writes {'params', 'batch_stats'} with orbax to `out_dir` (replaced if present); returns its absolute path."""
+  import orbax.checkpoint as ocp
+
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(out_dir, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, force=True)
+  checkpointer.wait_until_finished()
+  return out_dir
 
 
 def load_audio_variables(directory: str, expected: dict) -> dict:
-    """Reads {'params', 'batch_stats'} saved by `save_audio_variables` as numpy float32 arrays and checks them
-    against `expected` (the tower's variables): a ValueError names each missing, unexpected or misshaped key."""
-    import orbax.checkpoint as ocp
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'model.audio.init_from: {directory} is not a directory (convert a PANNs '
-                                'checkpoint with `python -m scripts.convert_panns`)')
-    restored = ocp.StandardCheckpointer().restore(directory)
-    variables = flax.traverse_util.unflatten_dict(
-        {key: np.asarray(value, np.float32) for key, value in flax.traverse_util.flatten_dict(restored).items()})
-    expected = {'params': expected['params'], 'batch_stats': expected['batch_stats']}
-    check_params_match(expected, variables, f'audio variables in {directory}')
-    return variables
+  """Reads {'params', 'batch_stats'} saved by `save_audio_variables` as numpy float32 arrays and checks them
+  against `expected` (the tower's variables): a ValueError names each missing, unexpected or misshaped key."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(os.path.expanduser(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"model.audio.init_from: {directory} is not a directory (convert a PANNs "
+      "checkpoint with `python -m scripts.convert_panns`)"
+    )
+  restored = ocp.StandardCheckpointer().restore(directory)
+  variables = flax.traverse_util.unflatten_dict(
+    {key: np.asarray(value, np.float32) for key, value in flax.traverse_util.flatten_dict(restored).items()}
+  )
+  expected = {"params": expected["params"], "batch_stats": expected["batch_stats"]}
+  check_params_match(expected, variables, f"audio variables in {directory}")
+  return variables
