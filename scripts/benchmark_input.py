@@ -67,8 +67,8 @@ def main(argv):
     f"| clips | clip s | max frames | batch | pairs/epoch | CPU cores | epoch s median | first batch s median | "
     f"pairs/s median (min-max) |\n|---|---|---|---|---|---|---|---|---|\n"
     f"| {_NUM_CLIPS.value} | {_DURATION_S.value:g} | {_MAX_FRAMES.value} | {_BATCH_SIZE.value} | "
-    f"{epochs[0]['pairs']} | {os.cpu_count()} | {np.median([e['seconds'] for e in epochs]):.2f} | "
-    f"{np.median([e['first_batch_s'] for e in epochs]):.2f} | {np.median(rates):.0f} "
+    f"{epochs[0]['pairs']} | {os.cpu_count()} | {np.median([e['seconds'] for e in epochs]):.3f} | "
+    f"{np.median([e['first_batch_s'] for e in epochs]):.3f} | {np.median(rates):.0f} "
     f"({min(rates):.0f}-{max(rates):.0f}) |",
     flush=True,
   )
