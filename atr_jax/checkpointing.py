@@ -34,15 +34,16 @@ def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict | None)
 
 
 def _readable(manager: ocp.CheckpointManager, step: int, restore):
-  """`restore()`, or an error naming the checkpoint folder when its files cannot be read (damaged, truncated)."""
+  """`restore()`, or an error naming the checkpoint folder when it cannot be read (damaged or truncated files, or a
+  model config other than the one that saved it)."""
   try:
     return restore()
   except Exception as error:  # Orbax and TensorStore raise many kinds (ValueError, OSError, their own).
     folder = os.path.join(os.fspath(manager.directory), str(step))
     raise ValueError(
-      f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {error}); "
-      f"it is damaged: delete that folder to resume from the one before it (steps saved: "
-      f"{list(manager.all_steps())})"
+      f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {error}). If the model "
+      f"config differs from the one that saved it, restore that config; if the folder is damaged, delete that "
+      f"folder to resume from the one before it (steps saved: {list(manager.all_steps())})"
     ) from error
 
 

@@ -35,6 +35,7 @@ import tqdm  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
+from atr_jax.atomic_files import write_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
 from atr_jax.train import CONFIG_FILE  # noqa: E402
@@ -139,7 +140,7 @@ class Retriever:
     os.makedirs(work_dir, exist_ok=True)
     for name in glob.glob(os.path.join(work_dir, "chunk-*.npz")):
       os.remove(name)
-    _write_atomically(record_path, lambda f: f.write(json.dumps(record).encode("utf-8")))
+    write_text_atomically(record_path, json.dumps(record))
 
   def _write_chunk(self, name: str, outcomes: list, batch_size: int) -> None:
     """Embeds the decoded clips of one chunk into the chunk file `name` (embeddings of the kept files, and the skip
@@ -147,7 +148,7 @@ class Retriever:
     cached = [outcome.cache_path for outcome in outcomes if outcome.cache_path]
     embeddings = self.embed_log_mels([extraction.load_log_mel(path) for path in cached], batch_size)
     reasons = np.array(["" if outcome.cache_path else outcome.detail or outcome.reason for outcome in outcomes])
-    _write_atomically(name, lambda f: np.savez(f, embeddings=embeddings, reasons=reasons))
+    write_atomically(name, lambda f: np.savez(f, embeddings=embeddings, reasons=reasons))
     for path in set(cached):
       os.remove(path)
 
@@ -181,14 +182,6 @@ def top_k(embeddings: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray
   best = np.argpartition(-scores, k - 1)[:k]
   best = best[np.argsort(-scores[best], kind="stable")]
   return best, scores[best]
-
-
-def _write_atomically(path: str, write) -> None:
-  """`write(binary file)` into a temporary file then renamed to `path`: a kill leaves the old file or none."""
-  partial = path + ".partial"
-  with open(partial, "wb") as f:
-    write(f)
-  os.replace(partial, path)
 
 
 def _read_chunks(names: list, chunks: list, embed_dim: int) -> tuple[np.ndarray, list, list]:

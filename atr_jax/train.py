@@ -22,6 +22,7 @@ from absl import logging
 from clu import metric_writers
 
 from atr_jax import checkpointing, console, evaluation, losses, preflight, sharding, summaries, tokenization, watchdog
+from atr_jax.atomic_files import write_text_atomically
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
@@ -332,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     logging.warning("Resuming %s with a changed config (--allow_config_change): %s", workdir, "; ".join(changed))
   setup = _Setup(config, workdir)
   if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
-    _write_atomically(os.path.join(setup.workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+    write_text_atomically(os.path.join(setup.workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
   state, shardings = setup.fresh_state()
   latest = setup.manager.latest_step()
   if latest is not None:
@@ -457,18 +458,12 @@ def _evaluate_best_and_report(setup: _Setup, state, shardings) -> dict:
   if jax.process_index() == 0:
     results = {**metrics, "split": split, "checkpoint_step": int(best)}
     path = os.path.join(setup.workdir, "results.json")
-    _write_atomically(path, json.dumps(results, indent=2))
+    write_text_atomically(path, json.dumps(results, indent=2))
     print(
       f"Best checkpoint (step {best}) on split {split!r}:\n{format_metrics_table(metrics)}\nwritten to {path}",
       flush=True,
     )
   return metrics
-
-
-def _write_atomically(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

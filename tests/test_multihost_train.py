@@ -289,19 +289,24 @@ def test_launcher_stops_the_job_when_one_process_fails():
   assert "[p0] started" in result.stdout and "[p1] started" in result.stdout
 
 
+# The start of a program run by `_launch`: the process joins the job with the flags the launcher passes.
+_JOINED_PROGRAM = (
+  "import sys, time\n"
+  "import jax\n"
+  "from jax.experimental import multihost_utils\n"
+  "from atr_jax import distributed\n"
+  "flags = dict(arg[2:].split('=') for arg in sys.argv[1:])\n"
+  "distributed.maybe_initialize(flags['coordinator_address'], int(flags['num_processes']),\n"
+  "                             int(flags['process_id']))\n"
+)
+
+
 @pytest.mark.slow
 def test_a_failing_process_ends_the_job_at_once():
   """Process 1 raises while process 0 waits for it in a collective: process 1 exits at once (instead of waiting in
   jax.distributed's shutdown barrier) and the launcher names it and stops process 0."""
   program = (
-    "import sys\n"
-    "import jax\n"
-    "from jax.experimental import multihost_utils\n"
-    "from atr_jax import distributed\n"
-    "flags = dict(arg[2:].split('=') for arg in sys.argv[1:])\n"
-    "distributed.maybe_initialize(flags['coordinator_address'], int(flags['num_processes']),\n"
-    "                             int(flags['process_id']))\n"
-    "with distributed.exit_fast_on_failure():\n"
+    _JOINED_PROGRAM + "with distributed.exit_fast_on_failure():\n"
     "  if jax.process_index() == 1:\n"
     "    raise RuntimeError('boom')\n"
     "  multihost_utils.sync_global_devices('waits for process 1')\n"
@@ -344,14 +349,7 @@ def test_a_stalled_collective_ends_the_job_with_a_timeout_error():
   """Process 1 never joins process 0's collective: with --stall_timeout_s=5, process 0 fails with gloo's timeout
   (XLA's --xla_cpu_collective_timeout_seconds set by the launcher) and the launcher stops the job."""
   program = (
-    "import sys, time\n"
-    "import jax\n"
-    "from jax.experimental import multihost_utils\n"
-    "from atr_jax import distributed\n"
-    "flags = dict(arg[2:].split('=') for arg in sys.argv[1:])\n"
-    "distributed.maybe_initialize(flags['coordinator_address'], int(flags['num_processes']),\n"
-    "                             int(flags['process_id']))\n"
-    "with distributed.exit_fast_on_failure():\n"
+    _JOINED_PROGRAM + "with distributed.exit_fast_on_failure():\n"
     "  multihost_utils.sync_global_devices('both arrive')\n"
     "  if jax.process_index() == 1:\n"
     "    time.sleep(120)\n"
