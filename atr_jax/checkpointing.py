@@ -1,14 +1,28 @@
-"""Orbax checkpoints of the train state: the latest (for automatic resume) and the best by a validation metric."""
+"""Orbax checkpoints of the train state: the latest (for automatic resume) and the best by a validation metric; and
+the run's config file beside them in the workdir."""
 
 import os
 
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint import checkpoint_managers, type_handlers
+
+CONFIG_FILE = "config.json"  # The run's config, saved in the workdir beside `checkpoints/`.
+
+
+def _save_replicas_once_on_cpu() -> None:
+  """On the CPU backend, arrays are saved without orbax's replica-parallel writing (each replica writing a slice),
+  which compiles a slicing program per array shape in every process: 6.8 s of a tiny model's first save on 8 CPU
+  devices, 0.5 s without it. Other backends keep orbax's default."""
+  if jax.default_backend() == "cpu":
+    type_handlers.register_type_handler(
+      jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+    )
 
 
 def create_manager(workdir: str, selection_metric: str) -> ocp.CheckpointManager:
   """Keeps the latest checkpoint and the one with the highest `selection_metric` (both, never more)."""
+  _save_replicas_once_on_cpu()
 
   def metric(metrics):
     return metrics[selection_metric]

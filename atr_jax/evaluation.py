@@ -13,8 +13,8 @@ import numpy as np
 from absl import logging
 
 from atr_jax import sharding
-from atr_jax.tokenization import CaptionTokenizer
 from data_pipelines import input_pipeline
+from data_pipelines.captions import CaptionEncoder
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ def embed_split(
   builder,
   split: str,
   *,
-  tokenize: CaptionTokenizer,
+  encode_captions: CaptionEncoder,
   global_batch_size: int,
   max_frames: int | None,
 ) -> SplitEmbeddings:
@@ -85,7 +85,9 @@ def embed_split(
       audio = np.zeros((len(file_names), emb.shape[1]), np.float32)
     audio[clip_ids[valid]] = emb[valid]
 
-  text = embed_captions(embedder, variables, captions, tokenize=tokenize, global_batch_size=global_batch_size)
+  text = embed_captions(
+    embedder, variables, captions, encode_captions=encode_captions, global_batch_size=global_batch_size
+  )
   logging.info("Embedded split %s: %d clips, %d captions", split, audio.shape[0], text.shape[0])
   return SplitEmbeddings(
     audio=audio, text=text, caption_clip_ids=caption_clip_ids, captions=captions, file_names=file_names
@@ -93,22 +95,21 @@ def embed_split(
 
 
 def embed_captions(
-  embedder: Embedder, variables, captions: list, *, tokenize: CaptionTokenizer, global_batch_size: int
+  embedder: Embedder, variables, captions: list, *, encode_captions: CaptionEncoder, global_batch_size: int
 ) -> np.ndarray:
-  """Embeddings [len(captions), D] of any caption list (identical on every process; each process tokenizes the
-  whole list and feeds its slice of each padded global batch)."""
+  """Embeddings [len(captions), D] of any caption list (identical on every process; each process encodes its slice
+  of each padded global batch)."""
   if len(captions) == 0:
     raise ValueError("embed_captions: the caption list is empty")
-  local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
-  text_chunks = []
-  for start in range(0, len(captions), global_batch_size):
-    chunk = list(captions[start : start + global_batch_size])
-    padded = chunk + [""] * (global_batch_size - len(chunk))
-    tokens = tokenize(padded)
-    lo = jax.process_index() * local_batch_size
-    local = {k: v[lo : lo + local_batch_size] for k, v in tokens.items()}
-    text_chunks.append(embedder.text(variables, local)[: len(chunk)])
-  return np.concatenate(text_chunks)
+  sharding.check_global_batch(global_batch_size, "eval.batch_size")
+  batches = input_pipeline.caption_batches(
+    captions,
+    encode_captions,
+    global_batch_size=global_batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return np.concatenate([embedder.text(variables, local)[:count] for local, count in batches])
 
 
 def _gather_rows(local_rows: np.ndarray) -> np.ndarray:

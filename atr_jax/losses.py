@@ -13,8 +13,12 @@ N = global batch, M[i, j] = same clip.
 |                  | relu(0.2p^2 - 0.7p + 0.5) + relu(0.9n^2 - 0.4n + 0.03), else 0            |               |
 | ntxent           | -log softmax(S[q] / tau) at q (same-clip captions stay negatives)         | sum / (2N)    |
 | infonce          | as ntxent, the other pairs of q's clip leave the denominator              | sum / (2N)    |
+| infonce_multi    | -sum over c in q's clip of log softmax(S[q] / tau) at c (every pair stays | sum / (2 |P|) |
+|                  | in the denominator: the DCASE 2025 baseline's multi-positive loss)        |               |
 | siglip           | over all pairs: softplus(-z (t S + b)), z = +1 same clip, -1 otherwise    | sum / N^2     |
-(siglip is the mean over all N^2 pairs as SPEC 5 writes it; the SigLIP paper divides the same sum by N.)
+(siglip is the mean over all N^2 pairs as SPEC 5 writes it; the SigLIP paper divides the same sum by N.
+infonce_multi is SPEC 11's -0.5 (mean_P log_softmax(C, axis 0) + mean_P log_softmax(C, axis 1)), C = S / tau, over
+the set P of same-clip pairs (i, j) of the global batch, own pairs included.)
 
 Every loss is written once, as a *share*: the contribution of a block of local rows (pairs) scored against all
 pairs of the global batch, already divided by the global normaliser, so that the loss is the sum of the shares.
@@ -33,6 +37,7 @@ Hyper-parameters: fixed (``margin=``, ``temperature=``, ``scale=``, ``bias=`` gi
 ``loss_params`` and take precedence over fixed ones:
 - ntxent / infonce: ``{'log_temperature'}``, tau = clip(exp(log_temperature), *TEMPERATURE_RANGE); outside the range
   the clip holds tau at the bound and the gradient is zero (as CLIP's clamp);
+- infonce_multi: ``{'tau'}``, tau = |tau| unclipped (the DCASE 2025 baseline's parameterisation, initial 0.05);
 - siglip: ``{'log_scale', 'bias'}``, t = exp(log_scale) (SigLIP initialises t = 10, b = -10).
 """
 
@@ -47,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from atr_jax import collectives
+from atr_jax.models.dual_encoder import l2_normalize
 
 TEMPERATURE_RANGE = (0.01, 1.0)
 DEFAULT_MARGIN = 0.2
@@ -116,7 +122,7 @@ def make_loss_fn(
 
     def unsharded(audio_emb, text_emb, clip_ids, loss_params):
       _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=1)
-      audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
+      audio, text = l2_normalize(audio_emb), l2_normalize(text_emb)
       return loss.share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0), loss_params, fixed)
 
     return unsharded
@@ -148,7 +154,7 @@ def make_loss_fn(
   share = ring_share if chunked else gathered_share
 
   def per_device(audio_emb, text_emb, clip_ids, loss_params):
-    audio, text = _l2_normalise(audio_emb), _l2_normalise(text_emb)
+    audio, text = l2_normalize(audio_emb), l2_normalize(text_emb)
     return jax.lax.psum(share(audio, text, clip_ids, loss_params), axis)
 
   sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P()), out_specs=P())
@@ -162,7 +168,8 @@ def make_loss_fn(
 
 def init_loss_params(name: str, *, learnable: bool, **initial: Any) -> dict[str, jax.Array]:
   """Trainable parameters of a loss, ``{}`` unless ``learnable``; ``initial`` holds the starting hyper-parameters
-  (``temperature`` for ntxent/infonce, default 0.07; ``scale``, ``bias`` for siglip, default 10 and -10)."""
+  (``temperature`` for ntxent/infonce, default 0.07, and for infonce_multi, default 0.05; ``scale``, ``bias`` for
+  siglip, default 10 and -10)."""
   loss = _loss_def(name)
   _check_fixed(name, loss, initial)
   if not learnable:
@@ -174,14 +181,14 @@ def init_loss_params(name: str, *, learnable: bool, **initial: Any) -> dict[str,
 
 def make_loss_fn_from_config(loss_config, mesh: jax.sharding.Mesh | None, axis: str = "data") -> LossFn:
   """``make_loss_fn`` for ``config.loss``: its name, the hyper-parameters that loss takes, and siglip_chunked."""
-  chunked = loss_config.name == "siglip" and bool(loss_config.get("siglip_chunked", False))
+  chunked = loss_config.name == "siglip" and bool(loss_config.siglip_chunked)
   return make_loss_fn(loss_config.name, mesh, axis, chunked=chunked, **_config_hyper_parameters(loss_config))
 
 
 def init_loss_params_from_config(loss_config) -> dict[str, jax.Array]:
   """``init_loss_params`` for ``config.loss`` (learnable per ``learnable_temperature`` / ``siglip_learnable``)."""
   learnable_key = _LEARNABLE_CONFIG_KEY.get(loss_config.name)
-  learnable = learnable_key is not None and bool(loss_config.get(learnable_key, False))
+  learnable = learnable_key is not None and bool(loss_config[learnable_key])
   return init_loss_params(loss_config.name, learnable=learnable, **_config_hyper_parameters(loss_config))
 
 
@@ -251,6 +258,24 @@ def _cross_entropy_share(mask_same_clip: bool) -> Callable[[_Rows, dict, dict], 
   return share
 
 
+def _multi_positive_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Array:
+  """-0.5 sum over both directions and the local rows' same-clip pairs of log softmax(S / tau), over |P|."""
+  temperature = _temperature("infonce_multi", loss_params, fixed)
+  total = 0.0
+  for q in _directions(rows):
+    logits = q.scores / temperature
+    log_probability = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+    total = total + jnp.sum(jnp.where(q.same_clip, log_probability, 0.0))
+  return -0.5 * total / _same_clip_pair_count(rows.all_clip_ids)
+
+
+def _same_clip_pair_count(clip_ids: jax.Array) -> jax.Array:
+  """|P| = number of (i, j) with clip_ids[i] == clip_ids[j] (sum of squared clip counts), without a B x B array."""
+  ordered = jnp.sort(clip_ids)
+  count_of_own_clip = jnp.searchsorted(ordered, ordered, side="right") - jnp.searchsorted(ordered, ordered)
+  return jnp.sum(count_of_own_clip)
+
+
 def _siglip_pair_block(audio, text, audio_ids, text_ids, loss_params: dict, fixed: dict) -> jax.Array:
   """Sum over the pairs of an (audio block) x (caption block) of softplus(-z (t S + b))."""
   scale, bias = _siglip_scale_bias(loss_params, fixed)
@@ -271,6 +296,10 @@ def _init_temperature_params(*, temperature: float = 0.07) -> dict[str, jax.Arra
   return {"log_temperature": jnp.asarray(math.log(temperature), jnp.float32)}
 
 
+def _init_abs_temperature_params(*, temperature: float = 0.05) -> dict[str, jax.Array]:
+  return {"tau": jnp.asarray(temperature, jnp.float32)}
+
+
 def _init_siglip_params(*, scale: float = 10.0, bias: float = -10.0) -> dict[str, jax.Array]:
   return {"log_scale": jnp.asarray(math.log(scale), jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
 
@@ -282,18 +311,22 @@ _LOSSES: dict[str, _LossDef] = {
   "triplet_weighted": _LossDef(_triplet_weighted_share, _TRIPLET_KEYS, None),
   "ntxent": _LossDef(_cross_entropy_share(mask_same_clip=False), frozenset({"temperature"}), _init_temperature_params),
   "infonce": _LossDef(_cross_entropy_share(mask_same_clip=True), frozenset({"temperature"}), _init_temperature_params),
+  "infonce_multi": _LossDef(_multi_positive_share, frozenset({"temperature"}), _init_abs_temperature_params),
   "siglip": _LossDef(_siglip_share, frozenset({"scale", "bias"}), _init_siglip_params, _siglip_pair_block),
 }
-# config.loss keys: hyper-parameter -> key, and loss -> the key that makes its hyper-parameters learnable.
+# config.loss keys: hyper-parameter -> key, (loss, hyper-parameter) -> key where a loss has a key of its own, and
+# loss -> the key that makes its hyper-parameters learnable.
 _HYPER_PARAMETER_CONFIG_KEY = {
   "margin": "margin",
   "temperature": "temperature",
   "scale": "siglip_scale",
   "bias": "siglip_bias",
 }
+_OWN_HYPER_PARAMETER_CONFIG_KEY = {("infonce_multi", "temperature"): "multi_positive_temperature"}
 _LEARNABLE_CONFIG_KEY = {
   "ntxent": "learnable_temperature",
   "infonce": "learnable_temperature",
+  "infonce_multi": "learnable_temperature",
   "siglip": "siglip_learnable",
 }
 
@@ -309,11 +342,13 @@ def _loss_def(name: str) -> _LossDef:
 
 def _config_hyper_parameters(loss_config) -> dict[str, Any]:
   """The hyper-parameters of loss ``loss_config.name`` that ``loss_config`` sets (``config.loss.<key>``)."""
-  keys = _loss_def(loss_config.name).fixed_keys
+  name = loss_config.name
+  config_keys = {
+    key: _OWN_HYPER_PARAMETER_CONFIG_KEY.get((name, key), _HYPER_PARAMETER_CONFIG_KEY[key])
+    for key in sorted(_loss_def(name).fixed_keys)
+  }
   return {
-    key: loss_config[_HYPER_PARAMETER_CONFIG_KEY[key]]
-    for key in sorted(keys)
-    if loss_config.get(_HYPER_PARAMETER_CONFIG_KEY[key]) is not None
+    key: loss_config[config_key] for key, config_key in config_keys.items() if loss_config.get(config_key) is not None
   }
 
 
@@ -335,18 +370,20 @@ def _check_fixed(name: str, loss: _LossDef, fixed: dict[str, Any]) -> None:
 def _temperature(name: str, loss_params: dict, fixed: dict) -> jax.Array | float:
   if "log_temperature" in loss_params:
     return jnp.clip(jnp.exp(loss_params["log_temperature"]), *TEMPERATURE_RANGE)
+  if "tau" in loss_params:
+    return jnp.abs(loss_params["tau"])
   if "temperature" in fixed:
     return fixed["temperature"]
   raise ValueError(
     f"loss {name!r} needs a temperature: pass temperature=... (fixed) or "
-    f"loss_params['log_temperature'] (learnable, from init_loss_params)"
+    "loss_params from init_loss_params(learnable=True)"
   )
 
 
 def learnable_values(loss_params: dict) -> dict[str, jax.Array]:
-  """The values the loss uses for its learnable hyper-parameters (for logging): ``temperature`` (clipped as in
-  the loss) or ``siglip_scale`` and ``siglip_bias``; ``{}`` when nothing is learnt."""
-  if "log_temperature" in loss_params:
+  """The values the loss uses for its learnable hyper-parameters (for logging): ``temperature`` (clipped or |tau|
+  as in the loss) or ``siglip_scale`` and ``siglip_bias``; ``{}`` when nothing is learnt."""
+  if "log_temperature" in loss_params or "tau" in loss_params:
     return {"temperature": _temperature("", loss_params, {})}
   if "log_scale" in loss_params:
     scale, bias = _siglip_scale_bias(loss_params, {})
@@ -382,8 +419,3 @@ def _check_batch(name: str, audio_emb: jax.Array, text_emb: jax.Array, clip_ids:
 
 def _scores(queries: jax.Array, candidates: jax.Array) -> jax.Array:
   return jnp.einsum("qd,cd->qc", queries, candidates, precision=jax.lax.Precision.HIGHEST)
-
-
-def _l2_normalise(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))

@@ -20,7 +20,9 @@ Conventions (both directions):
 
 Cost: the two score products (captions x clips for t2a, clips x captions for a2t, each in row blocks by BLAS) plus
 one comparison pass per block for t2a and one per relevant-caption slot for a2t; ``score_blocks`` is the bare
-product loop (the floor that scripts/benchmark_eval.py compares against).
+product loop (the floor that scripts/benchmark_eval.py compares against). ``relevant_positions`` and
+``average_precision_at`` (positions and AP@k of several relevant candidates per query) also serve the graded t2a
+metrics of ``atr_jax.relevance``.
 """
 
 from __future__ import annotations
@@ -148,26 +150,39 @@ def _audio_to_text_ranks(
   FRACTION_RECALL_KS (see module docstring)."""
   clips, table = _captions_by_clip(owner, audio.shape[0])
   n_relevant = np.count_nonzero(table >= 0, axis=1)
-  hit_number = np.arange(1, table.shape[1] + 1)  # j
-  is_relevant = hit_number[None, :] <= n_relevant[:, None]  # valid slots after a descending sort
+  is_relevant = np.arange(1, table.shape[1] + 1)[None, :] <= n_relevant[:, None]  # valid slots of relevant_positions
   best = np.empty(clips.size, np.int64)
   average_precision = np.empty(clips.size, np.float64)
   fraction_recall = [np.empty(clips.size, np.float64) for _ in FRACTION_RECALL_KS]
   for block, scores in score_blocks(audio, text, block_size, query_rows=clips):  # (b, N_t)
-    relevant = np.take_along_axis(scores, np.maximum(table[block], 0), axis=1)
-    relevant = -np.sort(-np.where(table[block] >= 0, relevant, -np.inf), axis=1)  # descending, padding last
-    at_or_above = np.stack(
-      [np.count_nonzero(scores >= relevant[:, j, None], axis=1) for j in range(relevant.shape[1])], axis=1
-    )
-    relevant_at_or_above = (relevant[:, None, :] >= relevant[:, :, None]).sum(axis=2)
-    position = hit_number + at_or_above - relevant_at_or_above  # p_j
+    position = relevant_positions(scores, table[block])
     best[block] = position[:, 0]
-    counted = is_relevant[block] & (position <= 10)
-    precision = np.where(counted, hit_number / position, 0.0)
-    average_precision[block] = precision.sum(axis=1) / n_relevant[block]
+    average_precision[block] = average_precision_at(position, n_relevant[block], 10)
     for k, recall in zip(FRACTION_RECALL_KS, fraction_recall):
       recall[block] = np.count_nonzero(is_relevant[block] & (position <= k), axis=1) / n_relevant[block]
   return best, average_precision, fraction_recall
+
+
+def relevant_positions(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+  """Pessimistic 1-based positions p_j [b, K] of the relevant candidates of each query row of ``scores`` [b, N].
+
+  ``relevant`` [b, K] holds each query's relevant candidate indices, padded with -1 (any order); column j of the
+  result is the position of the (j+1)-th best relevant candidate (see module docstring), padding slots last (their
+  values are meaningless).
+  """
+  values = np.take_along_axis(scores, np.maximum(relevant, 0), axis=1)
+  values = -np.sort(-np.where(relevant >= 0, values, -np.inf), axis=1)  # descending, padding last
+  at_or_above = np.stack([np.count_nonzero(scores >= values[:, j, None], axis=1) for j in range(values.shape[1])], 1)
+  relevant_at_or_above = (values[:, None, :] >= values[:, :, None]).sum(axis=2)
+  return np.arange(1, values.shape[1] + 1) + at_or_above - relevant_at_or_above
+
+
+def average_precision_at(position: np.ndarray, n_relevant: np.ndarray, k: int) -> np.ndarray:
+  """AP@k [b] = sum_{j <= n_relevant, p_j <= k} (j / p_j) / n_relevant of positions [b, K] from
+  ``relevant_positions`` (slots past a query's n_relevant are padding)."""
+  hit_number = np.arange(1, position.shape[1] + 1)  # j
+  counted = (hit_number[None, :] <= n_relevant[:, None]) & (position <= k)
+  return np.where(counted, hit_number / position, 0.0).sum(axis=1) / n_relevant
 
 
 def _summary(direction: str, ranks: np.ndarray, average_precision: np.ndarray) -> dict[str, float]:

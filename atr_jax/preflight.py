@@ -8,9 +8,7 @@ import ml_collections
 
 from atr_jax.models.hf_hub import resolve_model_dir
 from atr_jax.models.panns import CONVERT_COMMAND, SCRATCH, audio_init_dir
-from data_pipelines import audiocaps, clotho, datasets
-
-_CSV_PATH = {"clotho": clotho.captions_csv_path, "audiocaps": audiocaps.captions_csv_path}
+from data_pipelines import datasets, layouts
 
 
 def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
@@ -26,14 +24,16 @@ def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
 
 
 def _check_split_source(dataset: str, raw_dir: str, split: str, key: str) -> None:
-  if split == clotho.RETRIEVAL_SPLIT and dataset == "clotho":
-    path = os.path.join(raw_dir, clotho.RETRIEVAL_AUDIO_DIR)
-    exists = os.path.isdir(path)
-  else:
-    path = _CSV_PATH[dataset](raw_dir, split)
-    exists = os.path.isfile(path)
-  if not exists:
-    raise FileNotFoundError(f"{key}={split!r}: {path} does not exist (the {dataset} layout of {raw_dir})")
+  layout = layouts.find(dataset, raw_dir)
+  where = (
+    f"the {layout.name} {dataset} layout of {raw_dir}"
+    if layout.present()
+    else f"{raw_dir} is in no {dataset} layout: looked for {layouts.looked_for(dataset, raw_dir)}"
+  )
+  if split not in layout.splits:
+    raise ValueError(f"{key}={split!r} is not a split of {where} (its splits: {list(layout.splits)})")
+  if not layout.splits[split].present():
+    raise FileNotFoundError(f"{key}={split!r}: {layout.splits[split].path} does not exist ({where})")
 
 
 def check_data_paths(data_config: ml_collections.ConfigDict, *, training: bool) -> None:
@@ -61,5 +61,8 @@ def check(config: ml_collections.ConfigDict, *, training: bool) -> None:
   """Every path a training (or, with training=False, a test-only) run needs. Raw data is checked by process 0 only,
   the process that prepares it."""
   check_model_paths(config.model)
+  relevance_csv = os.path.expanduser(config.eval.relevance_csv)
+  if relevance_csv and not os.path.isfile(relevance_csv):
+    raise FileNotFoundError(f"config.eval.relevance_csv={config.eval.relevance_csv!r}: {relevance_csv} does not exist")
   if jax.process_index() == 0:
     check_data_paths(config.data, training=training)

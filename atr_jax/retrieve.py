@@ -35,10 +35,9 @@ import tqdm  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
-from atr_jax.atomic_files import write_atomically, write_text_atomically  # noqa: E402
+from atr_jax.atomic_files import write_atomically, write_folder_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
-from atr_jax.train import CONFIG_FILE  # noqa: E402
 from data_pipelines import extraction, features, input_pipeline  # noqa: E402
 
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -52,7 +51,7 @@ class Retriever:
 
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    config_path = os.path.join(self.workdir, CONFIG_FILE)
+    config_path = os.path.join(self.workdir, checkpointing.CONFIG_FILE)
     if not os.path.isfile(config_path):
       raise FileNotFoundError(f"{config_path} is missing: {self.workdir} is not a training workdir of atr_jax")
     with open(config_path) as f:
@@ -63,7 +62,7 @@ class Retriever:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first")
     state = checkpointing.restore_on_one_device(manager, self.step)
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
-    self.tokenize = tokenization.CaptionTokenizer.from_config(self.config)
+    self.encode_captions = tokenization.caption_encoder(self.config)
     self._embedder = evaluation.Embedder(build_model(self.config.model), sharding.create_mesh())
     logging.info("Loaded %s at step %d", self.workdir, self.step)
 
@@ -158,7 +157,7 @@ class Retriever:
       self._embedder,
       self.variables,
       list(texts),
-      tokenize=self.tokenize,
+      encode_captions=self.encode_captions,
       global_batch_size=self._batch_size(min(batch_size, len(texts))),
     )
 
@@ -218,20 +217,13 @@ def index_folder(
 
 def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dict) -> None:
   """Writes the index atomically: a killed run leaves the previous index (or none), never half of one."""
-  tmp = index_dir.rstrip("/") + ".tmp"
-  os.makedirs(tmp, exist_ok=True)
-  np.save(os.path.join(tmp, EMBEDDINGS_FILE), embeddings.astype(np.float32))
-  with open(os.path.join(tmp, FILES_FILE), "w") as f:
-    json.dump({"files": files, **source}, f, indent=1)
-  if os.path.isdir(index_dir):
-    old = index_dir.rstrip("/") + ".old"
-    os.replace(index_dir, old)
-    os.replace(tmp, index_dir)
-    for name in os.listdir(old):
-      os.remove(os.path.join(old, name))
-    os.rmdir(old)
-  else:
-    os.replace(tmp, index_dir)
+
+  def write(folder: str) -> None:
+    np.save(os.path.join(folder, EMBEDDINGS_FILE), embeddings.astype(np.float32))
+    with open(os.path.join(folder, FILES_FILE), "w") as f:
+      json.dump({"files": files, **source}, f, indent=1)
+
+  write_folder_atomically(index_dir, write)
 
 
 def read_index(index_dir: str) -> tuple[np.ndarray, list]:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from atr_jax.atomic_files import write_atomically
 from atr_jax.metrics import score_blocks
 
 SUBMISSION_TOP_K = 10
@@ -49,9 +50,11 @@ def write_submission(
   top = top_k_clips(text_emb, audio_emb, SUBMISSION_TOP_K, block_size)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+
+  def write(f) -> None:
     writer = csv.writer(f)
     writer.writerow(["caption"] + [f"fname_{i}" for i in range(1, SUBMISSION_TOP_K + 1)])
     for caption, clips in zip(captions, top):
       writer.writerow([caption] + [file_names[c] for c in clips])
-  os.replace(path + ".tmp", path)
+
+  write_atomically(path, write, text=True)

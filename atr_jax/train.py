@@ -21,15 +21,26 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from atr_jax import checkpointing, console, evaluation, losses, preflight, sharding, summaries, tokenization, watchdog
+from atr_jax import (
+  checkpointing,
+  console,
+  evaluation,
+  losses,
+  preflight,
+  relevance,
+  sharding,
+  summaries,
+  tokenization,
+  watchdog,
+)
 from atr_jax.atomic_files import write_text_atomically
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
-from atr_jax.models.dual_encoder import AUDIO_MAX_FRAMES, build_model
+from atr_jax.models.dual_encoder import build_model
+from atr_jax.models.registry import audio_tower
 from data_pipelines import datasets, input_pipeline
 
-CONFIG_FILE = "config.json"  # The run's config, saved in the workdir.
 # The keys that fix the training data's order and the step count: a run resumed with another value of one of
 # them would not continue the run it resumes.
 RESUME_KEYS = (
@@ -171,6 +182,7 @@ class _Setup:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, training: bool = True):
     preflight.check(config, training=training)  # Missing folders and files fail here, before any work.
+    input_pipeline.leave_accelerators_to_jax()
     self.config = config
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(self.workdir, exist_ok=True)
@@ -195,8 +207,8 @@ class _Setup:
         "config.eval.selection_metric='loss': selection keeps the highest value; choose a retrieval "
         "metric such as t2a_mAP10"
       )
-    self.num_input_shards = config.data.get("num_input_shards", 0) or jax.process_count()
-    self.accum_steps = config.train.get("grad_accum_steps", 1)
+    self.num_input_shards = config.data.num_input_shards or jax.process_count()
+    self.accum_steps = config.train.grad_accum_steps
     per_device = config.train.global_batch_size // jax.device_count()
     if self.accum_steps < 1 or per_device % self.accum_steps:
       raise ValueError(
@@ -210,7 +222,7 @@ class _Setup:
     self.steps_per_epoch = (
       input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size) if training else 1
     )
-    self.tokenize = tokenization.CaptionTokenizer.from_config(config)
+    self.encode_captions = tokenization.caption_encoder(config)
     self.model = build_model(config.model)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
     # rbg keys compile the many random draws of parameter init ~5x faster on CPU; threefry drives training.
@@ -237,19 +249,25 @@ class _Setup:
       variables,
       self.builder,
       split,
-      tokenize=self.tokenize,
+      encode_captions=self.encode_captions,
       global_batch_size=self.config.eval.batch_size,
-      max_frames=AUDIO_MAX_FRAMES[self.config.model.audio.arch],
+      max_frames=audio_tower(self.config.model.audio).max_frames,
     )
 
   def evaluate(self, state, split: str) -> dict:
+    """Retrieval metrics of `split`, with the graded ones of eval.relevance_csv (which describes the test split)."""
     emb = self.embed(state, split)
-    return retrieval_metrics(emb.audio, emb.text, emb.caption_clip_ids)
+    metrics = retrieval_metrics(emb.audio, emb.text, emb.caption_clip_ids)
+    if self.config.eval.relevance_csv and split == self.config.data.test_split:
+      table = relevance.read_relevance_csv(os.path.expanduser(self.config.eval.relevance_csv))
+      metrics.update(relevance.graded_metrics(emb.text @ emb.audio.T, emb.captions, emb.file_names, table))
+    return metrics
 
   def train_batches(self, epoch: int, skip_batches: int):
-    """This process's numpy slices of the global batches of `epoch`, from batch `skip_batches` on."""
+    """This process's model-ready numpy slices of the global batches of `epoch`, from batch `skip_batches` on."""
     return input_pipeline.process_train_batches(
       self.sources,
+      encode_captions=self.encode_captions,
       global_batch_size=self.config.train.global_batch_size,
       num_shards=self.num_input_shards,
       process_index=jax.process_index(),
@@ -297,7 +315,7 @@ def _changed_resume_keys(config: ml_collections.ConfigDict, workdir: str) -> lis
   checkpoint to resume; [] otherwise."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   checkpoints = os.path.join(workdir, "checkpoints")
-  config_path = os.path.join(workdir, CONFIG_FILE)
+  config_path = os.path.join(workdir, checkpointing.CONFIG_FILE)
   if not (
     os.path.isfile(config_path)
     and os.path.isdir(checkpoints)
@@ -333,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     logging.warning("Resuming %s with a changed config (--allow_config_change): %s", workdir, "; ".join(changed))
   setup = _Setup(config, workdir)
   if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
-    write_text_atomically(os.path.join(setup.workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+    write_text_atomically(os.path.join(setup.workdir, checkpointing.CONFIG_FILE), config.to_json_best_effort(indent=2))
   state, shardings = setup.fresh_state()
   latest = setup.manager.latest_step()
   if latest is not None:
@@ -359,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   )
   val_loss_fn = jax.jit(losses.make_loss_fn_from_config(config.loss, None))
   total_steps = setup.steps_per_epoch * config.train.num_epochs
-  checkpoint_every = config.train.get("checkpoint_every_steps", 0)
+  checkpoint_every = config.train.checkpoint_every_steps
   step = int(state.step)
   console.phase(
     "Training: %d epochs x %d steps of %d pairs (crops of %d frames) on %d devices (%d processes, %d "
@@ -378,11 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   stall_watchdog = watchdog.StepWatchdog.for_this_job()  # Multi-process: a stalled step ends with an error.
   for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):
     for local in setup.train_batches(epoch, skip_batches=step - epoch * setup.steps_per_epoch):
-      tokens = setup.tokenize(local["caption"])
-      batch = sharding.global_batch(
-        {"log_mel": local["log_mel"], "frame_mask": local["frame_mask"], "clip_id": local["clip_id"], **tokens},
-        setup.mesh,
-      )
+      batch = sharding.global_batch(local, setup.mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       stall_watchdog.dispatched(step, metrics)
@@ -423,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
       raise KeyError(
         f"config.eval.selection_metric={config.eval.selection_metric!r} is not one of {sorted(val_metrics)}"
       )
-    if config.optim.get("schedule", "step") == "plateau":
+    if config.optim.schedule == "plateau":
       state = reduce_on_plateau(state, val_metrics["loss"], config.optim)
       val_metrics["lr_scale"] = float(state.lr_scale)
     writer.write_scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})

@@ -13,8 +13,7 @@ import optax
 from flax.training import train_state
 
 from atr_jax import losses, sharding
-from atr_jax.models import panns
-from atr_jax.models.dual_encoder import load_pretrained_text, with_frozen_towers_in_inference
+from atr_jax.models.dual_encoder import load_pretrained, with_frozen_towers_in_inference
 
 FREEZABLE = ("audio", "text", "audio_head", "text_head")
 OPTIMIZERS = ("adam", "adamw")
@@ -62,7 +61,7 @@ def make_schedule(
   optim_config: ml_collections.ConfigDict, learning_rate: float, steps_per_epoch: int, num_epochs: int
 ) -> optax.Schedule:
   """The learning rate per step for `optim.schedule` (reduce-on-plateau is a constant here, scaled in the state)."""
-  name = optim_config.get("schedule", "step")
+  name = optim_config.schedule
   if name == "step":
     return optax.exponential_decay(
       init_value=learning_rate,
@@ -84,11 +83,11 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int
   top-level model subtree gets a label: 'frozen' (listed in `optim.frozen`: gradients zeroed before clipping, no
   update, no Adam state), 'text' (the BERT body, when `optim.text_learning_rate` is set: its own optimizer) or
   'rest'. AdamW decays only matrices and kernels (ndim >= 2), not biases or norms. Returns (tx, main schedule)."""
-  frozen = tuple(optim_config.get("frozen", ()))
+  frozen = tuple(optim_config.frozen)
   unknown = sorted(set(frozen) - set(FREEZABLE))
   if unknown:
     raise ValueError(f"optim.frozen holds {unknown}; freezable subtrees are {FREEZABLE}")
-  name = optim_config.get("name", "adam")
+  name = optim_config.name
   if name not in OPTIMIZERS:
     raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")
 
@@ -129,24 +128,11 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, steps_per_epoch: int
   return optax.chain(*parts, optax.multi_transform(updates, labels)), schedule
 
 
-def _load_audio_init(state: TrainState, directory: str) -> TrainState:
-  """`state` with the audio tower's params and batch_stats replaced by the converted weights in `directory`."""
-  audio = {"params": state.params["model"]["audio"], "batch_stats": state.batch_stats["audio"]}
-  loaded = panns.load_audio_variables(directory, audio)
-  placed = sharding.place_like(loaded, audio)
-  model_params = {**state.params["model"], "audio": placed["params"]}
-  return state.replace(
-    params={**state.params, "model": model_params}, batch_stats={**state.batch_stats, "audio": placed["batch_stats"]}
-  )
-
-
 def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):
   """A train state (params = {'model', 'loss'}) sharded as `train.param_sharding` says, and its shardings;
   pretrained text weights loaded, and the audio tower from `model.audio.init_from` unless "scratch". The state's
   apply_fn runs frozen towers (optim.frozen) in inference mode when `model.frozen_in_inference_mode` is True."""
-  model = with_frozen_towers_in_inference(
-    model, tuple(config.optim.get("frozen", ())), config.model.get("frozen_in_inference_mode", True)
-  )
+  model = with_frozen_towers_in_inference(model, tuple(config.optim.frozen), config.model.frozen_in_inference_mode)
   frames = 64  # Any length: no parameter depends on it.
   dummy = (
     np.zeros((1, frames, 64), np.float32),
@@ -162,20 +148,15 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):
       apply_fn=model.apply,
       params={"model": variables["params"], "loss": loss_params},
       tx=tx,
-      batch_stats=variables["batch_stats"],
+      batch_stats=variables.get("batch_stats", {}),  # Towers without BatchNorm have none.
       lr_scale=jnp.float32(1.0),
       best_val_loss=jnp.float32(np.inf),
       epochs_without_improvement=jnp.int32(0),
     )
 
-  shardings = sharding.state_shardings(
-    jax.eval_shape(init, rng), mesh, config.train.get("param_sharding", "replicated")
-  )
+  shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, config.train.param_sharding)
   state = jax.jit(init, out_shardings=shardings)(rng)
-  if config.model.text.pretrained:  # Adam's moments are zeros of the same shapes: only params change.
-    model_params = load_pretrained_text(state.params["model"], config.model)
-    state = state.replace(params={**state.params, "model": model_params})
-  audio_init = panns.audio_init_dir(config.model)
-  if audio_init is not None:
-    state = _load_audio_init(state, audio_init)
+  # Adam's moments are zeros of the same shapes: only params and batch_stats change.
+  variables = load_pretrained({"params": state.params["model"], "batch_stats": state.batch_stats}, config.model)
+  state = state.replace(params={**state.params, "model": variables["params"]}, batch_stats=variables["batch_stats"])
   return state, shardings

@@ -60,6 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # "scratch" = random initialisation, deliberately.
   config.model.audio.init_from = "~/models/panns/cnn14"
   config.model.text = ml_collections.ConfigDict()
+  config.model.text.arch = "bert"  # Text tower: "bert" (HF BERT and RoBERTa folders, SPEC 4).
   # Local HF folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files) of a BERT or RoBERTa
   # model, or a hub name such as "bert-base-uncased" (downloaded where the network allows).
   config.model.text.model_dir = "~/models/bert-base-uncased"
@@ -76,10 +77,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.frozen_in_inference_mode = True
 
   config.loss = ml_collections.ConfigDict()
-  # One of triplet_max, triplet_sum, triplet_weighted, ntxent, infonce, siglip (SPEC 5, atr_jax/losses.py).
+  # One of triplet_max, triplet_sum, triplet_weighted, ntxent, infonce, siglip (SPEC 5), infonce_multi (SPEC 11:
+  # every caption of the same clip in the global batch is a positive); see atr_jax/losses.py.
   config.loss.name = "infonce"
   config.loss.temperature = 0.07  # ntxent / infonce: tau (the initial value when learnable).
-  config.loss.learnable_temperature = False  # ntxent / infonce: train log tau (CLIP style, clipped to [0.01, 1]).
+  # ntxent / infonce: train log tau (CLIP style, clipped to [0.01, 1]); infonce_multi: train tau itself.
+  config.loss.learnable_temperature = False
+  config.loss.multi_positive_temperature = 0.05  # infonce_multi: |tau| (the initial value when learnable).
   config.loss.margin = 0.2  # triplet_*: the margin m.
   config.loss.siglip_scale = 10.0  # siglip: scale t of the logits t*S + b (the initial value when learnable).
   config.loss.siglip_bias = -10.0  # siglip: bias b (the initial value when learnable).
@@ -126,4 +130,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.selection_metric = "t2a_mAP10"  # Validation metric (higher is better) that picks the best checkpoint.
   # Validation captions shown in TensorBoard after each epoch with their top-5 clips and the top hit's audio; 0: none.
   config.eval.num_retrieval_examples = 4
+  # DCASE 2025 graded relevance CSV (query,audio_filenames) of the test split: the test also reports
+  # t2a_mAP10_graded and t2a_mAP16_graded (SPEC 11) in results.json. "": none.
+  config.eval.relevance_csv = ""
   return config

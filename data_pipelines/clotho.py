@@ -1,27 +1,31 @@
-"""TFDS builder of a Clotho v2.1-layout folder (records and preparation: `clip_builder`), and `prepare`.
+"""TFDS builder of a Clotho v2.1 folder (records and preparation: `clip_builder`; where the files are: `layouts`), and
+`prepare`.
 
-Raw layout (SPEC section 7), read from the builder's `manual_dir`: `clotho_captions_<split>.csv` with columns
-`file_name,caption_1..caption_5` and the audio under `<split>/<file_name>`, for the splits development, validation
-and evaluation (a split is built when its CSV exists); and the DCASE retrieval split: every audio file of
-`retrieval_audio/` becomes a caption-less record of split `retrieval` (its `retrieval_captions.csv` holds queries,
-not clip captions, and is not read here).
+Read from the builder's `manual_dir`, in whichever of its layouts it is (native, aac-datasets or reference, detected
+and logged by `layouts`): for the splits development, validation and evaluation, a caption CSV with columns
+`file_name,caption_1..caption_5` and the folder of its audio (a split is built when its CSV exists); and the DCASE
+retrieval audio folder, every audio file of which becomes a caption-less record of split `retrieval` (the queries of
+`retrieval_captions.csv` are not clip captions and are not read here).
 """
 
 import os
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
-from data_pipelines import clip_builder, extraction
+from data_pipelines import clip_builder, extraction, layouts
 from data_pipelines.clip_builder import default_data_dir  # noqa: F401  (part of this module's API)
+from data_pipelines.layouts import CLOTHO_SPLITS as SPLITS
+from data_pipelines.layouts import RETRIEVAL_AUDIO_DIR  # noqa: F401  (part of this module's API)
+from data_pipelines.layouts import RETRIEVAL_SPLIT
 
-SPLITS = ("development", "validation", "evaluation")
-RETRIEVAL_SPLIT = "retrieval"
-RETRIEVAL_AUDIO_DIR = "retrieval_audio"
+NAME = "clotho"
 
 
 def captions_csv_path(raw_dir: str, split: str) -> str:
-  return os.path.join(raw_dir, f"clotho_captions_{split}.csv")
+  """The caption CSV of `split` in the layout of `raw_dir` (the native layout's when it is in none yet)."""
+  return layouts.find(NAME, raw_dir).splits[split].csv_path
 
 
 class Clotho(clip_builder.CaptionedClips, skip_registration=True):
@@ -44,22 +48,20 @@ class Clotho(clip_builder.CaptionedClips, skip_registration=True):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Download Clotho v2.1 (https://zenodo.org/records/4783391), extract the audio archives and put the "
     "clotho_captions_<split>.csv files next to the development/, validation/ and evaluation/ folders (and, for "
-    "the DCASE retrieval split, the retrieval_audio/ folder); pass that folder as the manual_dir."
+    "the DCASE retrieval split, the retrieval_audio/ folder); pass that folder as the manual_dir. The root of an "
+    "aac-datasets download (holding CLOTHO_v2.1/) and the reference's data/Clotho folder are read as they are."
   )
 
   def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[clip_builder.ClipRow]]:
-    csvs = self.captions_csvs(raw_dir)
-    retrieval_dir = os.path.join(raw_dir, RETRIEVAL_AUDIO_DIR)
-    if not csvs and not os.path.isdir(retrieval_dir):
-      raise FileNotFoundError(
-        f"{raw_dir} holds none of {[os.path.basename(captions_csv_path(raw_dir, s)) for s in SPLITS]}"
-      )
+    layout = layouts.detect(NAME, raw_dir)
+    logging.info("%s: %s is in the %s", NAME, raw_dir, layout.describe())
     tables = {}
-    for split, csv_path in csvs.items():
-      table = clip_builder.read_csv(csv_path, split, report)
-      tables[split] = clip_builder.file_name_table(table, os.path.join(raw_dir, split), split, report)
-    if os.path.isdir(retrieval_dir):
-      tables[RETRIEVAL_SPLIT] = clip_builder.folder_table(retrieval_dir, RETRIEVAL_SPLIT, report)
+    for split, source in layout.present_splits().items():
+      if source.csv_path is None:
+        tables[split] = clip_builder.folder_table(source.audio_dir, split, report)
+        continue
+      table = clip_builder.read_csv(source.csv_path, split, report)
+      tables[split] = clip_builder.file_name_table(table, source.audio_dir, split, report)
     return {
       split: clip_builder.unique_clips(rows, split, report, need_captions=split != RETRIEVAL_SPLIT)
       for split, rows in tables.items()

@@ -36,7 +36,9 @@ def prepare(
 
 def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
   if not data_config.raw_dir:
-    raise ValueError(f"config.data.raw_dir is empty: set it to a {data_config.dataset}-layout folder (see README)")
+    raise ValueError(
+      f"config.data.raw_dir is empty: set it to a {data_config.dataset} raw folder, in any of its layouts (see README)"
+    )
   if data_config.dataset not in DATASETS:
     raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: {DATASETS})")
   raw_dir = os.path.abspath(os.path.expanduser(data_config.raw_dir))

@@ -1,5 +1,8 @@
-"""tf.data pipelines over prepared dataset builders (one record per clip): training batches of (clip, caption)
-pairs, fixed-size evaluation batches of whole clips, and the caption tables that evaluation needs.
+"""tf.data pipelines over prepared dataset builders (one record per clip): model-ready training batches of (clip,
+caption) pairs, fixed-size evaluation batches of whole clips, and model-ready batches of any caption list.
+
+Captions become token ids here, through one `captions.CaptionEncoder` (cleaning + tokenizer), for training,
+evaluation and retrieval alike.
 
 Training: each input shard reads its even share of the clips (`tfds.split_for_jax_process`) of every source (one or
 more (builder, split) trained on together), shuffles them, flattens them to (clip, caption) pairs, shuffles the
@@ -21,16 +24,22 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from data_pipelines import captions as caption_text
 from data_pipelines import clip_builder, features
 
-try:
-  tf.config.set_visible_devices([], "GPU")  # The accelerators belong to JAX.
-except RuntimeError:  # TensorFlow was initialised before this import; its device choice stands.
-  logging.warning("TensorFlow already initialised: could not hide the GPUs from tf.data")
 
 DEFAULT_PAIR_SHUFFLE_BUFFER = 2048
 DEFAULT_CLIP_SHUFFLE_BUFFER = 4096
 MIN_PADDED_FRAMES = 64  # Shortest padded length of an embedded clip (`padded_frames`).
+
+
+def leave_accelerators_to_jax() -> None:
+  """Hides the GPUs from TensorFlow, so that tf.data neither allocates GPU memory nor initialises CUDA beside JAX.
+  The training, evaluation and retrieval entry points call it before their first tf.data pipeline."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TensorFlow's devices are already initialised; their choice stands.
+    logging.warning("TensorFlow already initialised: could not hide the GPUs from tf.data")
 
 
 def num_clips(builder: tfds.core.DatasetBuilder, split) -> int:
@@ -193,9 +202,17 @@ def train_dataset(
 
 
 def process_train_batches(
-  sources, *, global_batch_size: int, num_shards: int, process_index: int, process_count: int, **kwargs
+  sources,
+  *,
+  global_batch_size: int,
+  num_shards: int,
+  process_index: int,
+  process_count: int,
+  encode_captions: caption_text.CaptionEncoder,
+  **kwargs,
 ):
-  """Numpy iterator of this process's slices of the epoch's global batches.
+  """Iterator of this process's model-ready numpy slices of the epoch's global batches: `train_dataset`'s batches
+  with `caption` replaced by `input_ids` and `attention_mask` (int32 (b, max_len)) from `encode_captions`.
 
   The global batch is the concatenation of the `num_shards` input shards' batches in shard order; process p runs
   shards [p * k, (p + 1) * k) with k = num_shards / process_count and yields their concatenation, which is its
@@ -215,11 +232,37 @@ def process_train_batches(
     for shard in range(process_index * per_process, (process_index + 1) * per_process)
   ]
   if len(shards) == 1:
-    return shards[0].as_numpy_iterator()
-  zipped = tf.data.Dataset.zip(tuple(shards)).map(
-    lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0) for key in batches[0]}
-  )
-  return zipped.prefetch(2).as_numpy_iterator()
+    batches = shards[0]
+  else:
+    batches = (
+      tf.data.Dataset.zip(tuple(shards))
+      .map(lambda *parts: {key: tf.concat([part[key] for part in parts], axis=0) for key in parts[0]})
+      .prefetch(2)
+    )
+  return _with_tokens(batches.as_numpy_iterator(), encode_captions)
+
+
+def _with_tokens(batches, encode_captions: caption_text.CaptionEncoder):
+  for batch in batches:
+    yield {**{k: v for k, v in batch.items() if k != "caption"}, **encode_captions(batch["caption"])}
+
+
+def caption_batches(
+  captions: list,
+  encode_captions: caption_text.CaptionEncoder,
+  *,
+  global_batch_size: int,
+  process_index: int,
+  process_count: int,
+):
+  """(this process's model-ready slice of a global batch, number of real captions in that global batch) for
+  consecutive global batches of `captions` (the last one completed with empty captions, which the caller drops)."""
+  local_batch_size = global_batch_size // process_count
+  for start in range(0, len(captions), global_batch_size):
+    chunk = list(captions[start : start + global_batch_size])
+    lo = process_index * local_batch_size
+    local = (chunk + [""] * (global_batch_size - len(chunk)))[lo : lo + local_batch_size]
+    yield encode_captions(local), len(chunk)
 
 
 def padded_frames(num_frames: int) -> int:

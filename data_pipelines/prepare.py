@@ -4,24 +4,30 @@ skipped, and where the report is.
   python -m data_pipelines.prepare --dataset {clotho,audiocaps} --raw_dir RAW [--out_dir OUT]
       [--audiocaps_file_pattern '{youtube_id}.wav'] [--workers N]
 
-OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run continues where it stopped when started again;
-running it on a prepared OUT prepares again if the sources changed since (decoding only new and modified audio),
-else only prints the counts.
+RAW is the dataset's raw folder in any of its layouts (`layouts`: native, the root of an aac-datasets download, the
+reference's data/<Dataset>), detected and printed. OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run
+continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed
+since (decoding only new and modified audio), else only prints the counts.
 """
+
+import os
 
 from absl import app, flags
 
-from data_pipelines import audiocaps, clip_builder, datasets, extraction
+from data_pipelines import audiocaps, clip_builder, datasets, extraction, layouts
 
-_DATASET = flags.DEFINE_enum("dataset", "clotho", list(datasets.DATASETS), "Layout of raw_dir.")
-_RAW_DIR = flags.DEFINE_string("raw_dir", None, "Raw dataset folder (captions CSVs and audio folders).", required=True)
+_DATASET = flags.DEFINE_enum("dataset", "clotho", list(datasets.DATASETS), "Dataset in raw_dir.")
+_RAW_DIR = flags.DEFINE_string(
+  "raw_dir", None, "Raw dataset folder (caption CSVs and audio folders, in any layout: see README).", required=True
+)
 _OUT_DIR = flags.DEFINE_string(
   "out_dir", None, "Where the TFRecords go (default: a per-raw_dir folder under ~/.cache/atr_jax/prepared)."
 )
 _FILE_PATTERN = flags.DEFINE_string(
   "audiocaps_file_pattern",
   audiocaps.DEFAULT_FILE_PATTERN,
-  "AudioCaps official CSVs: audio file name made of {youtube_id}, {start_time} and {audiocap_id}.",
+  "AudioCaps official CSVs: audio file name made of {youtube_id}, {start_time} and {audiocap_id} (the default "
+  "stands for the layout's naming: aac-datasets names its files '{youtube_id}_{start_time}.flac').",
 )
 _WORKERS = flags.DEFINE_integer(
   "workers", None, "Feature-extraction processes (default: one per CPU core).", lower_bound=1
@@ -31,12 +37,15 @@ _WORKERS = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out_dir = _OUT_DIR.value or clip_builder.default_data_dir(_RAW_DIR.value)
+  raw_dir = os.path.expanduser(_RAW_DIR.value)
+  out_dir = _OUT_DIR.value or clip_builder.default_data_dir(raw_dir)
   builder = datasets.prepare(
-    _DATASET.value, _RAW_DIR.value, out_dir, audiocaps_file_pattern=_FILE_PATTERN.value, workers=_WORKERS.value
+    _DATASET.value, raw_dir, out_dir, audiocaps_file_pattern=_FILE_PATTERN.value, workers=_WORKERS.value
   )
   counts = builder.info.metadata["preparation"]
   print(f"{_DATASET.value} prepared in {builder.data_path}")
+  if os.path.isdir(raw_dir):
+    print(f"  from {raw_dir}, {layouts.detect(_DATASET.value, raw_dir).describe()}")
   for split in builder.info.splits:
     print(f"  {split}: {builder.info.splits[split].num_examples} clips, {counts[split]['captions_written']} captions")
   print(extraction.format_summary(_DATASET.value, counts))

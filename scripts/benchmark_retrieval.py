@@ -32,7 +32,6 @@ from atr_jax import checkpointing, sharding  # noqa: E402
 from atr_jax.models import panns  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.retrieve import Retriever, index_folder, top_k  # noqa: E402
-from atr_jax.train import CONFIG_FILE  # noqa: E402
 from atr_jax.train_state import create_train_state, make_optimizer  # noqa: E402
 from data_pipelines import features  # noqa: E402
 
@@ -56,7 +55,7 @@ def _fresh_workdir(config) -> str:
   state, _ = create_train_state(config, model, tx, sharding.create_mesh(), jax.random.key(0, impl="rbg"))
   manager = checkpointing.create_manager(workdir, config.eval.selection_metric)
   checkpointing.save(manager, 0, state, {config.eval.selection_metric: 0.0})
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+  with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort())
   return workdir
 

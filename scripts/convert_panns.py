@@ -4,16 +4,18 @@
 python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out ~/models/panns/cnn14
 
 The file is read with torch's weights-only unpickler (torch CPU needed here only). The tower is the one of
-configs/base.py for `--arch` (block-6 pooling does not change CNN14's parameters, so one conversion serves both).
+configs/base.py for `--arch` (an `AUDIO_TOWERS` name; its registry entry's `load` maps the file); block-6 pooling
+does not change CNN14's parameters, so one conversion serves both.
 """
 
 import argparse
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from atr_jax.models import panns
-from atr_jax.models.dual_encoder import AUDIO_ARCHS, build_audio_tower
+from atr_jax.models.registry import AUDIO_TOWERS, audio_tower
 from configs.base import get_base_config
 
 
@@ -25,23 +27,22 @@ def tower_variables_shape(tower) -> dict:
   )
 
 
-def convert(checkpoint: str, tower, out_dir: str) -> str:
-  """Reads `checkpoint`, maps it onto `tower`'s variables (ValueError listing every mismatch), writes them to
-  `out_dir`; returns the absolute output folder."""
-  state_dict = panns.read_panns_state_dict(checkpoint)
-  variables = panns.state_dict_to_variables(state_dict, tower_variables_shape(tower), checkpoint)
-  return panns.save_audio_variables(variables, out_dir)
+def convert(checkpoint: str, tower, out_dir: str, load: Callable[[str, dict], dict] = panns.load) -> str:
+  """Maps `checkpoint` onto `tower`'s variables with `load` (the tower's registry entry's; PANNs by default: a
+  ValueError lists every mismatch), writes them to `out_dir`; returns the absolute output folder."""
+  return panns.save_audio_variables(load(checkpoint, tower_variables_shape(tower)), out_dir)
 
 
 def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help='PANNs .pth file ({"model": state_dict, ...})')
-  parser.add_argument("--arch", required=True, choices=AUDIO_ARCHS)
+  parser.add_argument("--arch", required=True, choices=tuple(AUDIO_TOWERS))
   parser.add_argument("--out", required=True, help="output folder (orbax); replaced if present")
   args = parser.parse_args(argv)
   audio_config = get_base_config().model.audio
   audio_config.arch = args.arch
-  out_dir = convert(args.checkpoint, build_audio_tower(audio_config), args.out)
+  tower = audio_tower(audio_config)
+  out_dir = convert(args.checkpoint, tower.build(audio_config), args.out, tower.load)
   print(f"Wrote the {args.arch} audio tower variables to {out_dir}")
   return out_dir
 

@@ -8,4 +8,6 @@ python -m pip install --quiet --disable-pip-version-check --root-user-action=ign
 python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps -e .
 if [[ "${1:-}" == "--test" ]]; then
   python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements-test.txt
+  # PaSST's PyTorch reference for the parity tests; --no-deps: its timm/torchaudio would replace the CPU torch.
+  python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps hear21passt==0.0.26
 fi

@@ -192,9 +192,9 @@ def build_from_config(config: ml_collections.ConfigDict) -> TrainStep:
   tower, BERT text tower from the config.json of model.text.model_dir, loss ntxent or infonce with a fixed
   temperature, optim.learning_rate, optim.grad_clip_norm)."""
   audio = config.model.audio
-  if audio.get("arch", "cnn14") != "cnn14":
+  if audio.arch != "cnn14":
     raise ValueError(f"model.audio.arch {audio.arch!r}: the torch reference has CNN14 only")
-  if config.loss.get("learnable_temperature", False):
+  if config.loss.learnable_temperature:
     raise ValueError("loss.learnable_temperature: the torch reference has a fixed temperature only")
   tower = Cnn14(tuple(audio.channels), tuple(audio.last_pool), audio.dropout, audio.spec_augment)
   text = transformers.BertModel(text_config(config.model.text.model_dir, config.model.text.dropout))

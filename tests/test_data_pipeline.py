@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_pipelines import clip_builder, clotho, extraction, features, input_pipeline
+from data_pipelines import captions, clip_builder, clotho, extraction, features, input_pipeline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FRAMES = 150
@@ -347,41 +347,79 @@ def test_eval_clip_longer_than_the_tower_supports_is_an_error(builder):
   assert longest == 301
 
 
-def test_training_and_evaluation_tokenize_the_same_text(builder):
-  """Token ids of real training batches (what tf.data hands over: bytes) equal those of the evaluation path for
-  the same (clip, caption) pairs, quotes, punctuation and non-ASCII captions included."""
+@pytest.fixture(scope="module")
+def encode_captions():
+  """The caption path of a MiniLM config: reference cleaning, then MiniLM's tokenizer, 24 tokens."""
   from atr_jax.models.bert import minilm_dir
-  from atr_jax.tokenization import CaptionTokenizer, load_tokenizer
+  from atr_jax.tokenization import load_tokenizer
 
-  tokenize = CaptionTokenizer(load_tokenizer(minilm_dir()), max_len=24, cleaning="reference")
-  captions, clip_ids, _ = input_pipeline.eval_captions(builder, "development")
-  assert {SPECIAL_CAPTIONS["d1.wav"], SPECIAL_CAPTIONS["d5.wav"]} <= set(captions)
-  expected = collections.Counter(zip(clip_ids.tolist(), map(tuple, tokenize(captions)["input_ids"].tolist())))
+  return captions.CaptionEncoder(load_tokenizer(minilm_dir(), 24), "reference")
+
+
+def test_training_and_evaluation_tokenize_the_same_text(builder, encode_captions):
+  """Token ids of real training batches (model-ready from the input pipeline, whose captions tf.data hands over as
+  bytes) equal those of the evaluation and retrieval path (`caption_batches`) for the same (clip, caption) pairs,
+  quotes, punctuation and non-ASCII captions included; and they are transformers' AutoTokenizer ids of the
+  cleaned text."""
+  import transformers
+
+  from atr_jax.models.bert import minilm_dir
+
+  eval_captions, clip_ids, _ = input_pipeline.eval_captions(builder, "development")
+  assert {SPECIAL_CAPTIONS["d1.wav"], SPECIAL_CAPTIONS["d5.wav"]} <= set(eval_captions)
   batches = list(
+    input_pipeline.caption_batches(
+      eval_captions, encode_captions, global_batch_size=16, process_index=0, process_count=1
+    )
+  )
+  ids = np.concatenate([local["input_ids"][:count] for local, count in batches])
+  expected = collections.Counter(zip(clip_ids.tolist(), map(tuple, ids.tolist())))
+  train_batches = list(
     input_pipeline.process_train_batches(
       [(builder, "development")],
       global_batch_size=8,
       num_shards=1,
       process_index=0,
       process_count=1,
+      encode_captions=encode_captions,
       max_frames=MAX_FRAMES,
       seed=3,
       epoch=0,
     )
   )
+  assert "caption" not in train_batches[0] and train_batches[0]["input_ids"].dtype == np.int32
   trained = collections.Counter(
-    (int(clip_id), tuple(ids))
-    for batch in batches
-    for clip_id, ids in zip(batch["clip_id"], tokenize(batch["caption"])["input_ids"])
+    (int(clip_id), tuple(row)) for batch in train_batches for clip_id, row in zip(batch["clip_id"], batch["input_ids"])
   )
-  assert isinstance(batches[0]["caption"][0], bytes)
   assert sum(trained.values()) == sum(expected.values()) == 40
   assert trained == expected
-  ids = tokenize([SPECIAL_CAPTIONS["d5.wav"]])["input_ids"][0]
+
+  reference = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+  texts = encode_captions.texts(eval_captions + ["a very long caption " * 10])
+  tokens = encode_captions(eval_captions + ["a very long caption " * 10])
+  expected_tokens = reference(texts, padding="max_length", truncation=True, max_length=24, return_tensors="np")
+  for key in ("input_ids", "attention_mask"):
+    np.testing.assert_array_equal(tokens[key], expected_tokens[key])
+  special = encode_captions([SPECIAL_CAPTIONS["d5.wav"].encode("utf-8")])["input_ids"][0]
   # The cleaned text (lower case, ':' and '!' removed), accents stripped by the uncased tokenizer.
-  assert (
-    load_tokenizer(minilm_dir()).decode(ids, skip_special_tokens=True) == "a cafe ' s naive facade “ smart ” quotes"
+  assert reference.decode(special, skip_special_tokens=True) == "a cafe ' s naive facade “ smart ” quotes"
+
+
+def test_caption_batches_give_each_process_its_slice(encode_captions):
+  texts = [f"caption number {i}" for i in range(11)]
+  whole = list(
+    input_pipeline.caption_batches(texts, encode_captions, global_batch_size=8, process_index=0, process_count=1)
   )
+  halves = [
+    list(input_pipeline.caption_batches(texts, encode_captions, global_batch_size=8, process_index=p, process_count=2))
+    for p in range(2)
+  ]
+  assert [count for _, count in whole] == [8, 3]
+  for (batch, _), (first, _), (second, _) in zip(whole, *halves, strict=True):
+    np.testing.assert_array_equal(batch["input_ids"], np.concatenate([first["input_ids"], second["input_ids"]]))
+  last = whole[1][0]["input_ids"]
+  np.testing.assert_array_equal(last[:3], encode_captions(texts[8:])["input_ids"])
+  np.testing.assert_array_equal(last[3:], encode_captions([""] * 5)["input_ids"])  # Padding rows, dropped by callers.
 
 
 def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypatch):
@@ -451,9 +489,17 @@ def test_prepare_cli_prints_counts(raw_dir, builder):
   assert "evaluation: 3 clips, 15 captions" in result.stdout
 
 
-def test_global_batches_do_not_depend_on_the_process_count(builder):
+def test_global_batches_do_not_depend_on_the_process_count(builder, encode_captions):
   sources = [(builder, "development")]
-  args = dict(global_batch_size=8, num_shards=2, max_frames=MAX_FRAMES, seed=4, epoch=1, skip_batches=1)
+  args = dict(
+    global_batch_size=8,
+    num_shards=2,
+    encode_captions=encode_captions,
+    max_frames=MAX_FRAMES,
+    seed=4,
+    epoch=1,
+    skip_batches=1,
+  )
   one_process = list(input_pipeline.process_train_batches(sources, process_index=0, process_count=1, **args))
   two_processes = [
     list(input_pipeline.process_train_batches(sources, process_index=p, process_count=2, **args)) for p in range(2)

@@ -1,5 +1,5 @@
-"""Every loss against an independent float64 numpy implementation of SPEC 5 (values and gradients), and the sharded
-(all-gather and chunked ring) losses against the unsharded ones on 8 fake devices."""
+"""Every loss against an independent float64 numpy implementation of SPEC 5 / SPEC 11 (values and gradients), and
+the sharded (all-gather and chunked ring) losses against the unsharded ones on 8 fake devices."""
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +13,20 @@ from atr_jax.losses import (
   infonce,
   init_loss_params,
   init_loss_params_from_config,
+  learnable_values,
   make_loss_fn,
   make_loss_fn_from_config,
 )
 from configs.base import get_base_config
 
-LOSS_NAMES = ("triplet_max", "triplet_sum", "triplet_weighted", "ntxent", "infonce", "siglip")
+LOSS_NAMES = ("triplet_max", "triplet_sum", "triplet_weighted", "ntxent", "infonce", "infonce_multi", "siglip")
 FIXED = {
   "triplet_max": {"margin": 0.2},
   "triplet_sum": {"margin": 0.3},
   "triplet_weighted": {"margin": 0.2},
   "ntxent": {"temperature": 0.1},
   "infonce": {"temperature": 0.1},
+  "infonce_multi": {"temperature": 0.1},
   "siglip": {"scale": 5.0, "bias": -2.0},
 }
 
@@ -85,6 +87,17 @@ def reference_ntxent(audio, text, clip_ids, temperature):
   return 0.5 * total / len(clip_ids)
 
 
+def reference_infonce_multi(audio, text, clip_ids, temperature):
+  """SPEC 11: C = S / |tau|, P = pairs (i, j) of the same clip (own pairs included);
+  loss = -0.5 (mean over P of log_softmax(C, axis 0) + mean over P of log_softmax(C, axis 1))."""
+  c = unit_similarities(audio, text) / abs(temperature)
+  n = len(clip_ids)
+  pairs = [(i, j) for i in range(n) for j in range(n) if clip_ids[i] == clip_ids[j]]
+  over_audio = [c[i, j] - np.log(sum(np.exp(c[k, j]) for k in range(n))) for i, j in pairs]  # axis 0
+  over_text = [c[i, j] - np.log(sum(np.exp(c[i, k]) for k in range(n))) for i, j in pairs]  # axis 1
+  return -0.5 * (np.mean(over_audio) + np.mean(over_text))
+
+
 def reference_siglip(audio, text, clip_ids, scale, bias):
   """-mean over all pairs of log sigmoid(z (t S + b)), z = +1 for pairs of one clip."""
   logits = scale * unit_similarities(audio, text) + bias
@@ -103,6 +116,8 @@ def reference_loss(name, audio, text, clip_ids, fixed):
     return reference_ntxent(audio, text, clip_ids, fixed["temperature"])
   if name == "infonce":
     return reference_infonce(audio, text, clip_ids, fixed["temperature"])
+  if name == "infonce_multi":
+    return reference_infonce_multi(audio, text, clip_ids, fixed["temperature"])
   return reference_siglip(audio, text, clip_ids, fixed["scale"], fixed["bias"])
 
 
@@ -299,7 +314,14 @@ def test_weighted_triplet_rows_with_and_without_hard_negatives():
   assert has_hard.any() and not has_hard.all()
 
 
-@pytest.mark.parametrize("name, initial", [("ntxent", {"temperature": 0.2}), ("siglip", {"scale": 4.0, "bias": -3.0})])
+@pytest.mark.parametrize(
+  "name, initial",
+  [
+    ("ntxent", {"temperature": 0.2}),
+    ("infonce_multi", {"temperature": 0.05}),
+    ("siglip", {"scale": 4.0, "bias": -3.0}),
+  ],
+)
 def test_learnable_parameters_value_and_gradient(name, initial):
   rng = np.random.default_rng(20)
   audio, text, clip_ids = random_batch(rng, batch=10, dim=6, n_clips=4)
@@ -313,6 +335,9 @@ def test_learnable_parameters_value_and_gradient(name, initial):
     expected = {
       "log_temperature": numerical_gradient(lambda lt: reference_ntxent(audio, text, clip_ids, np.exp(lt)), log_tau)
     }
+  elif name == "infonce_multi":
+    tau = np.array(initial["temperature"])
+    expected = {"tau": numerical_gradient(lambda t: reference_infonce_multi(audio, text, clip_ids, t), tau)}
   else:
     log_scale, bias = np.array(np.log(initial["scale"])), np.array(initial["bias"])
     expected = {
@@ -343,7 +368,7 @@ def test_every_loss_sharded_equals_unsharded(name, chunked):
   rng = np.random.default_rng(30 + LOSS_NAMES.index(name))
   audio, text, clip_ids = random_batch(rng, batch=32, dim=12, n_clips=10)  # same clips across devices
   audio, text, clip_ids = audio.astype(np.float32), text.astype(np.float32), clip_ids.astype(np.int32)
-  learnable = name in ("ntxent", "siglip")
+  learnable = name in ("ntxent", "infonce_multi", "siglip")
   params = init_loss_params(name, learnable=learnable, **({"temperature": 0.1} if name == "ntxent" else {}))
   fixed = {} if learnable else FIXED[name]
   argnums = (0, 1, 3) if learnable else (0, 1)
@@ -355,6 +380,46 @@ def test_every_loss_sharded_equals_unsharded(name, chunked):
   np.testing.assert_allclose(value, expected_value, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_infonce_multi_abs_temperature_and_config():
+  """tau enters as |tau| (value even, gradient odd in tau), is logged as |tau|, and comes from its own config key;
+  with one pair per clip the multi-positive loss is infonce."""
+  rng = np.random.default_rng(60)
+  audio, text, clip_ids = (jnp.asarray(x) for x in random_batch(rng, batch=10, dim=6, n_clips=4))
+  audio, text = audio.astype(jnp.float32), text.astype(jnp.float32)
+  loss_fn = jax.jit(jax.value_and_grad(make_loss_fn("infonce_multi", None), argnums=3))
+  value, grad = loss_fn(audio, text, clip_ids, {"tau": jnp.float32(0.05)})
+  value_negative, grad_negative = loss_fn(audio, text, clip_ids, {"tau": jnp.float32(-0.05)})
+  np.testing.assert_allclose(value_negative, value, rtol=1e-6)
+  np.testing.assert_allclose(grad_negative["tau"], -grad["tau"], rtol=1e-6)
+  assert grad["tau"] != 0.0
+  np.testing.assert_allclose(learnable_values({"tau": jnp.float32(-0.05)})["temperature"], 0.05)
+  config = get_base_config().loss
+  config.name, config.learnable_temperature, config.multi_positive_temperature = "infonce_multi", True, 0.1
+  np.testing.assert_allclose(init_loss_params_from_config(config)["tau"], 0.1)  # not loss.temperature (0.07)
+  config.learnable_temperature = False
+  assert init_loss_params_from_config(config) == {}
+  multi = jax.jit(make_loss_fn_from_config(config, None))
+  infonce_loss = jax.jit(get_loss("infonce", temperature=0.1))
+  np.testing.assert_allclose(
+    multi(audio, text, clip_ids, {}),
+    reference_infonce_multi(np.asarray(audio), np.asarray(text), np.asarray(clip_ids), 0.1),
+    rtol=1e-5,
+  )
+  assert abs(multi(audio, text, clip_ids, {}) - infonce_loss(audio, text, clip_ids)) > 1e-2
+  distinct = jnp.arange(10, dtype=clip_ids.dtype)
+  np.testing.assert_allclose(multi(audio, text, distinct, {}), infonce_loss(audio, text, distinct), rtol=1e-6)
+
+
+def test_sharded_infonce_multi_holds_local_by_global_blocks_only():
+  mesh = make_data_mesh()
+  rng = np.random.default_rng(61)
+  audio, text, clip_ids = random_batch(rng, batch=64, dim=16, n_clips=20)
+  audio, text, clip_ids = audio.astype(np.float32), text.astype(np.float32), clip_ids.astype(np.int32)
+  params = init_loss_params("infonce_multi", learnable=True)
+  jaxpr = str(jax.make_jaxpr(make_loss_fn("infonce_multi", mesh))(audio, text, clip_ids, params))
+  assert "f32[8,64]" in jaxpr and "[64,64]" not in jaxpr  # not even a B x B same-clip mask
 
 
 def test_chunked_siglip_never_holds_a_local_by_global_block():

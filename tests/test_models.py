@@ -22,7 +22,8 @@ from atr_jax import sharding
 from atr_jax.models.bert import BertConfig, BertEncoder, load_hf_params, minilm_dir, position_ids
 from atr_jax.models.cnn14 import Cnn14, spec_augment
 from atr_jax.models.resnet38 import ResNet38
-from atr_jax.models.dual_encoder import build_audio_tower, build_model, load_pretrained_text, pool_text
+from atr_jax.models.dual_encoder import build_model, load_pretrained_text, pool_text
+from atr_jax.models.registry import audio_tower, text_tower
 from atr_jax.train_state import create_train_state, make_optimizer
 from configs.base import get_base_config
 
@@ -371,11 +372,12 @@ def test_minilm_dir_explains_how_to_install(monkeypatch):
 def _model_config(text_dir, pooling="cls", dtype="float32", pretrained=True):
   return ml_collections.ConfigDict(
     {
-      "audio": {"channels": NARROW, "last_pool": (2, 2), "dropout": 0.2, "spec_augment": True},
-      "text": {"model_dir": text_dir, "pretrained": pretrained, "pooling": pooling, "dropout": 0.2},
+      "audio": {"arch": "cnn14", "channels": NARROW, "last_pool": (2, 2), "dropout": 0.2, "spec_augment": True},
+      "text": {"arch": "bert", "model_dir": text_dir, "pretrained": pretrained, "pooling": pooling, "dropout": 0.2},
       "embed_dim": 24,
       "head_hidden": 48,
       "dtype": dtype,
+      "remat": False,
     }
   )
 
@@ -532,12 +534,19 @@ def test_make_optimizer_rejects_unknown_frozen_subtree():
     make_optimizer(config.optim, steps_per_epoch=10)
 
 
-def test_build_audio_tower_selects_the_arch_by_config():
+def test_audio_tower_selects_the_arch_by_config():
   audio = get_base_config().model.audio
-  assert isinstance(build_audio_tower(audio), Cnn14)
+  assert isinstance(audio_tower(audio).build(audio), Cnn14)
   audio.arch, audio.resnet.block_dropout = "resnet38", 0.1
-  tower = build_audio_tower(audio)
+  tower = audio_tower(audio).build(audio)
   assert isinstance(tower, ResNet38) and tower.block_dropout_rate == 0.1 and tower.out_features == 2048
   audio.arch = "vgg"
   with pytest.raises(ValueError, match="model.audio.arch 'vgg'"):
-    build_audio_tower(audio)
+    audio_tower(audio)
+
+
+def test_text_tower_error_names_the_key_and_the_known_towers():
+  text = get_base_config().model.text
+  text.arch = "gpt"
+  with pytest.raises(ValueError, match=r"model.text.arch 'gpt' is not one of \('bert',\)"):
+    text_tower(text)

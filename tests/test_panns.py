@@ -14,7 +14,8 @@ import transformers
 from atr_jax import sharding
 from atr_jax.models import panns
 from atr_jax.models.cnn14 import Cnn14
-from atr_jax.models.dual_encoder import build_audio_tower, build_model
+from atr_jax.models.dual_encoder import build_model
+from atr_jax.models.registry import audio_tower
 from atr_jax.models.resnet38 import ResNet38
 from atr_jax.train_state import create_train_state, make_optimizer
 from configs.base import get_base_config
@@ -191,7 +192,7 @@ def test_cli_converts_full_size_released_layout(tmp_path, arch):
   assert os.path.isdir(out_dir)
   audio_config = get_base_config().model.audio
   audio_config.arch = arch
-  tower = build_audio_tower(audio_config)
+  tower = audio_tower(audio_config).build(audio_config)
   variables = panns.load_audio_variables(out_dir, convert_panns.tower_variables_shape(tower))
   conv = "conv_block_after1" if arch == "resnet38" else "conv_block6"
   np.testing.assert_array_equal(

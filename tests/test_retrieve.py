@@ -139,49 +139,63 @@ def test_read_captions_formats(tmp_path):
     retrieve.read_captions(str(tmp_path / "bad.csv"))
 
 
+def _retrieve_cli(capsys, *args: str) -> list[str]:
+  """Runs `python -m atr_jax.retrieve ARGS` in this process (its flags parsed as the command line would be); the
+  printed lines."""
+  from absl import flags
+
+  flags.FLAGS.unparse_flags()
+  retrieve.main(flags.FLAGS(["atr_jax.retrieve", *args]))
+  return capsys.readouterr().out.strip().splitlines()
+
+
 @pytest.mark.slow
-def test_cli_index_then_text_and_audio_queries(trained, tmp_path):
+def test_cli_index_then_text_and_audio_queries(trained, tmp_path, capsys):
   workdir, raw_dir = trained
   audio_dir = os.path.join(raw_dir, "evaluation")
   index = str(tmp_path / "index")
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run(
-    [sys.executable, "-m", "atr_jax.retrieve", *args, f"--workdir={workdir}"],  # noqa: E731
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env=env,
-    timeout=300,
-  )
-  result = run("index", f"--audio_dir={audio_dir}", f"--index={index}")
-  assert result.returncode == 0, result.stderr
-  assert "indexed 8 files (0 skipped)" in result.stdout
+  run = functools.partial(_retrieve_cli, capsys, f"--workdir={workdir}")
+  assert run("index", f"--audio_dir={audio_dir}", f"--index={index}")[-1].startswith("indexed 8 files (0 skipped)")
   with open(os.path.join(index, "files.json")) as f:
     assert sorted(json.load(f)["files"]) == sorted(os.listdir(audio_dir))
 
-  result = run("text", f"--index={index}", "--query=a dog barks", "--top_k=3")
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.strip().splitlines()
+  lines = run("text", f"--index={index}", "--query=a dog barks", "--top_k=3")
   assert lines[0] == "a dog barks" and len(lines) == 4 and all(line.strip().endswith(".wav") for line in lines[1:])
 
   captions = os.path.join(raw_dir, "clotho_captions_evaluation.csv")
   wav = os.path.join(audio_dir, sorted(os.listdir(audio_dir))[0])
-  result = run("audio", f"--audio={wav}", f"--captions={captions}", "--top_k=5")
-  assert result.returncode == 0, result.stderr
-  assert result.stdout.strip().splitlines()[0] == wav and len(result.stdout.strip().splitlines()) == 6
+  ranking = run("audio", f"--audio={wav}", f"--captions={captions}", "--top_k=5")
+  assert ranking[0] == wav and len(ranking) == 6
 
-  result = run("text", f"--audio_dir={audio_dir}", "--query=a dog barks", "--top_k=3")  # No index: same answer.
-  assert result.returncode == 0, result.stderr
-  assert result.stdout.strip().splitlines() == lines
+  # No index: the folder is embedded now, with the same answer.
+  assert run("text", f"--audio_dir={audio_dir}", "--query=a dog barks", "--top_k=3") == lines
 
   submission = str(tmp_path / "submission.csv")
   dev_dir = os.path.join(raw_dir, "development")  # 24 clips: the top 10 of each caption.
-  result = run("submission", f"--audio_dir={dev_dir}", f"--captions={captions}", f"--out={submission}")
-  assert result.returncode == 0, result.stderr
+  run("submission", f"--audio_dir={dev_dir}", f"--captions={captions}", f"--out={submission}")
   with open(submission) as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["caption"] + [f"fname_{i}" for i in range(1, 11)] and len(rows) == 1 + 8 * 5
   assert all(len(set(row[1:])) == 10 and set(row[1:]) <= set(os.listdir(dev_dir)) for row in rows[1:])
 
-  result = run("text", f"--index={tmp_path / 'nowhere'}", "--query=x")
+
+@pytest.mark.slow
+def test_cli_runs_as_a_module_and_names_a_missing_index(trained, tmp_path):
+  workdir, _ = trained
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "atr_jax.retrieve",
+      "text",
+      f"--index={tmp_path / 'nowhere'}",
+      "--query=x",
+      f"--workdir={workdir}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+    timeout=300,
+  )
   assert result.returncode != 0 and "is not an index" in result.stderr

@@ -1,6 +1,7 @@
 """End to end: a tiny synthetic Clotho-layout dataset through preparation, training, checkpoints, automatic
 resume, evaluation and results.json."""
 
+import csv
 import glob
 import json
 import logging
@@ -14,7 +15,7 @@ import pytest
 from tiny_run import tiny_config
 
 from atr_jax import checkpointing, train
-from data_pipelines import input_pipeline
+from data_pipelines import datasets, input_pipeline
 
 METRIC_KEYS = {f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R1", "R5", "R10", "mAP10", "medR", "meanR")}
 
@@ -53,10 +54,24 @@ def test_train_resume_and_evaluate(tiny_trained, tmp_path, caplog):
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps[-1] == 3 * steps_per_epoch and len(steps) <= 2
 
-  # Re-evaluation of the best checkpoint reproduces results.json exactly.
+  # Re-evaluation of the best checkpoint reproduces results.json exactly; with a graded relevance table that gives
+  # each caption its own clip only, the graded mAP@10 is the plain one.
   before = _results(workdir)
+  captions, clip_ids, file_names = input_pipeline.eval_captions(
+    datasets.prepare_builder(config.data), config.data.test_split
+  )
+  assert len(set(captions)) == len(captions)
+  table = tmp_path / "relevance.csv"
+  with open(table, "w", newline="") as f:
+    csv.writer(f).writerows(
+      [("query", "audio_filenames")] + [(c, repr([file_names[i]])) for c, i in zip(captions, clip_ids)]
+    )
+  config.eval.relevance_csv = str(table)
   again = train.evaluate_best(config, workdir)
   assert {k: again[k] for k in METRIC_KEYS} == {k: before[k] for k in METRIC_KEYS}
+  graded = _results(workdir)
+  assert graded["t2a_mAP10_graded"] == pytest.approx(before["t2a_mAP10"], abs=1e-6)
+  assert graded["t2a_mAP16_graded"] >= graded["t2a_mAP10_graded"] > 0
 
 
 @pytest.mark.slow

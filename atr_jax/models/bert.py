@@ -1,26 +1,30 @@
-"""Flax linen BERT-family encoder (BERT and RoBERTa) with Hugging Face parameter names, and the loader of HF
+"""Flax linen BERT-family text tower (BERT and RoBERTa) with Hugging Face parameter names, and the loader of HF
 checkpoints.
 
 Owns: `BertConfig` (the HF config fields the encoder needs), `BertEncoder` (token ids + attention mask ->
-(last_hidden_state, pooled_output), numerically the HF PyTorch `BertModel` / `RobertaModel`), `load_hf_params` (HF
-folder with config.json + model.safetensors or pytorch_model.bin -> (config, params) mapped by name),
-`check_params_match` (the tree/shape comparison that loaders use) and `minilm_dir` (the offline all-MiniLM-L6-v2
-folder used by tests). RoBERTa differs from BERT only in its position ids: padding_idx + 1 + the index among the
-valid tokens (HF's cumsum of the mask), with padded positions at padding_idx; its token-type vocabulary is 1.
+(last_hidden_state, pooled_output), numerically the HF PyTorch `BertModel` / `RobertaModel`), the tower's registry
+hooks (`fields_from_config`: `model.text` -> BertEncoder fields; `load`: HF weights -> the tower's variables),
+`load_hf_params` (HF folder with config.json + model.safetensors or pytorch_model.bin -> (config, params) mapped by
+name) and `minilm_dir` (the offline all-MiniLM-L6-v2 folder used by tests). RoBERTa differs from BERT only in its
+position ids: padding_idx + 1 + the index among the valid tokens (HF's cumsum of the mask), with padded positions at
+padding_idx; its token-type vocabulary is 1.
 """
 
 import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import flax.traverse_util
+import ml_collections
 import numpy as np
+
+from atr_jax.models.hf_hub import resolve_model_dir
+from atr_jax.models.weights import check_params_match, read_safetensors, read_torch_state_dict
 
 MODEL_TYPES = ("bert", "roberta")
 _ACTIVATIONS = {
@@ -242,32 +246,6 @@ _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")  # what a PyTorch `weight`/`gamma` becomes, by target module
 
 
-def check_params_match(expected: Any, actual: Any, source: str, file_key: Callable[[str], str] | None = None) -> None:
-  """Raises ValueError listing missing keys, unexpected keys and shape mismatches of `actual` vs `expected`
-  (nested dicts of arrays or ShapeDtypeStructs; model keys '/'-joined). `file_key` maps a model key to its name
-  in the file the user has (e.g. 'conv_block3.bn2.running_var'): keys are then named so, the model key beside."""
-  expected_flat = flax.traverse_util.flatten_dict(expected, sep="/")
-  actual_flat = flax.traverse_util.flatten_dict(actual, sep="/")
-
-  def name(key: str) -> str:  # A key no mapping rule fits is the file's own name already ('/'-free).
-    return f"{file_key(key)} (model: {key})" if file_key is not None and "/" in key else key
-
-  missing = [name(key) for key in sorted(set(expected_flat) - set(actual_flat))]
-  unexpected = [name(key) for key in sorted(set(actual_flat) - set(expected_flat))]
-  mismatched = [
-    f"{name(key)}: expected {tuple(expected_flat[key].shape)}, got {tuple(actual_flat[key].shape)}"
-    for key in sorted(set(expected_flat) & set(actual_flat))
-    if tuple(expected_flat[key].shape) != tuple(actual_flat[key].shape)
-  ]
-  if missing or unexpected or mismatched:
-    problems = [
-      f"{label}: {items}"
-      for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-      if items
-    ]
-    raise ValueError(f"{source} does not match the model parameters; " + "; ".join(problems))
-
-
 def bert_param_shapes(config: BertConfig) -> dict:
   """The BertEncoder parameter tree of `config` as ShapeDtypeStructs (nothing is allocated)."""
   ids = jnp.zeros((1, 2), jnp.int32)
@@ -275,33 +253,8 @@ def bert_param_shapes(config: BertConfig) -> dict:
   return variables["params"]
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-
-  try:
-    return load_file(path)
-  except TypeError:  # bfloat16 has no numpy dtype: read through jax instead
-    from safetensors.flax import load_file as load_file_jax
-
-    return {name: np.asarray(value.astype(jnp.float32)) for name, value in load_file_jax(path).items()}
-
-
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as error:
-    raise ImportError(
-      f"{path} is a PyTorch checkpoint and reading it needs torch (pip install torch), "
-      "or convert it to model.safetensors"
-    ) from error
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  return {
-    name: (tensor.float() if tensor.is_floating_point() else tensor).numpy() for name, tensor in state_dict.items()
-  }
-
-
 def _read_state_dict(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
-  for file_name, reader in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
+  for file_name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_torch_state_dict)):
     path = os.path.join(model_dir, file_name)
     if os.path.exists(path):
       return reader(path), path
@@ -374,6 +327,25 @@ def load_hf_params(model_dir: str) -> tuple[BertConfig, dict]:
   )
   check_params_match(expected, params, path, file_key)
   return config, params
+
+
+def fields_from_config(text_config: ml_collections.ConfigDict) -> dict:
+  """BertEncoder's fields for `model.text` (keys: model_dir, a HF folder or hub name whose config.json defines the
+  encoder; dropout, which replaces its hidden and attention dropout unless None)."""
+  config = BertConfig.from_hf_json(os.path.join(resolve_model_dir(text_config.model_dir), "config.json"))
+  if text_config.dropout is not None:
+    config = dataclasses.replace(
+      config, hidden_dropout_prob=text_config.dropout, attention_probs_dropout_prob=text_config.dropout
+    )
+  return {"config": config}
+
+
+def load(name_or_dir: str, expected: dict) -> dict:
+  """{'params': the BertEncoder parameters in the HF folder or hub name `name_or_dir`}, checked against `expected`
+  (the tower's variables): a ValueError lists every missing, unexpected or misshaped key."""
+  _, params = load_hf_params(resolve_model_dir(name_or_dir))
+  check_params_match(expected["params"], params, f"HF weights in {name_or_dir}")
+  return {"params": params}
 
 
 def minilm_dir() -> str:

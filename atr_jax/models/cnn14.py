@@ -1,9 +1,10 @@
 """CNN14 audio encoder (PANNs layout, SPEC 3) with frame masks, plus the masked building blocks and the SpecAugment
 that every PANNs tower shares (ResNet38 imports them from here).
 
-Owns: `Cnn14` (log-mel (B, T, 64) + frame mask -> clip embedding (B, channels[-1])), `ConvBlock`, `Conv3x3`
-(`conv_same`: `same_conv` on CPU), `BatchNorm` (with `update_running_statistics`), `dropout`, the masked helpers
-(`log_mel_stem`, `masked_avg_pool`, `mask_frames`, `batch_norm`, `clip_embedding`) and the pure `spec_augment`.
+Owns: `Cnn14` (log-mel (B, T, 64) + frame mask -> clip embedding (B, channels[-1])) and its fields from
+`model.audio` (`fields_from_config`, its registry hook), `ConvBlock`, `Conv3x3` (`conv_same`: `same_conv` on CPU),
+`BatchNorm` (with `update_running_statistics`), `dropout`, the masked helpers (`log_mel_stem`, `masked_avg_pool`,
+`mask_frames`, `batch_norm`, `clip_embedding`) and the pure `spec_augment`.
 Layout is NHWC with H = time and W = mel, so a PyTorch PANNs state_dict maps onto the parameter names (bn0,
 conv_block{1..6}/{conv1,bn1,conv2,bn2}) one to one.
 
@@ -21,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import ml_collections
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch (PyTorch momentum 0.1)
@@ -353,3 +355,13 @@ class Cnn14(nn.Module):
       )
       x = dropout(self, x, self.dropout_rate, train)
     return clip_embedding(x, frame_mask, lengths)
+
+
+def fields_from_config(audio_config: ml_collections.ConfigDict) -> dict:
+  """Cnn14's fields for `model.audio` (keys: channels, last_pool, dropout, spec_augment)."""
+  return {
+    "channels": tuple(audio_config.channels),
+    "last_pool": tuple(audio_config.last_pool),
+    "dropout_rate": audio_config.dropout,
+    "spec_augment": audio_config.spec_augment,
+  }

@@ -1,38 +1,31 @@
-"""Audio-text dual encoder (SPEC 4): a PANNs audio tower (CNN14 or ResNet38) and a BERT-family text tower, MLP
-projection heads, L2-normalised joint embeddings.
+"""Audio-text dual encoder (SPEC 4): an audio tower and a text tower picked by name (`registry`), MLP projection
+heads, L2-normalised joint embeddings.
 
-Owns: `DualEncoder`, `build_audio_tower` (audio ConfigDict -> Cnn14 | ResNet38), `build_model` (model ConfigDict ->
-DualEncoder), `with_frozen_towers_in_inference` (the model that runs frozen towers with train=False) and
-`load_pretrained_text` (puts HF weights into an initialised parameter tree). Parameter tree: {'audio', 'text',
-'audio_head', 'text_head'}; batch statistics live under 'audio'.
+Owns: `DualEncoder`, `build_model` (model ConfigDict -> DualEncoder), `with_frozen_towers_in_inference` (the model
+that runs frozen towers with train=False) and the pretrained weights of an initialised model (`load_pretrained`:
+the text tower's released weights and the audio tower's converted ones; `load_pretrained_text`). Parameter tree:
+{'audio', 'text', 'audio_head', 'text_head'}; batch statistics live under 'audio'.
 """
 
 from collections.abc import Sequence
-import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
-from atr_jax.models.bert import BertConfig, BertEncoder, check_params_match, load_hf_params
-from atr_jax.models.cnn14 import Cnn14
-from atr_jax.models.hf_hub import resolve_model_dir
-from atr_jax.models.resnet38 import ResNet38
+from atr_jax.models import panns
+from atr_jax.models.registry import audio_tower, text_tower
 from atr_jax.sharding import place_like
 
-AUDIO_ARCHS = ("cnn14", "resnet38")
-# Longest input (frames) each audio tower embeds whole; None: any length (the PANNs towers mask their padding).
-AUDIO_MAX_FRAMES = {"cnn14": None, "resnet38": None}
 TEXT_POOLINGS = ("cls", "mean")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NORM_EPSILON = 1e-12
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-  """Rows of x scaled to unit L2 norm in float32 (all-zero rows stay zero)."""
-  x = x.astype(jnp.float32)
+  """Rows of x scaled to unit L2 norm, in float32 or wider (float64 stays float64); all-zero rows stay zero."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPSILON**2))
 
 
@@ -68,8 +61,8 @@ class DualEncoder(nn.Module):
   running statistics, no dropout, no SpecAugment): how frozen towers run unless the reference behaviour is asked.
   """
 
-  audio: Cnn14 | ResNet38
-  text: BertEncoder
+  audio: nn.Module
+  text: nn.Module
   text_pooling: str = "cls"
   embed_dim: int = 1024
   head_hidden: int = 2048
@@ -96,63 +89,18 @@ class DualEncoder(nn.Module):
     return (self.embed_audio(log_mel, frame_mask, train), self.embed_text(input_ids, attention_mask, train))
 
 
-def _text_config(model_config: ml_collections.ConfigDict) -> BertConfig:
-  config = BertConfig.from_hf_json(os.path.join(resolve_model_dir(model_config.text.model_dir), "config.json"))
-  if model_config.text.dropout is not None:
-    config = dataclasses.replace(
-      config, hidden_dropout_prob=model_config.text.dropout, attention_probs_dropout_prob=model_config.text.dropout
-    )
-  return config
-
-
-def _maybe_remat(module_class: type[nn.Module], remat: bool) -> type[nn.Module]:
-  """`module_class`, or its rematerialised version (activations recomputed in the backward pass) when `remat`.
-  Towers are called as (x, mask, train): `train` (argument 3, counting self) is static."""
-  return nn.remat(module_class, static_argnums=(3,)) if remat else module_class
-
-
-def build_audio_tower(
-  audio_config: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False
-) -> Cnn14 | ResNet38:
-  """The audio tower of `model.audio` (keys: arch, dropout, spec_augment; cnn14: channels, last_pool; resnet38:
-  resnet.{widths,blocks,out_features,block_dropout}), rematerialised when `remat`."""
-  arch = audio_config.get("arch", "cnn14")
-  if arch == "cnn14":
-    return _maybe_remat(Cnn14, remat)(
-      channels=tuple(audio_config.channels),
-      last_pool=tuple(audio_config.last_pool),
-      dropout_rate=audio_config.dropout,
-      spec_augment=audio_config.spec_augment,
-      dtype=dtype,
-    )
-  if arch == "resnet38":
-    resnet = audio_config.resnet
-    return _maybe_remat(ResNet38, remat)(
-      widths=tuple(resnet.widths),
-      blocks=tuple(resnet.blocks),
-      out_features=resnet.out_features,
-      dropout_rate=audio_config.dropout,
-      block_dropout_rate=resnet.block_dropout,
-      spec_augment=audio_config.spec_augment,
-      dtype=dtype,
-    )
-  raise ValueError(f"model.audio.arch {arch!r} is not one of {AUDIO_ARCHS}")
-
-
 def build_model(model_config: ml_collections.ConfigDict) -> DualEncoder:
-  """DualEncoder from the `model` config (keys: audio.* (see build_audio_tower),
-  text.{model_dir,pretrained,pooling,dropout}, embed_dim, head_hidden, dtype, remat)."""
+  """DualEncoder from the `model` config (keys: audio.arch and that tower's keys, text.arch and that tower's keys,
+  text.pooling, embed_dim, head_hidden, dtype, remat)."""
   if model_config.dtype not in _DTYPES:
     raise ValueError(f"model.dtype {model_config.dtype!r} is not one of {sorted(_DTYPES)}")
   if model_config.text.pooling not in TEXT_POOLINGS:
     raise ValueError(f"model.text.pooling {model_config.text.pooling!r} is not one of {TEXT_POOLINGS}")
   dtype = _DTYPES[model_config.dtype]
-  remat = bool(model_config.get("remat", False))
-  audio = build_audio_tower(model_config.audio, dtype, remat)
-  text = _maybe_remat(BertEncoder, remat)(_text_config(model_config), dtype)
+  remat = bool(model_config.remat)
   return DualEncoder(
-    audio=audio,
-    text=text,
+    audio=audio_tower(model_config.audio).build(model_config.audio, dtype, remat),
+    text=text_tower(model_config.text).build(model_config.text, dtype, remat),
     text_pooling=model_config.text.pooling,
     embed_dim=model_config.embed_dim,
     head_hidden=model_config.head_hidden,
@@ -170,10 +118,25 @@ def with_frozen_towers_in_inference(model: DualEncoder, frozen: Sequence[str], e
 
 
 def load_pretrained_text(params: dict, model_config: ml_collections.ConfigDict) -> dict:
-  """Returns `params` with params['text'] replaced by the HF weights of model.text.model_dir (each array placed
-  like the one it replaces); `params` itself when model.text.pretrained is False."""
+  """Returns `params` with params['text'] replaced by the released weights of model.text.model_dir (each array
+  placed like the one it replaces); `params` itself when model.text.pretrained is False."""
   if not model_config.text.pretrained:
     return params
-  _, hf_params = load_hf_params(resolve_model_dir(model_config.text.model_dir))
-  check_params_match(params["text"], hf_params, f"HF weights in {model_config.text.model_dir}")
-  return {**params, "text": place_like(hf_params, params["text"])}
+  loaded = text_tower(model_config.text).load(model_config.text.model_dir, {"params": params["text"]})
+  return {**params, "text": place_like(loaded["params"], params["text"])}
+
+
+def load_pretrained(variables: dict, model_config: ml_collections.ConfigDict) -> dict:
+  """`variables` ({'params', 'batch_stats'} of an initialised DualEncoder) with the pretrained towers in: the text
+  tower's weights when model.text.pretrained (`load_pretrained_text`), the audio tower's variables from the
+  converted folder model.audio.init_from unless it is "scratch"; each array placed like the one it replaces."""
+  variables = {**variables, "params": load_pretrained_text(variables["params"], model_config)}
+  directory = panns.audio_init_dir(model_config)
+  if directory is None:
+    return variables
+  audio = {name: collection["audio"] for name, collection in variables.items() if "audio" in collection}
+  loaded = place_like(panns.load_audio_variables(directory, audio), audio)
+  return {
+    name: {**collection, "audio": loaded[name]} if name in loaded else collection
+    for name, collection in variables.items()
+  }

@@ -1,9 +1,10 @@
-"""PANNs checkpoints (SPEC 3) -> Flax audio-tower variables, for both CNN14 and ResNet38.
+"""PANNs checkpoints (SPEC 3) -> Flax audio-tower variables, for both CNN14 and ResNet38, and the converted towers'
+files.
 
-Owns: the safe reading of a released PANNs file (`read_panns_state_dict`: `torch.load(weights_only=True)` with only
-the numpy reconstruction globals of its 'sampler' entry allowed, under their numpy 1.x and 2.x names), the name and
-layout mapping (`state_dict_to_variables`), and the orbax files of converted towers (`save_audio_variables`,
-`load_audio_variables`). torch is needed only to read a .pth file, never to train.
+Owns: the PANNs file layout (`read_panns_state_dict`: the 'model' state_dict of `{'iteration', 'model',
+'sampler'}`, read by `weights.read_torch_state_dict`), the name and layout mapping (`state_dict_to_variables`), the
+released-weights loader of the PANNs towers' registry entries (`load`), and the orbax files of converted towers
+(`save_audio_variables`, `load_audio_variables`) that `model.audio.init_from` names (`audio_init_dir`).
 
 Mapping: PyTorch `a.b.c.weight` -> Flax `a/b/c/kernel` (conv, (O, I, kh, kw) -> (kh, kw, I, O)) or `a/b/c/scale`
 (BatchNorm); `bias` -> `bias`; `running_mean`/`running_var` -> batch_stats `mean`/`var`. Skipped, as in the
@@ -15,45 +16,15 @@ import os
 import flax.traverse_util
 import numpy as np
 
-from atr_jax.models.bert import check_params_match
+from atr_jax.models.weights import check_params_match, read_torch_state_dict
 
 SKIPPED_PREFIXES = ("fc", "spectrogram_extractor.", "logmel_extractor.")
 _BN_STATISTICS = {"running_mean": "mean", "running_var": "var"}
 
 
-def _numpy_safe_globals() -> list:
-  """What a numpy array or scalar pickled by numpy 1.x or 2.x needs (and nothing else that numpy defines)."""
-  from numpy._core import multiarray
-
-  allowed = [np.ndarray, np.dtype, *{type(np.dtype(code)) for code in np.typecodes["All"]}]  # + DType classes
-  for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    allowed += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
-  return allowed
-
-
 def read_panns_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The float32 numpy tensors of `{'model': state_dict, ...}` in a PANNs .pth file, read with torch's
-  weights-only unpickler (no arbitrary code runs; numpy arrays of the sampler state are allowed)."""
-  try:
-    import torch
-  except ImportError as error:
-    raise ImportError(
-      f"reading the PyTorch checkpoint {path} needs torch (pip install torch; CPU is enough)"
-    ) from error
-  path = os.path.expanduser(path)
-  try:
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-  except FileNotFoundError:
-    raise
-  except Exception as error:  # A damaged or truncated file, or not a PyTorch file at all.
-    raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
-  if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-    raise ValueError(f'{path} is not a PANNs checkpoint: expected a dict with a "model" state_dict')
-  return {
-    name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-    for name, tensor in checkpoint["model"].items()
-  }
+  """The numpy tensors (floating ones float32) of the 'model' state_dict in a PANNs .pth file."""
+  return read_torch_state_dict(path, entry="model")
 
 
 def _flax_key(name: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
@@ -95,7 +66,13 @@ def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, s
   return variables
 
 
+def load(path: str, expected: dict) -> dict:
+  """The {'params', 'batch_stats'} of the PANNs file `path` for the tower whose variables are `expected`."""
+  return state_dict_to_variables(read_panns_state_dict(path), expected, path)
+
+
 SCRATCH = "scratch"  # model.audio.init_from for a deliberately random audio tower.
+_CONVERTED = ("params", "batch_stats")  # The collections of a converted tower (batch_stats: where it has BatchNorm).
 CONVERT_COMMAND = "python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}"
 
 
@@ -114,18 +91,19 @@ def audio_init_dir(model_config) -> str | None:
 
 
 def save_audio_variables(variables: dict, out_dir: str) -> str:
-  """Writes {'params', 'batch_stats'} with orbax to `out_dir` (replaced if present); returns its absolute path."""
+  """Writes {'params', 'batch_stats' (if any)} with orbax to `out_dir` (replaced if present); returns its absolute
+  path."""
   import orbax.checkpoint as ocp
 
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out_dir, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, force=True)
+  checkpointer.save(out_dir, {name: variables[name] for name in _CONVERTED if name in variables}, force=True)
   checkpointer.wait_until_finished()
   return out_dir
 
 
 def load_audio_variables(directory: str, expected: dict) -> dict:
-  """Reads {'params', 'batch_stats'} saved by `save_audio_variables` as numpy float32 arrays and checks them
+  """Reads {'params', 'batch_stats' (if any)} saved by `save_audio_variables` as numpy float32 arrays and checks them
   against `expected` (the tower's variables): a ValueError names each missing, unexpected or misshaped key."""
   import orbax.checkpoint as ocp
 
@@ -139,6 +117,6 @@ def load_audio_variables(directory: str, expected: dict) -> dict:
   variables = flax.traverse_util.unflatten_dict(
     {key: np.asarray(value, np.float32) for key, value in flax.traverse_util.flatten_dict(restored).items()}
   )
-  expected = {"params": expected["params"], "batch_stats": expected["batch_stats"]}
+  expected = {name: expected[name] for name in _CONVERTED if name in expected}
   check_params_match(expected, variables, f"audio variables in {directory}")
   return variables

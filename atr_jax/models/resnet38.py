@@ -1,9 +1,10 @@
 """ResNet38 audio encoder (PANNs layout, SPEC 3) with frame masks.
 
-Owns: `ResNet38` (log-mel (B, T, 64) + frame mask -> clip embedding (B, out_features)), its `ResnetBasicBlock` and
-`Downsample`. Parameter names follow the PANNs state_dict one to one: bn0, conv_block1, resnet/layer{1..4}/{i}/
-{conv1,bn1,conv2,bn2,downsample/{1,2}}, conv_block_after1 (index 0 of PANNs' downsample Sequential is its average
-pool, which has no parameters).
+Owns: `ResNet38` (log-mel (B, T, 64) + frame mask -> clip embedding (B, out_features)), its fields from
+`model.audio` (`fields_from_config`, its registry hook), its `ResnetBasicBlock` and `Downsample`. Parameter names
+follow the PANNs state_dict one to one: bn0, conv_block1, resnet/layer{1..4}/{i}/{conv1,bn1,conv2,bn2,
+downsample/{1,2}}, conv_block_after1 (index 0 of PANNs' downsample Sequential is its average pool, which has no
+parameters).
 
 Frame masks have the Cnn14 semantics (see cnn14): every convolution input is zero past a clip's end, pooled lengths
 are floor(L / 2) (at least 1), the final time pooling runs over valid steps, so an eval embedding does not depend on
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import ml_collections
 
 from atr_jax.models.cnn14 import (
   ConvBlock,
@@ -143,3 +145,17 @@ class ResNet38(nn.Module):
       dropout(self, x, self.dropout_rate, train), frame_mask, lengths, train
     )
     return clip_embedding(dropout(self, x, self.dropout_rate, train), frame_mask, lengths)
+
+
+def fields_from_config(audio_config: ml_collections.ConfigDict) -> dict:
+  """ResNet38's fields for `model.audio` (keys: dropout, spec_augment, resnet.{widths,blocks,out_features,
+  block_dropout})."""
+  resnet = audio_config.resnet
+  return {
+    "widths": tuple(resnet.widths),
+    "blocks": tuple(resnet.blocks),
+    "out_features": resnet.out_features,
+    "dropout_rate": audio_config.dropout,
+    "block_dropout_rate": resnet.block_dropout,
+    "spec_augment": audio_config.spec_augment,
+  }
