@@ -12,8 +12,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 20  # Reference seed: parameters, data order, dropout and SpecAugment all derive from it.
 
   config.data = ml_collections.ConfigDict()
-  # Layout of raw_dir: "clotho" (Clotho v2.1 captions CSVs + audio folders) or "audiocaps" (train/val/test CSVs,
-  # official or renamed, + audio folders), see README. Validation and test always come from this dataset.
+  # Dataset of raw_dir: "clotho", "audiocaps" or "wavcaps" (one split, train: for extra_train), in any of the raw
+  # folder layouts the README lists (native, aac-datasets, the reference's; detected). Validation and test always
+  # come from this dataset.
   config.data.dataset = "clotho"
   config.data.raw_dir = ""  # The raw dataset folder (the TFDS manual_dir). Required.
   # AudioCaps audio file name made from a row of the official CSVs ({youtube_id}, {start_time}, {audiocap_id}); the
@@ -22,6 +23,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # More training data, comma-separated "dataset:raw_dir:split" entries trained on together with train_split, e.g.
   # "audiocaps:~/data/audiocaps:train" (each is prepared into its own default folder on first use).
   config.data.extra_train = ""
+  # WavCaps (dataset or extra_train "wavcaps:DIR:train"): CSV whose column `id` lists the Freesound ids kept out of
+  # training (Clotho's evaluation clips, e.g. aac-datasets' blacklist_clotho.full.csv); "" = none.
+  config.data.wavcaps_exclude_csv = ""
   config.data.caption_cleaning = "reference"  # "reference" (SPEC 7: lower-case, punctuation removed) or "raw".
   config.data.data_dir = ""  # Where prepared TFRecords go; "" = ~/.cache/atr_jax/prepared/<name>-<hash>.
   config.data.generate_synthetic = False  # Generate the synthetic dataset into raw_dir when it is absent.

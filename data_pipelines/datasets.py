@@ -9,9 +9,9 @@ import os
 import ml_collections
 from absl import logging
 
-from data_pipelines import audiocaps, clip_builder, clotho, synthetic
+from data_pipelines import audiocaps, clip_builder, clotho, synthetic, wavcaps
 
-DATASETS = ("clotho", "audiocaps")
+DATASETS = ("clotho", "audiocaps", "wavcaps")
 
 
 def prepare(
@@ -20,16 +20,21 @@ def prepare(
   data_dir: str,
   *,
   audiocaps_file_pattern: str = audiocaps.DEFAULT_FILE_PATTERN,
+  wavcaps_exclude_csv: str = "",
   workers: int | None = None,
   check_sources: bool = True,
 ) -> clip_builder.CaptionedClips:
-  """The builder of `dataset` ("clotho" or "audiocaps") in `data_dir`, prepared from `raw_dir` unless complete and
-  up to date (`clip_builder.prepare`)."""
+  """The builder of `dataset` (one of DATASETS) in `data_dir`, prepared from `raw_dir` unless complete and up to date
+  (`clip_builder.prepare`)."""
   if dataset == "clotho":
     return clotho.prepare(raw_dir, data_dir, workers=workers, check_sources=check_sources)
   if dataset == "audiocaps":
     return audiocaps.prepare(
       raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers, check_sources=check_sources
+    )
+  if dataset == "wavcaps":
+    return wavcaps.prepare(
+      raw_dir, data_dir, exclude_csv=wavcaps_exclude_csv, workers=workers, check_sources=check_sources
     )
   raise ValueError(f"dataset {dataset!r} is not supported (supported: {DATASETS})")
 
@@ -77,7 +82,12 @@ def _prepare_on_process_zero(
   from jax.experimental import multihost_utils
 
   prepare_it = functools.partial(
-    prepare, dataset, raw_dir, data_dir, audiocaps_file_pattern=data_config.audiocaps_file_pattern
+    prepare,
+    dataset,
+    raw_dir,
+    data_dir,
+    audiocaps_file_pattern=data_config.audiocaps_file_pattern,
+    wavcaps_exclude_csv=data_config.wavcaps_exclude_csv,
   )
   if jax.process_index() == 0:
     if make_raw is not None:

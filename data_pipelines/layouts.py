@@ -2,15 +2,19 @@
 folder is in (`detect`): the one place that knows raw folder and file names.
 
 A layout maps each of our splits to a `SplitSource`: its caption CSV, the folder the CSV's file names are in and the
-CSV schemas it may hold. The layouts, looked for in this order (SPEC sections 7 and 11):
+CSV schemas it may hold; or to a `MultiSource`, a `SplitSource` per source (WavCaps' one split `train`: each
+source's JSON and audio folder). The layouts, looked for in this order (SPEC sections 7 and 11):
 - native: Clotho `clotho_captions_<split>.csv` + `<split>/` and `retrieval_audio/`; AudioCaps `<split>.csv` +
-  `<split>/`, the CSV official or renamed.
-- aac-datasets (the DCASE baseline's downloader; names as its `aac_datasets/datasets/functional/{clotho,audiocaps}.py`
-  make them), raw_dir being its root: Clotho `CLOTHO_v2.1/clotho_csv_files/clotho_captions_<split>.csv` +
-  `CLOTHO_v2.1/clotho_audio_files/<split>/` and `clotho_audio_files/test_retrieval_audio/`; AudioCaps
-  `AUDIOCAPS/csv_files_v1/<split>.csv` (or `AUDIOCAPS/<split>.csv`, which aac-datasets reads first) +
-  `AUDIOCAPS/audio_32000Hz/<split>/` (the only `audio_<rate>Hz/` when there is no 32 kHz one), official CSVs whose
-  clips are named `{youtube_id}_{start_time}.flac`.
+  `<split>/`, the CSV official or renamed; WavCaps (the folder aac-datasets calls `WavCaps/`: the Hugging Face
+  cvssp/WavCaps `json_files/`, each source's flac files extracted into `Audio/<source>/`)
+  `json_files/<source>/<short>_final.json` + `Audio/<source>/`.
+- aac-datasets (the DCASE baseline's downloader; names as its
+  `aac_datasets/datasets/functional/{clotho,audiocaps,wavcaps}.py` make them), raw_dir being its root: Clotho
+  `CLOTHO_v2.1/clotho_csv_files/clotho_captions_<split>.csv` + `CLOTHO_v2.1/clotho_audio_files/<split>/` and
+  `clotho_audio_files/test_retrieval_audio/`; AudioCaps `AUDIOCAPS/csv_files_v1/<split>.csv` (or
+  `AUDIOCAPS/<split>.csv`, which aac-datasets reads first) + `AUDIOCAPS/audio_32000Hz/<split>/` (the only
+  `audio_<rate>Hz/` when there is no 32 kHz one), official CSVs whose clips are named `{youtube_id}_{start_time}.flac`;
+  WavCaps the native layout under `WavCaps/`.
 - reference (the seed PyTorch system, Mei et al. 2022), raw_dir being `data/Clotho` or `data/AudioCaps`:
   `csv_files/{train,val,test}.csv` + `waveforms/{train,val,test}/` (Clotho's development, validation, evaluation).
 A layout is present in a folder when one of its splits is (its CSV, or an audio-only split's folder); a folder where
@@ -28,6 +32,14 @@ CLOTHO_SPLITS = ("development", "validation", "evaluation")
 RETRIEVAL_SPLIT = "retrieval"  # Clotho's DCASE retrieval audio: an audio-only split.
 RETRIEVAL_AUDIO_DIR = "retrieval_audio"
 AUDIOCAPS_SPLITS = ("train", "val", "test")
+WAVCAPS_SPLIT = "train"  # WavCaps has one split, made of its four sources.
+# WavCaps source -> its JSON (`{"data": [{"id", "caption", "duration", ...}, ...]}`) in `json_files/<source>/`.
+WAVCAPS_JSONS = {
+  "AudioSet_SL": "as_final.json",
+  "BBC_Sound_Effects": "bbc_final.json",
+  "FreeSound": "fsd_final.json",
+  "SoundBible": "sb_final.json",
+}
 NATIVE, AAC_DATASETS, REFERENCE = "native", "aac-datasets", "reference"
 
 # CSV schemas, named by the column that tells them apart. FILE_NAME: `file_name,caption_1..caption_5` (a clip a row)
@@ -40,6 +52,7 @@ _AAC_AUDIOCAPS_DIR = "AUDIOCAPS"
 _AAC_AUDIOCAPS_RATE_DIR = "audio_32000Hz"
 _AAC_AUDIOCAPS_FILE_PATTERN = "{youtube_id}_{start_time}.flac"
 _REFERENCE_SPLITS = ("train", "val", "test")
+_AAC_WAVCAPS_DIR = "WavCaps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +72,26 @@ class SplitSource:
   def present(self) -> bool:
     return os.path.isfile(self.path) if self.csv_path else os.path.isdir(self.path)
 
+  def parts(self) -> dict[str, "SplitSource"]:
+    return {"": self}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiSource:
+  """A split read from several sources (a `SplitSource` each, by source name): present when one of them is."""
+
+  sources: dict[str, SplitSource]
+
+  @property
+  def path(self) -> str:
+    return ", ".join(source.path for source in self.sources.values())
+
+  def present(self) -> bool:
+    return any(source.present() for source in self.sources.values())
+
+  def parts(self) -> dict[str, SplitSource]:
+    return self.sources
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -67,10 +100,10 @@ class Layout:
 
   name: str
   raw_dir: str
-  splits: dict[str, SplitSource]
+  splits: dict[str, SplitSource | MultiSource]
   file_pattern: str | None = None
 
-  def present_splits(self) -> dict[str, SplitSource]:
+  def present_splits(self) -> dict[str, SplitSource | MultiSource]:
     return {split: source for split, source in self.splits.items() if source.present()}
 
   def present(self) -> bool:
@@ -80,15 +113,18 @@ class Layout:
     return os.path.relpath(path, self.raw_dir)
 
   def looked_for(self) -> str:
-    return f"{self.name} ({', '.join(self._relative(source.path) for source in self.splits.values())})"
+    paths = [self._relative(part.path) for source in self.splits.values() for part in source.parts().values()]
+    return f"{self.name} ({', '.join(paths)})"
 
   def describe(self) -> str:
     """The layout and where each split present comes from, e.g. "aac-datasets layout: development =
     CLOTHO_v2.1/clotho_csv_files/clotho_captions_development.csv + CLOTHO_v2.1/clotho_audio_files/development/"."""
     sources = [
-      f"{split} = "
+      f"{split}{f' ({name})' if name else ''} = "
       + " + ".join(([self._relative(s.csv_path)] if s.csv_path else []) + [self._relative(s.audio_dir) + "/"])
-      for split, s in self.present_splits().items()
+      for split, source in self.present_splits().items()
+      for name, s in source.parts().items()
+      if s.present()
     ]
     return f"{self.name} layout: {', '.join(sources)}"
 
@@ -176,12 +212,30 @@ def _audiocaps_layouts(raw_dir: str) -> list[Layout]:
   ]
 
 
+def _wavcaps_split(root: str) -> dict[str, MultiSource]:
+  sources = {
+    source: SplitSource(os.path.join(root, "json_files", source, json_name), os.path.join(root, "Audio", source))
+    for source, json_name in WAVCAPS_JSONS.items()
+  }
+  return {WAVCAPS_SPLIT: MultiSource(sources)}
+
+
+def wavcaps_file_name(source: str, clip_id: str) -> str:
+  """The audio file name of a WavCaps JSON entry's id: `<id>.flac` (AudioSet_SL's ids end in `.wav`, made `.flac`)."""
+  return clip_id.replace(".wav", ".flac") if source == "AudioSet_SL" else f"{clip_id}.flac"
+
+
 def candidates(dataset: str, raw_dir: str) -> list[Layout]:
   """Every layout of `dataset` rooted at `raw_dir`, in the order they are looked for (native first)."""
   if dataset == "clotho":
     return _clotho_layouts(raw_dir)
   if dataset == "audiocaps":
     return _audiocaps_layouts(raw_dir)
+  if dataset == "wavcaps":
+    return [
+      Layout(NATIVE, raw_dir, _wavcaps_split(raw_dir)),
+      Layout(AAC_DATASETS, raw_dir, _wavcaps_split(os.path.join(raw_dir, _AAC_WAVCAPS_DIR))),
+    ]
   raise ValueError(f"dataset {dataset!r} has no raw folder layouts")
 
 

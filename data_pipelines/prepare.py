@@ -1,8 +1,8 @@
 """Command line: turns a raw dataset folder into log-mel TFRecords once, then prints what was read, written and
 skipped, and where the report is.
 
-  python -m data_pipelines.prepare --dataset {clotho,audiocaps} --raw_dir RAW [--out_dir OUT]
-      [--audiocaps_file_pattern '{youtube_id}.wav'] [--workers N]
+  python -m data_pipelines.prepare --dataset {clotho,audiocaps,wavcaps} --raw_dir RAW [--out_dir OUT]
+      [--audiocaps_file_pattern '{youtube_id}.wav'] [--wavcaps_exclude_csv IDS.csv] [--workers N]
 
 RAW is the dataset's raw folder in any of its layouts (`layouts`: native, the root of an aac-datasets download, the
 reference's data/<Dataset>), detected and printed. OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run
@@ -29,6 +29,11 @@ _FILE_PATTERN = flags.DEFINE_string(
   "AudioCaps official CSVs: audio file name made of {youtube_id}, {start_time} and {audiocap_id} (the default "
   "stands for the layout's naming: aac-datasets names its files '{youtube_id}_{start_time}.flac').",
 )
+_EXCLUDE_CSV = flags.DEFINE_string(
+  "wavcaps_exclude_csv",
+  "",
+  "WavCaps: a CSV whose column 'id' lists the Freesound ids kept out of training (Clotho's evaluation clips).",
+)
 _WORKERS = flags.DEFINE_integer(
   "workers", None, "Feature-extraction processes (default: one per CPU core).", lower_bound=1
 )
@@ -40,7 +45,12 @@ def main(argv: list[str]) -> None:
   raw_dir = os.path.expanduser(_RAW_DIR.value)
   out_dir = _OUT_DIR.value or clip_builder.default_data_dir(raw_dir)
   builder = datasets.prepare(
-    _DATASET.value, raw_dir, out_dir, audiocaps_file_pattern=_FILE_PATTERN.value, workers=_WORKERS.value
+    _DATASET.value,
+    raw_dir,
+    out_dir,
+    audiocaps_file_pattern=_FILE_PATTERN.value,
+    wavcaps_exclude_csv=_EXCLUDE_CSV.value,
+    workers=_WORKERS.value,
   )
   counts = builder.info.metadata["preparation"]
   print(f"{_DATASET.value} prepared in {builder.data_path}")

@@ -683,7 +683,7 @@ def test_train_sources_main_first_then_extra(clotho_raw, clotho_builder, audioca
 
 
 @pytest.mark.parametrize(
-  "entry", ["audiocaps:/data/ac", "wavcaps:/data/w:train", ":/data:train", "clotho::train", "clotho:/data:"]
+  "entry", ["audiocaps:/data/ac", "esc50:/data/w:train", ":/data:train", "clotho::train", "clotho:/data:"]
 )
 def test_malformed_extra_train_entry_is_named(entry):
   with pytest.raises(ValueError, match=f"config.data.extra_train entry '{entry}'"):
