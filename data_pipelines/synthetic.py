@@ -19,6 +19,9 @@ attribute sets give different waveforms; each clip is peak-normalised to 0.5-0.9
 Everything is drawn from a numpy Generator seeded by (seed, split, clip index): same seed, byte-identical files.
 Usage: python -m data_pipelines.synthetic --out_dir DIR [--num_development 1000 --num_validation 200
 --num_evaluation 200 --seed 0 --duration 3.0 --overwrite]
+
+`write_esc50` (`--esc50_out DIR [--clips_per_fold 2 --duration 5.0]`) writes a zero-shot classification set in the
+ESC-50 layout instead: one class per event kind, 5 folds, one-event clips (for `python -m atr_jax.zeroshot`).
 """
 
 import argparse
@@ -36,6 +39,8 @@ from data_pipelines.features import SAMPLE_RATE
 
 SPLITS = ("development", "validation", "evaluation")
 CSV_HEADER = ("file_name",) + tuple(f"caption_{i}" for i in range(1, 6))
+ESC50_HEADER = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+ESC50_FOLDS = 5
 PITCH_HZ = {"low": 250.0, "mid": 1000.0, "high": 4000.0}
 LOUDNESS = ("louder", "quieter", "steady")
 BACKGROUNDS = ("silence", "noise")
@@ -283,6 +288,35 @@ def _write_split(root: str, split: str, num: int, seed: int, duration_s: float) 
       writer.writerow([name] + captions)
 
 
+def _write_folder(out_dir: str, overwrite: bool, complete_files: tuple, write) -> None:
+  """Calls `write(folder)` on a temporary sibling folder and renames it to `out_dir` once complete. An existing
+  non-empty `out_dir` is an error (saying whether it holds all of `complete_files`) unless `overwrite`."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    complete = all(os.path.exists(os.path.join(out_dir, name)) for name in complete_files)
+    raise FileExistsError(
+      f"{out_dir} already exists and is not empty"
+      f"{' (a complete dataset)' if complete else ''}; pass overwrite=True (--overwrite) "
+      "to replace it"
+    )
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+  os.chmod(partial, 0o755)  # mkdtemp's 0o700 would otherwise become the dataset's permissions.
+  try:
+    write(partial)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.rename(out_dir, os.path.join(old, "dataset"))
+      os.rename(partial, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(partial, out_dir)
+  finally:
+    if os.path.exists(partial):
+      shutil.rmtree(partial)
+
+
 def generate(
   out_dir: str, num_clips: dict[str, int], seed: int = 0, duration_s: float = 3.0, overwrite: bool = False
 ) -> None:
@@ -294,50 +328,90 @@ def generate(
     raise ValueError(f"num_clips must give a positive count for exactly {SPLITS}, got {num_clips}")
   if duration_s < 1.5:
     raise ValueError(f"duration_s must be at least 1.5 s, got {duration_s}")
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    complete = all(os.path.exists(os.path.join(out_dir, f"clotho_captions_{s}.csv")) for s in SPLITS)
-    raise FileExistsError(
-      f"{out_dir} already exists and is not empty"
-      f"{' (a complete dataset)' if complete else ''}; pass overwrite=True (--overwrite) "
-      "to replace it"
-    )
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-  os.chmod(partial, 0o755)  # mkdtemp's 0o700 would otherwise become the dataset's permissions.
-  try:
+
+  def write(partial: str) -> None:
     for split in SPLITS:
       started = time.perf_counter()
       _write_split(partial, split, int(num_clips[split]), seed, duration_s)
       print(f"{split}: {num_clips[split]} clips written ({time.perf_counter() - started:.1f} s)", flush=True)
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-      os.rename(out_dir, os.path.join(old, "dataset"))
-      os.rename(partial, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(partial, out_dir)
-  finally:
-    if os.path.exists(partial):
-      shutil.rmtree(partial)
-  print(f"synthetic Clotho-layout dataset ready at {out_dir}", flush=True)
+
+  _write_folder(out_dir, overwrite, tuple(f"clotho_captions_{s}.csv" for s in SPLITS), write)
+  print(f"synthetic Clotho-layout dataset ready at {os.path.abspath(out_dir)}", flush=True)
+
+
+def esc50_category(kind: str) -> str:
+  """The ESC-50-style category name of an event kind (underscores for spaces, as in "crying_baby")."""
+  return kind.replace(" ", "_")
+
+
+def esc50_clip(seed: int, kind: str, index: int, duration_s: float = 5.0) -> tuple[ClipSpec, np.ndarray]:
+  """(attribute record, int16 waveform) of clip `index` of class `kind` of the ESC-50-layout output: one event of
+  that kind at a random pitch and count, `duration_s` long. Its generators are seeded apart from the Clotho splits'."""
+  spec_rng, audio_rng = [
+    np.random.default_rng(child)
+    for child in np.random.SeedSequence([seed, len(SPLITS), KINDS.index(kind), index]).spawn(2)
+  ]
+  event = Event(kind, tuple(PITCH_HZ)[spec_rng.integers(3)], int(spec_rng.integers(1, 5)))
+  loudness = "steady" if event == Event("knock", event.pitch, 1) else LOUDNESS[spec_rng.integers(3)]
+  spec = ClipSpec((event,), loudness, BACKGROUNDS[spec_rng.integers(2)], duration_s)
+  return spec, render_clip(spec, audio_rng)
+
+
+def write_esc50(
+  out_dir: str, clips_per_fold: int = 2, seed: int = 0, duration_s: float = 5.0, overwrite: bool = False
+) -> None:
+  """Writes a zero-shot test set in the ESC-50 layout: `meta/esc50.csv` (filename,fold,target,category,esc10,
+  src_file,take) and `audio/{fold}-{src_file}-A-{target}.wav`, one class per event kind (target = its index in
+  KINDS), 5 folds of `clips_per_fold` clips per class. Atomic and `overwrite` as `generate`."""
+  if clips_per_fold < 1:
+    raise ValueError(f"clips_per_fold must be positive, got {clips_per_fold}")
+  if duration_s < 1.5:
+    raise ValueError(f"duration_s must be at least 1.5 s, got {duration_s}")
+
+  def write(partial: str) -> None:
+    os.makedirs(os.path.join(partial, "meta"))
+    os.makedirs(os.path.join(partial, "audio"))
+    with open(os.path.join(partial, "meta", "esc50.csv"), "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(ESC50_HEADER)
+      for target, kind in enumerate(KINDS):
+        for index in range(ESC50_FOLDS * clips_per_fold):
+          fold, source = 1 + index // clips_per_fold, f"synth{target:02d}{index:04d}"
+          name = f"{fold}-{source}-A-{target}.wav"
+          sf.write(
+            os.path.join(partial, "audio", name),
+            esc50_clip(seed, kind, index, duration_s)[1],
+            SAMPLE_RATE,
+            subtype="PCM_16",
+          )
+          writer.writerow([name, fold, target, esc50_category(kind), "False", source, "A"])
+
+  _write_folder(out_dir, overwrite, (os.path.join("meta", "esc50.csv"),), write)
+  print(f"synthetic ESC-50-layout dataset ({len(KINDS)} classes) ready at {os.path.abspath(out_dir)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out_dir", required=True, help="dataset folder to create")
+  out = parser.add_mutually_exclusive_group(required=True)
+  out.add_argument("--out_dir", help="Clotho-layout dataset folder to create")
+  out.add_argument("--esc50_out", help="ESC-50-layout zero-shot test set folder to create instead")
   for split, default in zip(SPLITS, (1000, 200, 200)):
     parser.add_argument(f"--num_{split}", type=int, default=default, help=f"clips in the {split} split")
+  parser.add_argument("--clips_per_fold", type=int, default=2, help="--esc50_out: clips per class and fold")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--duration", type=float, default=3.0, help="nominal clip length in seconds (+-0.5 s)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+  parser.add_argument(
+    "--duration", type=float, default=None, help="nominal clip length in seconds (default 3.0 (+-0.5 s); ESC-50: 5.0)"
+  )
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
   args = parser.parse_args(argv)
+  if args.esc50_out:
+    write_esc50(args.esc50_out, args.clips_per_fold, args.seed, args.duration or 5.0, args.overwrite)
+    return
   generate(
     args.out_dir,
     {split: getattr(args, f"num_{split}") for split in SPLITS},
     seed=args.seed,
-    duration_s=args.duration,
+    duration_s=args.duration or 3.0,
     overwrite=args.overwrite,
   )
 

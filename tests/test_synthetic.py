@@ -190,3 +190,23 @@ def test_existing_dataset_needs_overwrite_and_failed_run_leaves_nothing(tmp_path
   with pytest.raises(RuntimeError, match="killed"):
     synthetic.generate(str(tmp_path / "fresh"), {"development": 2, "validation": 1, "evaluation": 1})
   assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_esc50_layout_has_one_class_per_kind_in_five_folds(tmp_path):
+  out = tmp_path / "esc"
+  synthetic.main(["--esc50_out", str(out), "--clips_per_fold", "2", "--duration", "1.5", "--seed", "4"])
+  assert sorted(os.listdir(out)) == ["audio", "meta"] and os.listdir(out / "meta") == ["esc50.csv"]
+  with open(out / "meta" / "esc50.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+  assert collections.Counter((row["category"], row["fold"]) for row in rows) == {
+    (kind.replace(" ", "_"), str(fold)): 2 for kind in synthetic.KINDS for fold in range(1, 6)
+  }
+  assert all(row["category"] == synthetic.KINDS[int(row["target"])].replace(" ", "_") for row in rows)
+  assert sorted(row["filename"] for row in rows) == sorted(os.listdir(out / "audio"))
+  audio, rate = sf.read(out / "audio" / rows[0]["filename"], dtype="int16")
+  assert rate == 32000 and audio.ndim == 1 and len(audio) == 48000
+  again = tmp_path / "again"
+  synthetic.write_esc50(str(again), clips_per_fold=2, seed=4, duration_s=1.5)
+  for row in rows:
+    assert (out / "audio" / row["filename"]).read_bytes() == (again / "audio" / row["filename"]).read_bytes()
