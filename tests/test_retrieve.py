@@ -142,10 +142,17 @@ def test_read_captions_formats(tmp_path):
 def _retrieve_cli(capsys, *args: str) -> list[str]:
   """Runs `python -m atr_jax.retrieve ARGS` in this process (its flags parsed as the command line would be); the
   printed lines."""
+  import logging
+
   from absl import flags
 
+  absl_level = logging.getLogger("absl").level  # Parsing sets it from --verbosity; later tests' caplog needs it back.
   flags.FLAGS.unparse_flags()
-  retrieve.main(flags.FLAGS(["atr_jax.retrieve", *args]))
+  try:
+    retrieve.main(flags.FLAGS(["atr_jax.retrieve", *args]))
+  finally:
+    flags.FLAGS.unparse_flags()
+    logging.getLogger("absl").setLevel(absl_level)
   return capsys.readouterr().out.strip().splitlines()
 
 
