@@ -83,12 +83,8 @@ def num_frames(num_samples: int) -> int:
   return 1 + num_samples // HOP_LENGTH
 
 
-def log_mel(waveform: np.ndarray) -> np.ndarray:
-  """Log-mel spectrogram (frames, 64) float32 of a mono 32 kHz waveform.
-
-  Raises AudioError when the waveform is not 1-D, or (reason too_short) shorter than one hop (HOP_LENGTH samples).
-  Clips shorter than the reflect padding (n_fft / 2) are reflected back and forth, as numpy's and librosa's padding.
-  """
+def checked_waveform(waveform: np.ndarray) -> np.ndarray:
+  """`waveform` as float32; an AudioError when it is not 1-D, or (reason too_short) shorter than one hop."""
   waveform = np.asarray(waveform, dtype=np.float32)
   if waveform.ndim != 1:
     raise AudioError(f"log_mel expects a mono 1-D waveform, got shape {waveform.shape}")
@@ -98,6 +94,16 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
       f"samples at {SAMPLE_RATE} Hz)",
       reason="too_short",
     )
+  return waveform
+
+
+def log_mel(waveform: np.ndarray) -> np.ndarray:
+  """Log-mel spectrogram (frames, 64) float32 of a mono 32 kHz waveform.
+
+  Raises AudioError when the waveform is not 1-D, or (reason too_short) shorter than one hop (HOP_LENGTH samples).
+  Clips shorter than the reflect padding (n_fft / 2) are reflected back and forth, as numpy's and librosa's padding.
+  """
+  waveform = checked_waveform(waveform)
   padded = np.pad(waveform, N_FFT // 2, mode="reflect")
   frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
   spectrum = np.fft.rfft(frames * _periodic_hann(), axis=-1)

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from data_pipelines.features import AudioError, HOP_LENGTH, N_FFT, SAMPLE_RATE
+from data_pipelines.features import HOP_LENGTH, N_FFT, SAMPLE_RATE, checked_waveform
 
 WIN_LENGTH = 800
 N_MELS = 128
@@ -84,15 +84,7 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
 
   Raises AudioError when the waveform is not 1-D, or (reason too_short) shorter than one hop, as `features.log_mel`.
   """
-  waveform = np.asarray(waveform, dtype=np.float32)
-  if waveform.ndim != 1:
-    raise AudioError(f"log_mel expects a mono 1-D waveform, got shape {waveform.shape}")
-  if waveform.shape[0] < HOP_LENGTH:
-    raise AudioError(
-      f"clip of {waveform.shape[0]} samples is too short (needs at least one hop, {HOP_LENGTH} samples at "
-      f"{SAMPLE_RATE} Hz)",
-      reason="too_short",
-    )
+  waveform = checked_waveform(waveform)
   lengths = np.array([waveform.shape[0]])
   return _log_mel(waveform[None], lengths, _fixed_banks(), np).astype(np.float32)[0]
 
