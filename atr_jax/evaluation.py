@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from atr_jax import sharding
-from data_pipelines import input_pipeline
+from data_pipelines import features, input_pipeline
 from data_pipelines.captions import CaptionEncoder
 
 
@@ -110,6 +110,32 @@ def embed_captions(
     process_count=jax.process_count(),
   )
   return np.concatenate([embedder.text(variables, local)[:count] for local, count in batches])
+
+
+def embed_log_mels(embedder: Embedder, variables, log_mels: list, *, global_batch_size: int) -> np.ndarray:
+  """Embeddings [len(log_mels), D] of (frames, N_MELS) log-mel arrays of any lengths, each whole (identical on every
+  process): clips grouped by padded length (`input_pipeline.padded_frames`, as `embed_split`), in padded global
+  batches of which each process fills and embeds its slice."""
+  local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
+  first_row = jax.process_index() * local_batch_size
+  embeddings = None
+  padded = np.array([input_pipeline.padded_frames(len(x)) for x in log_mels], np.int64)
+  for frames in sorted(set(padded.tolist())):
+    ids = np.flatnonzero(padded == frames)
+    for start in range(0, len(ids), global_batch_size):
+      chunk = ids[start : start + global_batch_size]
+      batch = np.zeros((local_batch_size, frames, features.N_MELS), np.float32)
+      mask = np.zeros((local_batch_size, frames), bool)
+      for row, index in enumerate(chunk[first_row : first_row + local_batch_size]):
+        batch[row, : len(log_mels[index])] = log_mels[index]
+        mask[row, : len(log_mels[index])] = True
+      emb = embedder.audio(variables, {"log_mel": batch, "frame_mask": mask})
+      if embeddings is None:
+        embeddings = np.zeros((len(log_mels), emb.shape[1]), np.float32)
+      embeddings[chunk] = emb[: len(chunk)]
+  if embeddings is None:
+    raise ValueError("embed_log_mels: the clip list is empty")
+  return embeddings
 
 
 def _gather_rows(local_rows: np.ndarray) -> np.ndarray:

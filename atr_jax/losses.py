@@ -32,6 +32,14 @@ pairs of the global batch, already divided by the global normaliser, so that the
   ring of devices (``ppermute``), each device scoring its B_local audio rows against one B_local block at a time, so
   no device holds more than B_local x B_local scores (the loop body is rematerialised in the backward pass).
 
+Weighted terms and ensemble distillation (SPEC 11): ``make_loss_fn(..., weight=w, distill_weight=d)`` returns
+w x (the loss above) + d x distillation, where, with C = S / tau (the loss's temperature, fixed or learnable) and
+C_t = the mean over teachers of the teachers' cosine similarities of the same pairs / tau, distillation =
+0.5 (CE(C, softmax_rows(C_t)) + CE(C^T, softmax_rows(C_t^T))), each CE the mean over the N rows of
+-sum_j target log softmax. The target is a constant (no gradient flows through it, into tau included). The loss
+then takes the teachers' embeddings of the batch's pairs, ``teachers=(audio, text)``, each [B, K, D_t] (K
+teachers, zero-padded to one width: padding changes no cosine), sharded and all-gathered like the student's.
+
 Hyper-parameters: fixed (``margin=``, ``temperature=``, ``scale=``, ``bias=`` given to ``make_loss_fn`` /
 ``get_loss``) or learnable (``init_loss_params(name, learnable=True, ...)``), in which case they live in
 ``loss_params`` and take precedence over fixed ones:
@@ -59,7 +67,7 @@ DEFAULT_MARGIN = 0.2
 WEIGHTED_TRIPLET_POSITIVE = (0.2, -0.7, 0.5)  # coefficients (x^2, x, 1) of the positive term of triplet_weighted
 WEIGHTED_TRIPLET_NEGATIVE = (0.9, -0.4, 0.03)  # ... and of its negative term
 
-LossFn = Callable[[jax.Array, jax.Array, jax.Array, dict], jax.Array]
+LossFn = Callable[..., jax.Array]  # (audio_emb, text_emb, clip_ids, loss_params[, teachers]) -> scalar
 
 
 class _Rows(NamedTuple):
@@ -72,6 +80,8 @@ class _Rows(NamedTuple):
   all_text: jax.Array  # (B, D)
   all_clip_ids: jax.Array  # (B,)
   offset: jax.Array | int
+  teachers: tuple[jax.Array, jax.Array] | None = None  # (audio, text) (b, K, D_t), L2-normalised; distillation only
+  all_teachers: tuple[jax.Array, jax.Array] | None = None  # (audio, text) (B, K, D_t)
 
 
 class _Queries(NamedTuple):
@@ -102,11 +112,20 @@ def infonce(audio_emb: jax.Array, text_emb: jax.Array, clip_ids: jax.Array, temp
 
 
 def make_loss_fn(
-  name: str, mesh: jax.sharding.Mesh | None, axis: str = "data", *, chunked: bool = False, **fixed: Any
+  name: str,
+  mesh: jax.sharding.Mesh | None,
+  axis: str = "data",
+  *,
+  chunked: bool = False,
+  weight: float = 1.0,
+  distill_weight: float = 0.0,
+  **fixed: Any,
 ) -> LossFn:
-  """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params) -> scalar`` on the global batch.
+  """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params, teachers=None) -> scalar`` on the global batch:
+  ``weight`` x the loss ``name``, plus ``distill_weight`` x distillation from ``teachers`` when ``distill_weight`` > 0
+  (then required; see module docstring).
 
-  With a mesh the batch (leading) axis of the three arrays is sharded over ``axis`` and the loss runs per device
+  With a mesh the batch (leading) axis of the arrays is sharded over ``axis`` and the loss runs per device
   in ``jax.shard_map`` (see module docstring); ``loss_params`` (from ``init_loss_params``) are replicated.
   ``chunked`` selects the ring variant of a pairwise loss (siglip); it changes memory, not the value.
   """
@@ -117,13 +136,43 @@ def make_loss_fn(
       f"loss {name!r} has no chunked variant (only pairwise losses do: "
       f"{sorted(n for n, d in _LOSSES.items() if d.pair_block is not None)})"
     )
+  distilling = distill_weight > 0
+  if distilling and "temperature" not in loss.fixed_keys:
+    raise ValueError(
+      f"distillation divides the similarities by the student's temperature, and loss {name!r} has none: use one of "
+      f"{sorted(n for n, d in _LOSSES.items() if 'temperature' in d.fixed_keys)}"
+    )
+  if distill_weight < 0 or weight < 0 or not (weight or distilling):
+    raise ValueError(
+      f"loss {name!r}: weight={weight} and distill_weight={distill_weight} must be >= 0, one of them positive"
+    )
+
+  def share(rows: _Rows, loss_params: dict) -> jax.Array:
+    total = weight * loss.share(rows, loss_params, fixed) if weight else 0.0
+    if distilling:
+      total = total + distill_weight * _distillation_share(rows, _temperature(name, loss_params, fixed))
+    return total
+
+  def check(audio_emb, text_emb, clip_ids, teachers, n_shards):
+    _check_batch(name, audio_emb, text_emb, clip_ids, n_shards)
+    if distilling != (teachers is not None):
+      raise ValueError(
+        f"loss {name!r}: teachers must be given exactly when distill_weight > 0 "
+        f"(distill_weight={distill_weight}, teachers {'given' if teachers is not None else 'missing'})"
+      )
+    if distilling:
+      _check_teachers(name, audio_emb.shape[0], teachers)
+
+  def normalize(audio_emb, text_emb, teachers):
+    teachers = None if teachers is None else tuple(l2_normalize(t) for t in teachers)
+    return l2_normalize(audio_emb), l2_normalize(text_emb), teachers
 
   if mesh is None:
 
-    def unsharded(audio_emb, text_emb, clip_ids, loss_params):
-      _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=1)
-      audio, text = l2_normalize(audio_emb), l2_normalize(text_emb)
-      return loss.share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0), loss_params, fixed)
+    def unsharded(audio_emb, text_emb, clip_ids, loss_params, teachers=None):
+      check(audio_emb, text_emb, clip_ids, teachers, n_shards=1)
+      audio, text, teachers = normalize(audio_emb, text_emb, teachers)
+      return share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0, teachers, teachers), loss_params)
 
     return unsharded
 
@@ -131,14 +180,14 @@ def make_loss_fn(
     raise ValueError(f"loss {name!r}: mesh has no axis {axis!r} (axes: {mesh.axis_names})")
   n_devices = mesh.shape[axis]
 
-  def gathered_share(audio, text, clip_ids, loss_params):
+  def gathered_share(audio, text, clip_ids, loss_params, teachers):
     gather = lambda x: collectives.all_gather(x, axis)  # noqa: E731
     offset = jax.lax.axis_index(axis) * audio.shape[0]
-    return loss.share(
-      _Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset), loss_params, fixed
-    )
+    all_teachers = None if teachers is None else tuple(gather(t) for t in teachers)
+    rows = _Rows(audio, text, clip_ids, gather(audio), gather(text), gather(clip_ids), offset, teachers, all_teachers)
+    return share(rows, loss_params)
 
-  def ring_share(audio, text, clip_ids, loss_params):
+  def ring_share(audio, text, clip_ids, loss_params, teachers):
     ring = [(d, (d + 1) % n_devices) for d in range(n_devices)]
 
     @jax.checkpoint
@@ -149,19 +198,19 @@ def make_loss_fn(
 
     total = jax.lax.pcast(jnp.zeros((), audio.dtype), axis, to="varying")  # a per-device sum, as the carry
     _, _, total = jax.lax.fori_loop(0, n_devices, visit, (text, clip_ids, total))
-    return total / (n_devices * audio.shape[0]) ** 2
+    return weight * total / (n_devices * audio.shape[0]) ** 2
 
-  share = ring_share if chunked else gathered_share
+  per_device_share = ring_share if chunked else gathered_share
 
-  def per_device(audio_emb, text_emb, clip_ids, loss_params):
-    audio, text = l2_normalize(audio_emb), l2_normalize(text_emb)
-    return jax.lax.psum(share(audio, text, clip_ids, loss_params), axis)
+  def per_device(audio_emb, text_emb, clip_ids, loss_params, teachers):
+    audio, text, teachers = normalize(audio_emb, text_emb, teachers)
+    return jax.lax.psum(per_device_share(audio, text, clip_ids, loss_params, teachers), axis)
 
-  sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P()), out_specs=P())
+  sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P(), P(axis)), out_specs=P())
 
-  def sharded(audio_emb, text_emb, clip_ids, loss_params):
-    _check_batch(name, audio_emb, text_emb, clip_ids, n_shards=n_devices)
-    return sharded_loss(audio_emb, text_emb, clip_ids, loss_params)
+  def sharded(audio_emb, text_emb, clip_ids, loss_params, teachers=None):
+    check(audio_emb, text_emb, clip_ids, teachers, n_shards=n_devices)
+    return sharded_loss(audio_emb, text_emb, clip_ids, loss_params, teachers)
 
   return sharded
 
@@ -179,10 +228,21 @@ def init_loss_params(name: str, *, learnable: bool, **initial: Any) -> dict[str,
   return loss.learnable_init(**initial)
 
 
-def make_loss_fn_from_config(loss_config, mesh: jax.sharding.Mesh | None, axis: str = "data") -> LossFn:
-  """``make_loss_fn`` for ``config.loss``: its name, the hyper-parameters that loss takes, and siglip_chunked."""
+def make_loss_fn_from_config(
+  loss_config, mesh: jax.sharding.Mesh | None, axis: str = "data", *, distill_weight: float = 0.0
+) -> LossFn:
+  """``make_loss_fn`` for ``config.loss``: its name, weight, the hyper-parameters that loss takes, and
+  siglip_chunked; ``distill_weight`` (config.distill.weight when distilling) adds the distillation term."""
   chunked = loss_config.name == "siglip" and bool(loss_config.siglip_chunked)
-  return make_loss_fn(loss_config.name, mesh, axis, chunked=chunked, **_config_hyper_parameters(loss_config))
+  return make_loss_fn(
+    loss_config.name,
+    mesh,
+    axis,
+    chunked=chunked,
+    weight=loss_config.weight,
+    distill_weight=distill_weight,
+    **_config_hyper_parameters(loss_config),
+  )
 
 
 def init_loss_params_from_config(loss_config) -> dict[str, jax.Array]:
@@ -267,6 +327,22 @@ def _multi_positive_share(rows: _Rows, loss_params: dict, fixed: dict) -> jax.Ar
     log_probability = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
     total = total + jnp.sum(jnp.where(q.same_clip, log_probability, 0.0))
   return -0.5 * total / _same_clip_pair_count(rows.all_clip_ids)
+
+
+def _distillation_share(rows: _Rows, temperature: jax.Array | float) -> jax.Array:
+  """0.5 sum over both directions and the local rows of CE(C row, softmax(C_t row)), over N (module docstring)."""
+  total = 0.0
+  for local, candidates, teacher_local, teacher_candidates in (
+    (rows.audio, rows.all_text, rows.teachers[0], rows.all_teachers[1]),
+    (rows.text, rows.all_audio, rows.teachers[1], rows.all_teachers[0]),
+  ):
+    teacher_scores = (
+      jnp.einsum("qkd,ckd->qc", teacher_local, teacher_candidates, precision=jax.lax.Precision.HIGHEST)
+      / teacher_local.shape[1]
+    )  # The mean over the K teachers of their cosine similarities.
+    target = jax.lax.stop_gradient(jax.nn.softmax(teacher_scores / temperature, axis=1))
+    total = total - jnp.sum(target * jax.nn.log_softmax(_scores(local, candidates) / temperature, axis=1))
+  return 0.5 * total / rows.all_clip_ids.shape[0]
 
 
 def _same_clip_pair_count(clip_ids: jax.Array) -> jax.Array:
@@ -414,6 +490,18 @@ def _check_batch(name: str, audio_emb: jax.Array, text_emb: jax.Array, clip_ids:
   if audio_emb.shape[0] % n_shards:
     raise ValueError(
       f"loss {name!r}: global batch {audio_emb.shape[0]} is not divisible by the {n_shards} devices of the batch axis"
+    )
+
+
+def _check_teachers(name: str, batch: int, teachers) -> None:
+  if (
+    len(teachers) != 2
+    or any(t.ndim != 3 or t.shape[0] != batch for t in teachers)
+    or teachers[0].shape != teachers[1].shape
+  ):
+    raise ValueError(
+      f"loss {name!r}: teachers must be (audio, text) arrays of one shape [{batch}, K, D], got "
+      f"{[getattr(t, 'shape', t) for t in teachers]}"
     )
 
 

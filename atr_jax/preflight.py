@@ -6,6 +6,7 @@ import os
 import jax
 import ml_collections
 
+from atr_jax import zeroshot
 from atr_jax.models.hf_hub import resolve_model_dir
 from atr_jax.models.panns import CONVERT_COMMAND, SCRATCH, audio_init_dir
 from data_pipelines import datasets, layouts
@@ -57,6 +58,27 @@ def check_data_paths(data_config: ml_collections.ConfigDict, *, training: bool) 
       _check_split_source(dataset, extra_dir, split, f"config.data.extra_train entry {dataset}:{extra_dir}:{split}")
 
 
+def check_zeroshot(zeroshot_config: ml_collections.ConfigDict) -> None:
+  """The zero-shot set of config.eval.zeroshot (evaluated during training) exists, unless it is to be generated,
+  and its prompts each hold one "{}"."""
+  prompts = zeroshot_config.prompts
+  if zeroshot.enabled(zeroshot_config) and (not prompts or any(prompt.count("{}") != 1 for prompt in prompts)):
+    raise ValueError(
+      f'config.eval.zeroshot.prompts={prompts!r}: give a tuple of prompts, each with one "{{}}" where the class '
+      'name goes, e.g. ("the sound of a {}",)'
+    )
+  if zeroshot_config.dataset and not zeroshot_config.generate_synthetic:
+    root = os.path.expanduser(zeroshot_config.root)
+    if not root or not os.path.isdir(root):
+      raise FileNotFoundError(
+        f"config.eval.zeroshot.root={zeroshot_config.root!r}: no {zeroshot_config.dataset} folder there "
+        f"(config.eval.zeroshot.dataset={zeroshot_config.dataset!r})"
+      )
+  csv_path = os.path.expanduser(zeroshot_config.csv)
+  if csv_path and not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"config.eval.zeroshot.csv={zeroshot_config.csv!r}: {csv_path} does not exist")
+
+
 def check(config: ml_collections.ConfigDict, *, training: bool) -> None:
   """Every path a training (or, with training=False, a test-only) run needs. Raw data is checked by process 0 only,
   the process that prepares it."""
@@ -64,5 +86,7 @@ def check(config: ml_collections.ConfigDict, *, training: bool) -> None:
   relevance_csv = os.path.expanduser(config.eval.relevance_csv)
   if relevance_csv and not os.path.isfile(relevance_csv):
     raise FileNotFoundError(f"config.eval.relevance_csv={config.eval.relevance_csv!r}: {relevance_csv} does not exist")
+  if training:
+    check_zeroshot(config.eval.zeroshot)
   if jax.process_index() == 0:
     check_data_paths(config.data, training=training)

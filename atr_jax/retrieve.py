@@ -5,6 +5,7 @@
   python -m atr_jax.retrieve text  --workdir RUN --audio_dir DIR --query "a dog barks"  # no index: embeds DIR
   python -m atr_jax.retrieve audio --workdir RUN --audio FILE --captions CAPTIONS.txt [--top_k 5]
   python -m atr_jax.retrieve submission --workdir RUN --audio_dir DIR --captions retrieval_captions.csv --out F.csv
+  python -m atr_jax.retrieve embed-train --workdir RUN --out RUN/teacher  # a teacher folder for config.distill
 
 An index is a folder holding `embeddings.npy` (float32 [N, D], unit rows) and `files.json` (the N paths, relative
 to the indexed folder, plus the checkpoint that made them). Clips are embedded whole, any length, with padding
@@ -34,11 +35,12 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
+from atr_jax import checkpointing, distillation, evaluation, sharding, tokenization  # noqa: E402
 from atr_jax.atomic_files import write_atomically, write_folder_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
+from atr_jax.models.registry import audio_tower  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
-from data_pipelines import extraction, features, input_pipeline  # noqa: E402
+from data_pipelines import datasets, extraction, features, input_pipeline  # noqa: E402
 
 EMBEDDINGS_FILE = "embeddings.npy"
 FILES_FILE = "files.json"
@@ -72,22 +74,13 @@ class Retriever:
     return -(-max(requested, 1) // devices) * devices
 
   def embed_log_mels(self, log_mels: list, batch_size: int = 16) -> np.ndarray:
-    """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths, each whole: batches of clips of
-    one padded length (`input_pipeline.padded_frames`, as in evaluation)."""
-    embeddings = np.zeros((len(log_mels), self.config.model.embed_dim), np.float32)
-    batch_size = self._batch_size(batch_size)
-    padded = np.array([input_pipeline.padded_frames(len(x)) for x in log_mels], np.int64)
-    for frames in sorted(set(padded.tolist())):
-      ids = np.flatnonzero(padded == frames)
-      for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        batch = np.zeros((batch_size, frames, features.N_MELS), np.float32)
-        mask = np.zeros((batch_size, frames), bool)
-        for row, index in enumerate(chunk):
-          batch[row, : len(log_mels[index])] = log_mels[index]
-          mask[row, : len(log_mels[index])] = True
-        embeddings[chunk] = self._embedder.audio(self.variables, {"log_mel": batch, "frame_mask": mask})[: len(chunk)]
-    return embeddings
+    """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths, each whole
+    (`evaluation.embed_log_mels`, as in evaluation)."""
+    if not log_mels:
+      return np.zeros((0, self.config.model.embed_dim), np.float32)
+    return evaluation.embed_log_mels(
+      self._embedder, self.variables, log_mels, global_batch_size=self._batch_size(batch_size)
+    )
 
   def embed_audio_files(
     self, paths: list, batch_size: int = 16, *, work_dir: str | None = None, workers: int | None = None
@@ -150,6 +143,18 @@ class Retriever:
     write_atomically(name, lambda f: np.savez(f, embeddings=embeddings, reasons=reasons))
     for path in set(cached):
       os.remove(path)
+
+  def embed_split(self, builder, split: str) -> evaluation.SplitEmbeddings:
+    """Every clip (whole) and caption of a prepared `split`, as evaluation embeds them."""
+    return evaluation.embed_split(
+      self._embedder,
+      self.variables,
+      builder,
+      split,
+      encode_captions=self.encode_captions,
+      global_batch_size=self._batch_size(self.config.eval.batch_size),
+      max_frames=audio_tower(self.config.model.audio).max_frames,
+    )
 
   def embed_texts(self, texts: list, batch_size: int = 64) -> np.ndarray:
     """Embeddings of `texts`, in batches of at most `batch_size` (a single query is not padded to a full batch)."""
@@ -215,6 +220,22 @@ def index_folder(
   return kept, skipped
 
 
+def embed_training_set(retriever: Retriever, out: str) -> dict:
+  """Writes the teacher folder `out` (`atr_jax.distillation`): the embeddings of every clip and caption of the
+  workdir's training sources (config.data: train_split and extra_train); returns its manifest's counts."""
+  input_pipeline.leave_accelerators_to_jax()
+  keys, audio, text = [], [], []
+  for builder, split in datasets.train_sources(retriever.config.data):
+    embedded = retriever.embed_split(builder, split)
+    keys.append(distillation.source_keys(builder, split))
+    audio.append(embedded.audio)
+    text.append(embedded.text)
+  manifest = {"workdir": retriever.workdir, "step": int(retriever.step), "model": retriever.config.model.to_dict()}
+  if jax.process_index() == 0:
+    distillation.write_teacher(out, keys, audio, text, manifest)
+  return {"clips": sum(len(a) for a in audio), "captions": sum(len(t) for t in text)}
+
+
 def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dict) -> None:
   """Writes the index atomically: a killed run leaves the previous index (or none), never half of one."""
 
@@ -255,7 +276,7 @@ def read_captions(path: str) -> list:
     return [row[c].strip() for row in reader for c in columns if row.get(c, "").strip()]
 
 
-_COMMANDS = ("index", "text", "audio", "submission")
+_COMMANDS = ("index", "text", "audio", "submission", "embed-train")
 flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string(
   "audio_dir", None, "index (or text without --index): folder of audio files to embed (searched recursively)."
@@ -264,7 +285,9 @@ flags.DEFINE_string("index", None, "index/text: the index folder to write or to 
 flags.DEFINE_multi_string("query", None, "text: a query sentence (repeat the flag for several).")
 flags.DEFINE_multi_string("audio", None, "audio: an audio file to query with (repeat for several).")
 flags.DEFINE_string("captions", None, "audio / submission: captions (.txt one per line, or .csv).")
-flags.DEFINE_string("out", None, "submission: the DCASE CSV to write (caption,fname_1,...,fname_10).")
+flags.DEFINE_string(
+  "out", None, "submission: the DCASE CSV to write (caption,fname_1,...,fname_10); embed-train: the teacher folder."
+)
 flags.DEFINE_integer("top_k", 10, "Results per query.")
 flags.DEFINE_integer("batch_size", 16, f"Audio files per embedding batch (a chunk holds {CHUNK_BATCHES} batches).")
 flags.DEFINE_integer("workers", None, "Audio decoding processes (default: one per CPU core).", lower_bound=1)
@@ -300,7 +323,11 @@ def main(argv):
     raise app.UsageError(f"give one command among {_COMMANDS}, e.g. `python -m atr_jax.retrieve index ...`")
   command = argv[1]
   _require("workdir")
-  if command == "index":
+  if command == "embed-train":
+    _require("out")
+    counts = embed_training_set(Retriever(FLAGS.workdir), FLAGS.out)
+    print(f"wrote the embeddings of {counts['clips']} training clips and {counts['captions']} captions to {FLAGS.out}")
+  elif command == "index":
     _require("audio_dir", "index")
     kept, skipped = index_folder(
       Retriever(FLAGS.workdir), FLAGS.audio_dir, FLAGS.index, FLAGS.batch_size, FLAGS.workers

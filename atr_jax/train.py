@@ -24,6 +24,7 @@ from clu import metric_writers
 from atr_jax import (
   checkpointing,
   console,
+  distillation,
   evaluation,
   losses,
   preflight,
@@ -32,6 +33,7 @@ from atr_jax import (
   summaries,
   tokenization,
   watchdog,
+  zeroshot,
 )
 from atr_jax.atomic_files import write_text_atomically
 from atr_jax.train_state import TrainState, create_train_state, make_optimizer, reduce_on_plateau
@@ -119,7 +121,7 @@ def _cached_gradients(
   _, ((audio_emb, text_emb), moments) = jax.lax.scan(embed, None, (micro, rngs))
   audio_emb, text_emb = (_join_micro_batches(jax.lax.stop_gradient(e), num_shards) for e in (audio_emb, text_emb))
   loss, (audio_grad, text_grad, loss_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1, 3))(
-    audio_emb, text_emb, batch["clip_id"], params["loss"]
+    audio_emb, text_emb, batch["clip_id"], params["loss"], distillation.batch_teachers(batch)
   )
   embedding_grads = tuple(_split_micro_batches(g, accum_steps, num_shards) for g in (audio_grad, text_grad))
 
@@ -154,7 +156,8 @@ def train_step(
 
   With `accum_steps` > 1 the batch is processed in that many micro-batches (gradient caching, see
   `_cached_gradients`); `num_shards` is the number of devices the batch is sharded over. The model subtrees named
-  in `frozen` (optim.frozen) get zero gradients without a backward pass through them.
+  in `frozen` (optim.frozen) get zero gradients without a backward pass through them. A batch with teacher
+  embeddings (`distillation.AUDIO_KEY`, `TEXT_KEY`) gives them to `loss_fn` (distillation).
   """
   step_rng = jax.random.fold_in(rng, state.step)
   if accum_steps == 1:
@@ -163,7 +166,8 @@ def train_step(
       (audio_emb, text_emb), batch_stats = _forward(
         state, _cut_frozen(params["model"], frozen), state.batch_stats, batch, step_rng
       )
-      return loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"]), batch_stats
+      loss = loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"], distillation.batch_teachers(batch))
+      return loss, batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   else:
@@ -222,6 +226,12 @@ class _Setup:
     self.steps_per_epoch = (
       input_pipeline.steps_per_epoch(self.sources, config.train.global_batch_size) if training else 1
     )
+    # Ensemble distillation (config.distill): the teacher folders are checked against the training set here, before
+    # anything compiles; the training batches carry each pair's teacher embeddings (`train_batches`).
+    self.teachers = distillation.Teachers.from_config(config.distill, self.sources) if training else None
+    self.loss_fn = losses.make_loss_fn_from_config(
+      config.loss, self.mesh, distill_weight=config.distill.weight if self.teachers else 0.0
+    )
     self.encode_captions = tokenization.caption_encoder(config)
     self.model = build_model(config.model)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
@@ -230,6 +240,9 @@ class _Setup:
     self.train_rng = jax.random.key(config.seed)
     self.manager = checkpointing.create_manager(self.workdir, config.eval.selection_metric)
     self.embedder = None  # Made by `fresh_state`, for the state's shardings.
+    self.zeroshot = (
+      zeroshot.DuringTraining(config.eval.zeroshot) if training and zeroshot.enabled(config.eval.zeroshot) else None
+    )
 
   def fresh_state(self):
     state, shardings = create_train_state(self.config, self.model, self.tx, self.mesh, self.init_rng)
@@ -263,9 +276,20 @@ class _Setup:
       metrics.update(relevance.graded_metrics(emb.text @ emb.audio.T, emb.captions, emb.file_names, table))
     return metrics
 
+  def zeroshot_accuracy(self, state) -> dict:
+    """Zero-shot accuracy per fold and mean on config.eval.zeroshot's set (`zeroshot.DuringTraining`)."""
+    variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
+    batch_size = self.config.eval.batch_size
+    return self.zeroshot(
+      lambda log_mels: evaluation.embed_log_mels(self.embedder, variables, log_mels, global_batch_size=batch_size),
+      lambda texts: evaluation.embed_captions(
+        self.embedder, variables, texts, encode_captions=self.encode_captions, global_batch_size=batch_size
+      ),
+    )
+
   def train_batches(self, epoch: int, skip_batches: int):
     """This process's model-ready numpy slices of the global batches of `epoch`, from batch `skip_batches` on."""
-    return input_pipeline.process_train_batches(
+    batches = input_pipeline.process_train_batches(
       self.sources,
       encode_captions=self.encode_captions,
       global_batch_size=self.config.train.global_batch_size,
@@ -278,6 +302,7 @@ class _Setup:
       shuffle_buffer=self.config.data.shuffle_buffer,
       skip_batches=skip_batches,
     )
+    return self.teachers.add_to(batches) if self.teachers else batches
 
 
 def validation_loss(emb: evaluation.SplitEmbeddings, loss_fn, loss_params, batch_size: int, seed: int) -> float:
@@ -361,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   if latest is None:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
-  loss_fn = losses.make_loss_fn_from_config(config.loss, setup.mesh)
+  loss_fn = setup.loss_fn
   step_fn = jax.jit(
     functools.partial(
       train_step,
@@ -423,6 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     val_metrics["loss"] = validation_loss(
       val_emb, val_loss_fn, jax.device_get(state.params["loss"]), config.train.global_batch_size, config.seed
     )
+    zeroshot_metrics = setup.zeroshot_accuracy(state) if setup.zeroshot is not None else {}
     eval_s = time.perf_counter() - eval_start
     if config.eval.num_retrieval_examples > 0:
       summaries.write_retrieval_examples(
@@ -441,11 +467,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
       state = reduce_on_plateau(state, val_metrics["loss"], config.optim)
       val_metrics["lr_scale"] = float(state.lr_scale)
     writer.write_scalars(step, {f"val/{k}": v for k, v in val_metrics.items()})
+    if zeroshot_metrics:
+      writer.write_scalars(step, {f"zeroshot/{k}": v for k, v in zeroshot_metrics.items()})
     logging.info("epoch %d validation: %s", epoch + 1, {k: round(v, 4) for k, v in val_metrics.items()})
     progress.write(
       f"Epoch {epoch + 1}/{config.train.num_epochs} validation ({config.data.val_split}, {eval_s:.1f} s):"
       f" t2a R@1 {val_metrics['t2a_R1']:.3f} mAP@10 {val_metrics['t2a_mAP10']:.3f}, a2t R@1 "
       f"{val_metrics['a2t_R1']:.3f}, loss {val_metrics['loss']:.4f}"
+      + (f", zero-shot accuracy {zeroshot_metrics['mean']:.3f}" if zeroshot_metrics else "")
     )
     checkpointing.save(setup.manager, step, state, val_metrics)
     progress.restart_clock(step)

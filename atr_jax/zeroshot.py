@@ -8,8 +8,11 @@ class of highest cosine; accuracy is reported per fold and as the mean over fold
   [--prompts "the sound of a {}" --prompts "{} can be heard"]  [--batch_size 16 --workers N]
 
 The CLI's flags are argparse's, not absl's, so this module can share a process with `atr_jax.main`,
-`atr_jax.retrieve` and `data_pipelines.prepare` (whose absl flags use the same names). `read_dataset`,
-`class_embeddings` and `zeroshot_accuracy` need no workdir, for evaluation during training.
+`atr_jax.retrieve` and `data_pipelines.prepare` (whose absl flags use the same names).
+
+During training (`config.eval.zeroshot`), `DuringTraining` decodes the set's clips once and scores the model being
+trained at every validation, with the CLI's prompts, class embeddings and accuracy (`accuracy`), and the same
+whole-clip embedding (`evaluation.embed_log_mels`).
 """
 
 from atr_jax import xla_flags
@@ -21,12 +24,16 @@ import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from atr_jax.models.dual_encoder import l2_normalize  # noqa: E402
+from data_pipelines import extraction  # noqa: E402
 
 DEFAULT_PROMPT = "the sound of a {}"
 
@@ -145,16 +152,87 @@ def zeroshot_accuracy(audio_emb, labels, folds, class_emb) -> dict[str, float]:
   return {**accuracy, "mean": float(np.mean(list(accuracy.values())))}
 
 
+def accuracy(
+  audio_emb: np.ndarray, kept: list, dataset: Dataset, embed_texts: Callable[[list], np.ndarray], prompts: list
+) -> dict[str, float]:
+  """`zeroshot_accuracy` of the clip embeddings `audio_emb` of the clips `kept` (paths of `dataset`, those that
+  could be read), against the class embeddings of `prompts`."""
+  if not kept:
+    raise ValueError(f"no clip of the {len(dataset.paths)} listed could be read")
+  row_of = {path: row for row, path in enumerate(dataset.paths)}
+  rows = np.array([row_of[path] for path in kept])
+  class_emb = class_embeddings(embed_texts, dataset.class_names, prompts)
+  return zeroshot_accuracy(audio_emb, dataset.labels[rows], dataset.folds[rows], class_emb)
+
+
 def evaluate(retriever, dataset: Dataset, prompts: list, batch_size: int = 16, workers: int | None = None):
-  """(zeroshot_accuracy of `retriever`'s (a `retrieve.Retriever`) embeddings on the readable clips of `dataset`,
+  """(zeroshot accuracy of `retriever`'s (a `retrieve.Retriever`) embeddings on the readable clips of `dataset`,
   [(path, reason)] of the skipped clips)."""
   audio_emb, kept, skipped = retriever.embed_audio_files(dataset.paths, batch_size, workers=workers)
   if not kept:
     raise ValueError(f"no clip of the {len(dataset.paths)} listed could be read (first: {skipped[0]})")
-  row_of = {path: row for row, path in enumerate(dataset.paths)}
-  rows = np.array([row_of[path] for path in kept])
-  class_emb = class_embeddings(retriever.embed_texts, dataset.class_names, prompts)
-  return zeroshot_accuracy(audio_emb, dataset.labels[rows], dataset.folds[rows], class_emb), skipped
+  return accuracy(audio_emb, kept, dataset, retriever.embed_texts, prompts), skipped
+
+
+def enabled(zeroshot_config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.eval.zeroshot` names a set (a dataset or a CSV)."""
+  return bool(zeroshot_config.dataset or zeroshot_config.csv)
+
+
+def dataset_from_config(zeroshot_config: ml_collections.ConfigDict) -> Dataset:
+  """The labelled clips `config.eval.zeroshot` names: `dataset` (esc50, urbansound8k) in the folder `root`, or
+  `csv` (file,label[,fold]; relative files below `root`, default the CSV's folder). A synthetic ESC-50-layout set is
+  written to `root` first when `generate_synthetic` is set and `root` does not exist."""
+  root = os.path.expanduser(zeroshot_config.root) if zeroshot_config.root else None
+  if zeroshot_config.dataset and zeroshot_config.csv:
+    raise ValueError("config.eval.zeroshot: set either dataset (with root) or csv, not both")
+  if zeroshot_config.dataset:
+    if root is None:
+      raise ValueError(f"config.eval.zeroshot.dataset={zeroshot_config.dataset!r} needs config.eval.zeroshot.root")
+    if zeroshot_config.generate_synthetic:
+      _generate_synthetic_esc50(zeroshot_config.dataset, root)
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"config.eval.zeroshot.root={zeroshot_config.root!r}: {root} does not exist")
+    return read_dataset(zeroshot_config.dataset, root)
+  return read_csv(os.path.expanduser(zeroshot_config.csv), root)
+
+
+def _generate_synthetic_esc50(dataset: str, root: str) -> None:
+  """Process 0 writes the synthetic ESC-50-layout set to `root` unless it exists; the others wait for it."""
+  if dataset != "esc50":
+    raise ValueError(f"config.eval.zeroshot.generate_synthetic writes the esc50 layout, not {dataset!r}")
+  if jax.process_index() == 0 and not os.path.isdir(root):
+    from data_pipelines import synthetic
+
+    synthetic.write_esc50(root)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("atr_jax synthetic zero-shot set")
+
+
+class DuringTraining:
+  """Zero-shot accuracy of the model being trained on the set `config.eval.zeroshot` names, its clips decoded once
+  (log-mels held in memory; unreadable clips reported once and left out)."""
+
+  def __init__(self, zeroshot_config: ml_collections.ConfigDict, workers: int | None = None):
+    self.dataset = dataset_from_config(zeroshot_config)
+    self.prompts = list(zeroshot_config.prompts)
+    class_embeddings(lambda texts: np.zeros((len(texts), 1)), self.dataset.class_names, self.prompts)  # Checks.
+    with tempfile.TemporaryDirectory(prefix="atr_jax_zeroshot_") as cache_dir:
+      with extraction.Extractor(cache_dir, workers) as extractor:
+        outcomes = extractor.run(self.dataset.paths, "zero-shot clips")
+      self.log_mels = [extraction.load_log_mel(o.cache_path) for o in outcomes if o.cache_path]
+    self.kept = [path for path, o in zip(self.dataset.paths, outcomes) if o.cache_path]
+    for path, o in zip(self.dataset.paths, outcomes):
+      if not o.cache_path:
+        logging.warning("zero-shot set: skipped %s (%s)", path, o.detail or o.reason)
+    if not self.kept:
+      raise ValueError(f"config.eval.zeroshot: no clip of the {len(self.dataset.paths)} listed could be read")
+
+  def __call__(self, embed_log_mels: Callable[[list], np.ndarray], embed_texts: Callable[[list], np.ndarray]):
+    """{"fold{f}": ..., "mean": ...} with the model that `embed_log_mels` and `embed_texts` apply."""
+    return accuracy(embed_log_mels(self.log_mels), self.kept, self.dataset, embed_texts, self.prompts)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,13 +263,13 @@ def main(argv: list) -> None:
   dataset = read_dataset(args.dataset, args.root) if args.dataset else read_csv(args.csv, args.root)
   from atr_jax import retrieve  # Here: its absl flags clash with atr_jax.main's, which may import this module.
 
-  accuracy, skipped = evaluate(
+  scores, skipped = evaluate(
     retrieve.Retriever(args.workdir), dataset, args.prompts or [DEFAULT_PROMPT], args.batch_size, args.workers
   )
   for path, reason in skipped:
     print(f"skipped {path}: {reason}", file=sys.stderr)
   print(f"{len(dataset.paths) - len(skipped)} clips ({len(skipped)} skipped), {len(dataset.class_names)} classes")
-  for key, value in accuracy.items():
+  for key, value in scores.items():
     print(f"{key:>7s}  {100 * value:6.2f} %")
 
 

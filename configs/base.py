@@ -64,7 +64,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # "scratch" = random initialisation, deliberately.
   config.model.audio.init_from = "~/models/panns/cnn14"
   config.model.text = ml_collections.ConfigDict()
-  config.model.text.arch = "bert"  # Text tower: "bert" (HF BERT and RoBERTa folders, SPEC 4).
+  # Text tower: "bert" (HF BERT and RoBERTa folders, with HF's pooler; SPEC 4) or "roberta" (a RoBERTa folder
+  # without a pooling layer, the DCASE 2025 baseline; SPEC 11).
+  config.model.text.arch = "bert"
   # Local HF folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files) of a BERT or RoBERTa
   # model, or a hub name such as "bert-base-uncased" (downloaded where the network allows).
   config.model.text.model_dir = "~/models/bert-base-uncased"
@@ -93,6 +95,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.siglip_bias = -10.0  # siglip: bias b (the initial value when learnable).
   config.loss.siglip_learnable = True  # siglip: train log t and b (as the SigLIP paper).
   config.loss.siglip_chunked = False  # siglip: ring of ppermutes over devices, never a B_local x B_global block.
+  # Weight of the contrastive loss: total = loss.weight x contrastive + distill.weight x distillation (when on).
+  config.loss.weight = 1.0
+
+  # Ensemble distillation (SPEC 11, DCASE 2024 rank 1): the student's logits C = S / tau (tau: the loss's temperature;
+  # a loss with one is needed) learn the teachers' soft targets softmax(C_t), C_t = the teachers' mean cosine
+  # similarity over the global batch / tau; see atr_jax/losses.py and atr_jax/distillation.py.
+  config.distill = ml_collections.ConfigDict()
+  # Comma-separated teacher folders written by `python -m atr_jax.retrieve embed-train --workdir RUN --out DIR`
+  # (embeddings of every training clip and caption, checked against the training set at startup); "" = off.
+  config.distill.teachers = ""
+  config.distill.weight = 1.0  # Weight of the distillation term.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam"  # "adam" or "adamw" (decoupled weight decay optim.weight_decay).
@@ -137,4 +150,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # DCASE 2025 graded relevance CSV (query,audio_filenames) of the test split: the test also reports
   # t2a_mAP10_graded and t2a_mAP16_graded (SPEC 11) in results.json. "": none.
   config.eval.relevance_csv = ""
+  # Zero-shot classification accuracy (per fold and mean) at every validation, logged to TensorBoard as zeroshot/*
+  # (`atr_jax.zeroshot`): dataset "esc50" or "urbansound8k" in the folder root, or csv (file,label[,fold]; relative
+  # files below root, default the CSV's folder). Class embedding = mean over the prompts ("{}" = the class name).
+  # generate_synthetic: write a synthetic ESC-50-layout set to root when it does not exist (the demo's). "": off.
+  config.eval.zeroshot = ml_collections.ConfigDict()
+  config.eval.zeroshot.dataset = ""
+  config.eval.zeroshot.root = ""
+  config.eval.zeroshot.csv = ""
+  config.eval.zeroshot.prompts = ("the sound of a {}",)
+  config.eval.zeroshot.generate_synthetic = False
   return config

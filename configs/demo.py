@@ -43,4 +43,8 @@ def get_config():
   config.train.global_batch_size = 32
   config.train.num_epochs = 3
   config.train.log_every_steps = 20
+  # Zero-shot classification at every validation on a synthetic ESC-50-layout set (one class per event kind).
+  config.eval.zeroshot.dataset = "esc50"
+  config.eval.zeroshot.root = os.path.expanduser("~/.cache/atr_jax/synthetic_esc50")
+  config.eval.zeroshot.generate_synthetic = True
   return config

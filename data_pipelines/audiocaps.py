@@ -219,10 +219,11 @@ def prepare(
   file_pattern: str = DEFAULT_FILE_PATTERN,
   workers: int | None = None,
   *,
+  beam_options: str | None = None,
   check_sources: bool = True,
 ) -> AudioCaps:
   """The `AudioCaps` builder of `data_dir` for `file_pattern` (`file_pattern_for` the layout of `raw_dir`), built from
   `raw_dir` unless complete and up to date (`clip_builder.prepare`)."""
   config = AudioCaps.config_for(file_pattern_for(raw_dir, file_pattern))
-  builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=config, workers=workers)
+  builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=config, workers=workers, beam_options=beam_options)
   return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

@@ -9,7 +9,8 @@ read and its columns checked before any audio is touched). Preparation then
 1. drops empty captions and skips rows without a file name, without a caption, or repeating a file name (the first
    row is kept);
 2. extracts every clip's log-mel on all cores into a feature cache next to the dataset (`extraction`, resumable;
-   kept afterwards, holding the entries of the clips read only);
+   kept afterwards, holding the entries of the clips read only), or on an Apache Beam runner when the builder has
+   `beam_options` (`beam_generation`: the same per-clip code, the same outcomes);
 3. writes the good clips from the cache through TFDS, which writes into an `incomplete.*` folder renamed only once
    complete, together with `preparation_report.csv`, the counts (`info.metadata["preparation"]`) and `sources.json`,
    the fingerprint of the sources read (`read_sources`). A split without a single good clip is left out (with a
@@ -236,15 +237,24 @@ def _describe_changes(stored: dict, current: dict) -> str:
 class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base builder: a subclass sets VERSION, RELEASE_NOTES, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS, `code_path`,
   CSV_SPLITS and `captions_csv_path` (the splits read from a caption CSV, and where), and implements `_read_splits`.
-  `workers` feature-extraction processes (default: one per core); the feature cache is `feature_cache_dir`
-  (default: `feature_cache` beside the version folder)."""
+  `workers` feature-extraction processes (default: one per core), or, with `beam_options` (the
+  `--beam_pipeline_options` string, "" for the defaults), extraction by a Beam pipeline (`beam_generation`); the
+  feature cache is `feature_cache_dir` (default: `feature_cache` beside the version folder)."""
 
   HOMEPAGE = ""
   CSV_SPLITS: tuple[str, ...] = ()
 
-  def __init__(self, *, workers: int | None = None, feature_cache_dir: str | None = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    workers: int | None = None,
+    beam_options: str | None = None,
+    feature_cache_dir: str | None = None,
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     self.workers = workers
+    self.beam_options = beam_options
     self.feature_cache_dir = feature_cache_dir or os.fspath(self.data_path.parent / "feature_cache")
 
   @staticmethod
@@ -310,11 +320,8 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raw_dir = os.fspath(dl_manager.manual_dir)
     report = extraction.Report(self.name)
     tables, sources = self.read_sources(raw_dir, report)
-    written = {}
-    with extraction.Extractor(self.feature_cache_dir, self.workers) as extractor:
-      for split, clips in tables.items():
-        outcomes = extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
-        written[split] = self._good_clips(split, clips, outcomes, report)
+    outcomes = self._extract(tables)
+    written = {split: self._good_clips(split, clips, outcomes[split], report) for split, clips in tables.items()}
     extraction.keep_only(self.feature_cache_dir, {path for clips in written.values() for _, path in clips})
     report.write_csv(os.path.join(self.data_dir, REPORT_FILE))
     with open(os.path.join(self.data_dir, SOURCES_FILE), "w", encoding="utf-8") as f:
@@ -338,6 +345,27 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not any(written.values()):
       raise ValueError(f"{raw_dir}: no usable clip in any split of {self.name}:\n{summary}")
     return {split: self._generate_examples(clips) for split, clips in written.items() if clips}
+
+  def _extract(self, tables: dict[str, list[ClipRow]]) -> dict[str, list[extraction.AudioOutcome]]:
+    """The extraction outcome of every clip of `tables`, by split in the clips' order."""
+    if self.beam_options is None:
+      with extraction.Extractor(self.feature_cache_dir, self.workers) as extractor:
+        return {
+          split: extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
+          for split, clips in tables.items()
+        }
+    try:
+      from data_pipelines import beam_generation  # apache-beam is an optional dependency (atr-jax[beam]).
+    except ImportError as e:
+      raise ImportError(f"extraction on Apache Beam needs apache-beam: pip install 'atr-jax[beam]' ({e})") from e
+
+    options = beam_generation.parse_options(self.beam_options, self.workers)
+    paths = [clip.audio_path for clips in tables.values() for clip in clips]
+    logging.info(
+      "%s: extracting %d clips with Apache Beam (%s)", self.name, len(paths), self.beam_options or "defaults"
+    )
+    by_path = beam_generation.extract(paths, self.feature_cache_dir, options)
+    return {split: [by_path[clip.audio_path] for clip in clips] for split, clips in tables.items()}
 
   @staticmethod
   def _good_clips(
@@ -368,7 +396,13 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def _same_builder(builder: CaptionedClips, data_dir: str, **kwargs) -> CaptionedClips:
-  return type(builder)(data_dir=os.fspath(data_dir), config=builder.builder_config, workers=builder.workers, **kwargs)
+  return type(builder)(
+    data_dir=os.fspath(data_dir),
+    config=builder.builder_config,
+    workers=builder.workers,
+    beam_options=builder.beam_options,
+    **kwargs,
+  )
 
 
 def _beside(data_path: os.PathLike, prefix: str) -> str:

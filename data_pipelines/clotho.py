@@ -68,9 +68,15 @@ class Clotho(clip_builder.CaptionedClips, skip_registration=True):
     }
 
 
-def prepare(raw_dir: str, data_dir: str, workers: int | None = None, *, check_sources: bool = True) -> Clotho:
+def prepare(
+  raw_dir: str,
+  data_dir: str,
+  workers: int | None = None,
+  *,
+  beam_options: str | None = None,
+  check_sources: bool = True,
+) -> Clotho:
   """The `Clotho` builder of `data_dir`, built from `raw_dir` unless complete and up to date
-  (`clip_builder.prepare`)."""
-  return clip_builder.prepare(
-    Clotho(data_dir=os.path.expanduser(data_dir), workers=workers), raw_dir, check_sources=check_sources
-  )
+  (`clip_builder.prepare`); its clips extracted by a Beam pipeline when `beam_options` is not None."""
+  builder = Clotho(data_dir=os.path.expanduser(data_dir), workers=workers, beam_options=beam_options)
+  return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

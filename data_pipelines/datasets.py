@@ -22,20 +22,19 @@ def prepare(
   audiocaps_file_pattern: str = audiocaps.DEFAULT_FILE_PATTERN,
   wavcaps_exclude_csv: str = "",
   workers: int | None = None,
+  beam_options: str | None = None,
   check_sources: bool = True,
 ) -> clip_builder.CaptionedClips:
   """The builder of `dataset` (one of DATASETS) in `data_dir`, prepared from `raw_dir` unless complete and up to date
-  (`clip_builder.prepare`)."""
+  (`clip_builder.prepare`): its clips extracted by `workers` processes, or by a Beam pipeline when `beam_options`
+  (`beam_generation.parse_options`) is not None."""
+  common = dict(workers=workers, beam_options=beam_options, check_sources=check_sources)
   if dataset == "clotho":
-    return clotho.prepare(raw_dir, data_dir, workers=workers, check_sources=check_sources)
+    return clotho.prepare(raw_dir, data_dir, **common)
   if dataset == "audiocaps":
-    return audiocaps.prepare(
-      raw_dir, data_dir, file_pattern=audiocaps_file_pattern, workers=workers, check_sources=check_sources
-    )
+    return audiocaps.prepare(raw_dir, data_dir, file_pattern=audiocaps_file_pattern, **common)
   if dataset == "wavcaps":
-    return wavcaps.prepare(
-      raw_dir, data_dir, exclude_csv=wavcaps_exclude_csv, workers=workers, check_sources=check_sources
-    )
+    return wavcaps.prepare(raw_dir, data_dir, exclude_csv=wavcaps_exclude_csv, **common)
   raise ValueError(f"dataset {dataset!r} is not supported (supported: {DATASETS})")
 
 

@@ -99,6 +99,14 @@ def keep_only(cache_dir: str, used: set[str]) -> None:
       os.remove(path)
 
 
+def clear_partial_writes(cache_dir: str) -> None:
+  """Creates `cache_dir` if needed and deletes the partial writes a killed run left in it."""
+  os.makedirs(cache_dir, exist_ok=True)
+  for name in os.listdir(cache_dir):
+    if _PARTIAL_SUFFIX in name:
+      os.remove(os.path.join(cache_dir, name))
+
+
 def _conversion_notes(source: features.AudioSource) -> tuple[tuple[str, str], ...]:
   notes = []
   if source.channels > 1:
@@ -142,7 +150,7 @@ def default_workers() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _WorkerProcess:
+class WorkerProcess:
   """A child `python -m data_pipelines.extraction CACHE_DIR` (it imports this module and `features` only, never the
   caller's main module nor TensorFlow): it reads a JSON path a line and answers each with its outcome as a JSON
   line. A child that dies is restarted at the next clip."""
@@ -218,12 +226,9 @@ class Extractor:
     self._idle = queue.SimpleQueue()
 
   def __enter__(self) -> "Extractor":
-    os.makedirs(self.cache_dir, exist_ok=True)
-    for name in os.listdir(self.cache_dir):  # Partial writes of a killed run.
-      if _PARTIAL_SUFFIX in name:
-        os.remove(os.path.join(self.cache_dir, name))
+    clear_partial_writes(self.cache_dir)
     if self.workers > 1:
-      self._processes = [_WorkerProcess(self.cache_dir) for _ in range(self.workers)]
+      self._processes = [WorkerProcess(self.cache_dir) for _ in range(self.workers)]
       for process in self._processes:
         self._idle.put(process)
     return self

@@ -130,7 +130,13 @@ def _random_crop(pair: dict, base_seed: tf.Tensor, max_frames: int) -> dict:
   excess = tf.maximum(tf.shape(pair["log_mel"])[0] - max_frames, 0)
   start = tf.random.stateless_uniform((), pair_seed, minval=0, maxval=excess + 1, dtype=tf.int32)
   log_mel, frame_mask = _crop_and_pad(pair["log_mel"], start, max_frames)
-  return {"log_mel": log_mel, "frame_mask": frame_mask, "caption": pair["caption"], "clip_id": pair["clip_id"]}
+  return {
+    "log_mel": log_mel,
+    "frame_mask": frame_mask,
+    "caption": pair["caption"],
+    "clip_id": pair["clip_id"],
+    "caption_index": pair["caption_index"],
+  }
 
 
 def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -174,7 +180,8 @@ def train_dataset(
 
   `sources` is a list of (builder, split) trained on together (clip ids offset to stay unique). `batch_size` is
   the shard's batch (global // num_shards). Batches are dicts of `log_mel` float32 (b, max_frames, 64),
-  `frame_mask` bool (b, max_frames), `caption` string (b,), `clip_id` int32 (b,); there are
+  `frame_mask` bool (b, max_frames), `caption` string (b,), `clip_id` int32 (b,) and `caption_index` int32 (b,) (the
+  caption's position among its clip's captions: with clip_id, the pair's identity); there are
   `steps_per_epoch(sources, batch_size * num_shards) - skip_batches` of them. Skipped batches are still read and
   shuffled (to reproduce the order) but not cropped.
   """

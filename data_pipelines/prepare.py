@@ -3,11 +3,15 @@ skipped, and where the report is.
 
   python -m data_pipelines.prepare --dataset {clotho,audiocaps,wavcaps} --raw_dir RAW [--out_dir OUT]
       [--audiocaps_file_pattern '{youtube_id}.wav'] [--wavcaps_exclude_csv IDS.csv] [--workers N]
+      [--runner {multiprocessing,beam} [--beam_pipeline_options "runner=DirectRunner,direct_num_workers=2,..."]]
 
 RAW is the dataset's raw folder in any of its layouts (`layouts`: native, the root of an aac-datasets download, the
 reference's data/<Dataset>), detected and printed. OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run
 continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed
 since (decoding only new and modified audio), else only prints the counts.
+
+`--runner beam` decodes the clips on Apache Beam (`beam_generation`: needs `pip install atr-jax[beam]`; the same
+records, report and resumability; RAW and OUT must be on a filesystem every Beam worker mounts at the same path).
 """
 
 import os
@@ -35,13 +39,43 @@ _EXCLUDE_CSV = flags.DEFINE_string(
   "WavCaps: a CSV whose column 'id' lists the Freesound ids kept out of training (Clotho's evaluation clips).",
 )
 _WORKERS = flags.DEFINE_integer(
-  "workers", None, "Feature-extraction processes (default: one per CPU core).", lower_bound=1
+  "workers",
+  None,
+  "Feature-extraction processes (default: one per CPU core); with --runner beam and no runner= option, the "
+  "DirectRunner's workers.",
+  lower_bound=1,
+)
+_RUNNER = flags.DEFINE_enum(
+  "runner",
+  "multiprocessing",
+  ["multiprocessing", "beam"],
+  "Who decodes the clips: this machine's worker processes, or an Apache Beam pipeline (pip install atr-jax[beam]).",
+)
+_BEAM_OPTIONS = flags.DEFINE_string(
+  "beam_pipeline_options",
+  "",
+  "With --runner beam: Beam pipeline options as comma-separated name=value pairs, e.g. "
+  "'runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,setup_file=./pyproject.toml'; repeat a name "
+  "for a list option (experiments=a,experiments=b). Default: the DirectRunner with --workers threads.",
 )
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  beam_options = None
+  if _RUNNER.value == "beam":
+    try:
+      from data_pipelines import beam_generation  # apache-beam is an optional dependency (atr-jax[beam]).
+    except ImportError as e:
+      raise app.UsageError(f"--runner beam needs apache-beam: pip install 'atr-jax[beam]' ({e})") from None
+    beam_options = _BEAM_OPTIONS.value
+    try:
+      beam_generation.parse_options(beam_options, _WORKERS.value)  # A bad option fails before any work.
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  elif _BEAM_OPTIONS.value:
+    raise app.UsageError("--beam_pipeline_options needs --runner beam")
   raw_dir = os.path.expanduser(_RAW_DIR.value)
   out_dir = _OUT_DIR.value or clip_builder.default_data_dir(raw_dir)
   builder = datasets.prepare(
@@ -51,6 +85,7 @@ def main(argv: list[str]) -> None:
     audiocaps_file_pattern=_FILE_PATTERN.value,
     wavcaps_exclude_csv=_EXCLUDE_CSV.value,
     workers=_WORKERS.value,
+    beam_options=beam_options,
   )
   counts = builder.info.metadata["preparation"]
   print(f"{_DATASET.value} prepared in {builder.data_path}")

@@ -143,11 +143,18 @@ class WavCaps(clip_builder.CaptionedClips, skip_registration=True):
 
 
 def prepare(
-  raw_dir: str, data_dir: str, exclude_csv: str = "", workers: int | None = None, *, check_sources: bool = True
+  raw_dir: str,
+  data_dir: str,
+  exclude_csv: str = "",
+  workers: int | None = None,
+  *,
+  beam_options: str | None = None,
+  check_sources: bool = True,
 ) -> WavCaps:
   """The `WavCaps` builder of `data_dir` for the exclusion CSV `exclude_csv` ("" for none), built from `raw_dir`
   unless complete and up to date (`clip_builder.prepare`)."""
   if exclude_csv and not os.path.isfile(os.path.expanduser(exclude_csv)):
     raise FileNotFoundError(f"config.data.wavcaps_exclude_csv (--wavcaps_exclude_csv) {exclude_csv!r} does not exist")
-  builder = WavCaps(data_dir=os.path.expanduser(data_dir), config=WavCaps.config_for(exclude_csv), workers=workers)
+  config = WavCaps.config_for(exclude_csv)
+  builder = WavCaps(data_dir=os.path.expanduser(data_dir), config=config, workers=workers, beam_options=beam_options)
   return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

@@ -30,14 +30,18 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory):
-  """(config, workdir) of one tiny run trained for 2 epochs, shared by the tests that need a trained workdir
-  (treat it as read-only: copy the workdir to change it)."""
+  """(config, workdir) of one tiny run trained for 2 epochs, with zero-shot evaluation on a small synthetic
+  ESC-50-layout set, shared by the tests that need a trained workdir (treat it as read-only: copy the workdir to
+  change it)."""
   from tiny_run import tiny_config
 
   from atr_jax import train
+  from data_pipelines import synthetic
 
   tmp_path = tmp_path_factory.mktemp("tiny_trained")
   config = tiny_config(tmp_path)
+  config.eval.zeroshot.update(dataset="esc50", root=str(tmp_path / "esc50"))
+  synthetic.write_esc50(config.eval.zeroshot.root, clips_per_fold=1, duration_s=1.5)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   return config, workdir

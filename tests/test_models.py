@@ -548,5 +548,5 @@ def test_audio_tower_selects_the_arch_by_config():
 def test_text_tower_error_names_the_key_and_the_known_towers():
   text = get_base_config().model.text
   text.arch = "gpt"
-  with pytest.raises(ValueError, match=r"model.text.arch 'gpt' is not one of \('bert',\)"):
+  with pytest.raises(ValueError, match=r"model.text.arch 'gpt' is not one of \('bert', 'roberta'\)"):
     text_tower(text)

@@ -3,7 +3,6 @@
 resume of the 2-process job; 2 processes x 2 devices train a model of the demo's size step by step without stalling.
 Also: the launcher's failure and stall handling and atr_jax.distributed's launch detection and flag checks."""
 
-import glob
 import json
 import os
 import queue
@@ -16,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from tiny_run import tiny_config
+from tiny_run import tensorboard_scalars, tiny_config
 
 from atr_jax import distributed
 
@@ -103,21 +102,6 @@ def _train(
   return output
 
 
-def _scalars(workdir: str, tag: str) -> dict[int, float]:
-  """step -> value of `tag` in the TensorBoard event files of `workdir` (those of every run into it)."""
-  import tensorflow as tf
-
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for record in tf.data.TFRecordDataset(path):
-      event = tf.compat.v1.Event.FromString(record.numpy())
-      for value in event.summary.value:
-        if value.tag == tag:
-          assert event.step not in values, f"{tag} written twice for step {event.step}"
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 @pytest.mark.slow
 def test_two_processes_train_and_resume_as_one(tmp_path):
   config_path = _write_config(tmp_path)
@@ -134,13 +118,13 @@ def test_two_processes_train_and_resume_as_one(tmp_path):
       for line in resumed.splitlines()
     ), resumed[-6000:]
 
-  expected, got = _scalars(single, "train/loss"), _scalars(multi, "train/loss")
+  expected, got = tensorboard_scalars(single, "train/loss"), tensorboard_scalars(multi, "train/loss")
   assert sorted(expected) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
   assert sorted(got) == sorted(expected)
   steps = sorted(expected)
   assert np.ptp([expected[s] for s in steps]) > 1e-3  # Training moves the loss: the comparison is not vacuous.
   np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=2e-5, atol=1e-6)
-  expected_val, got_val = _scalars(single, "val/loss"), _scalars(multi, "val/loss")
+  expected_val, got_val = tensorboard_scalars(single, "val/loss"), tensorboard_scalars(multi, "val/loss")
   assert sorted(got_val) == sorted(expected_val) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
   np.testing.assert_allclose(
     [got_val[s] for s in sorted(got_val)], [expected_val[s] for s in sorted(got_val)], rtol=2e-5
@@ -268,7 +252,7 @@ def test_two_processes_of_two_devices_train_a_demo_size_model_without_stalling(t
   returncode, output = _watched_launch(command, {**os.environ, "PYTHONPATH": REPO}, DEMO_SIZE_STEPS)
   assert returncode == 0, output[-6000:]
   assert "jax.distributed: process 1 of 2; 2 local devices of 4 global" in output
-  losses = _scalars(workdir, "train/loss")
+  losses = tensorboard_scalars(workdir, "train/loss")
   assert sorted(losses) == list(range(1, DEMO_SIZE_STEPS + 1))
   assert np.all(np.isfinite(list(losses.values()))) and np.ptp(list(losses.values())) > 1e-3
   assert os.path.exists(os.path.join(workdir, "results.json"))

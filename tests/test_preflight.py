@@ -84,3 +84,22 @@ def test_extra_training_sources_are_checked_for_training_only(tmp_path):
   os.makedirs(tmp_path / "audiocaps")
   with pytest.raises(FileNotFoundError, match=r"audiocaps:train.*train\.csv does not exist"):
     preflight.check_data_paths(config.data, training=True)
+
+
+def test_a_missing_zero_shot_set_names_the_key(tmp_path):
+  config = tiny_config(tmp_path)
+  config.eval.zeroshot.update(dataset="esc50", root=str(tmp_path / "no_esc50"), generate_synthetic=False)
+  with pytest.raises(FileNotFoundError, match=r"config\.eval\.zeroshot\.root=.*no_esc50.*no esc50 folder"):
+    preflight.check(config, training=True)
+  preflight.check(config, training=False)  # Evaluated during training only.
+  config.eval.zeroshot.generate_synthetic = True  # A set the run generates passes.
+  preflight.check(config, training=True)
+  for prompts in (("the sound of a dog",), ("{} and {}",), ()):
+    config.eval.zeroshot.prompts = prompts
+    with pytest.raises(ValueError, match=r"config\.eval\.zeroshot\.prompts=.*each with one"):
+      preflight.check(config, training=True)
+  config.eval.zeroshot.prompts = ("the sound of a {}", "{} can be heard")
+  preflight.check(config, training=True)
+  config.eval.zeroshot.update(dataset="", csv=str(tmp_path / "labels.csv"))
+  with pytest.raises(FileNotFoundError, match=r"config\.eval\.zeroshot\.csv=.*labels\.csv does not exist"):
+    preflight.check(config, training=True)

@@ -1,6 +1,8 @@
 """A tiny end-to-end configuration for tests: a small synthetic dataset, a narrow CNN14 and a 2-layer random BERT
-that uses MiniLM's tokenizer (the real loading path at a fraction of the cost)."""
+that uses MiniLM's tokenizer (the real loading path at a fraction of the cost), and a reader of the TensorBoard
+scalars a run writes."""
 
+import glob
 import json
 import os
 import pathlib
@@ -41,4 +43,20 @@ def tiny_config(tmp_path):
   config.train.num_epochs = 2
   config.train.log_every_steps = 3
   config.eval.batch_size = 8
+  config.eval.zeroshot.dataset = ""  # The demo's zero-shot set is off here (the tiny_trained fixture sets a small one).
   return config
+
+
+def tensorboard_scalars(workdir: str, tag: str) -> dict[int, float]:
+  """step -> value of `tag` in the TensorBoard event files of `workdir` (those of every run into it)."""
+  import tensorflow as tf
+
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.tag == tag:
+          assert event.step not in values, f"{tag} written twice for step {event.step}"
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values

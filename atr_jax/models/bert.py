@@ -1,9 +1,10 @@
 """Flax linen BERT-family text tower (BERT and RoBERTa) with Hugging Face parameter names, and the loader of HF
 checkpoints.
 
-Owns: `BertConfig` (the HF config fields the encoder needs), `BertEncoder` (token ids + attention mask ->
-(last_hidden_state, pooled_output), numerically the HF PyTorch `BertModel` / `RobertaModel`), the tower's registry
-hooks (`fields_from_config`: `model.text` -> BertEncoder fields; `load`: HF weights -> the tower's variables),
+Owns: `BertConfig` (the HF config fields the encoder needs; `ROBERTA_LARGE`), `BertEncoder` (token ids + attention
+mask -> (last_hidden_state, pooled_output), numerically the HF PyTorch `BertModel` / `RobertaModel`, with or without
+the pooling layer, optionally rematerialised layer by layer), the towers' registry hooks (`fields_from_config` and
+`roberta_fields_from_config`: `model.text` -> BertEncoder fields; `load`: HF weights -> the tower's variables),
 `load_hf_params` (HF folder with config.json + model.safetensors or pytorch_model.bin -> (config, params) mapped by
 name) and `minilm_dir` (the offline all-MiniLM-L6-v2 folder used by tests). RoBERTa differs from BERT only in its
 position ids: padding_idx + 1 + the index among the valid tokens (HF's cumsum of the mask), with padded positions at
@@ -83,6 +84,21 @@ class BertConfig:
     if missing:
       raise ValueError(f"{path}: missing keys {missing}")
     return cls(**{name: raw[name] for name in names if name in raw and name != "model_type"}, model_type=model_type)
+
+
+# HF `roberta-large`'s config.json.
+ROBERTA_LARGE = BertConfig(
+  vocab_size=50265,
+  hidden_size=1024,
+  num_hidden_layers=24,
+  num_attention_heads=16,
+  intermediate_size=4096,
+  max_position_embeddings=514,
+  type_vocab_size=1,
+  layer_norm_eps=1e-5,
+  model_type="roberta",
+  pad_token_id=1,
+)
 
 
 def position_ids(attention_mask: jax.Array, config: BertConfig) -> jax.Array:
@@ -191,15 +207,18 @@ class BertLayer(nn.Module):
 
 
 class BertLayerStack(nn.Module):
-  """The `layer` list of HF's BertEncoder: children named '0', '1', ..."""
+  """The `layer` list of HF's BertEncoder: children named '0', '1', ...; each layer's activations are recomputed
+  in the backward pass when `remat` (same parameter names)."""
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array, train: bool) -> jax.Array:
+    layer = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer  # train: argument 3 (self is 0)
     for index in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=str(index))(x, attention_mask, train)
+      x = layer(self.config, self.dtype, name=str(index))(x, attention_mask, train)
     return x
 
 
@@ -208,10 +227,11 @@ class BertTransformer(nn.Module):
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array, train: bool) -> jax.Array:
-    return BertLayerStack(self.config, self.dtype, name="layer")(x, attention_mask, train)
+    return BertLayerStack(self.config, self.dtype, self.remat, name="layer")(x, attention_mask, train)
 
 
 class BertPooler(nn.Module):
@@ -226,17 +246,23 @@ class BertPooler(nn.Module):
 class BertEncoder(nn.Module):
   """BERT: (input_ids (B, L) int, attention_mask (B, L)) -> (last_hidden_state (B, L, H), pooled_output (B, H)).
 
-  pooled_output = tanh(dense(last_hidden_state[:, 0])) as HF. Token types are all 0. Rng stream: 'dropout'.
+  pooled_output = tanh(dense(last_hidden_state[:, 0])) as HF; without a pooling layer (`pooler` False, HF's
+  add_pooling_layer=False: no `pooler` parameters) it is the first token's state. Token types are all 0. `remat`:
+  each layer's activations are recomputed in the backward pass. Rng stream: 'dropout'.
   """
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
+  pooler: bool = True
+  remat: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool):
     attention_mask = attention_mask.astype(bool)
     x = BertEmbeddings(self.config, self.dtype, name="embeddings")(input_ids, attention_mask, train)
-    x = BertTransformer(self.config, self.dtype, name="encoder")(x, attention_mask, train)
+    x = BertTransformer(self.config, self.dtype, self.remat, name="encoder")(x, attention_mask, train)
+    if not self.pooler:
+      return x, x[:, 0]
     return x, BertPooler(self.config, self.dtype, name="pooler")(x[:, 0])
 
 
@@ -246,10 +272,12 @@ _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")  # what a PyTorch `weight`/`gamma` becomes, by target module
 
 
-def bert_param_shapes(config: BertConfig) -> dict:
-  """The BertEncoder parameter tree of `config` as ShapeDtypeStructs (nothing is allocated)."""
+def bert_param_shapes(config: BertConfig, pooler: bool = True) -> dict:
+  """The BertEncoder parameter tree of `config` (with or without its pooling layer) as ShapeDtypeStructs (nothing
+  is allocated)."""
   ids = jnp.zeros((1, 2), jnp.int32)
-  variables = jax.eval_shape(lambda: BertEncoder(config).init(jax.random.key(0), ids, ids, train=False))
+  model = BertEncoder(config, pooler=pooler)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, train=False))
   return variables["params"]
 
 
@@ -306,21 +334,23 @@ def _fresh_pooler(config: BertConfig, path: str) -> dict[str, np.ndarray]:
   }
 
 
-def load_hf_params(model_dir: str) -> tuple[BertConfig, dict]:
+def load_hf_params(model_dir: str, pooler: bool = True) -> tuple[BertConfig, dict]:
   """Reads a HF BERT or RoBERTa folder (config.json + model.safetensors, or pytorch_model.bin) -> (config,
-  params) where params is the BertEncoder parameter tree (nested dicts of float32 numpy arrays); a missing pooler
-  is freshly initialised. Raises ValueError listing missing keys, unexpected keys and shape mismatches."""
+  params) where params is the BertEncoder parameter tree (nested dicts of float32 numpy arrays) with its pooling
+  layer (freshly initialised when the file has none) or, when not `pooler`, without (a pooler in the file is then
+  skipped). Raises ValueError listing missing keys, unexpected keys and shape mismatches in the file's names."""
   model_dir = os.path.expanduser(model_dir)
   config = BertConfig.from_hf_json(os.path.join(model_dir, "config.json"))
   state_dict, path = _read_state_dict(model_dir)
-  expected = bert_param_shapes(config)
+  expected = bert_param_shapes(config, pooler)
   expected_flat = flax.traverse_util.flatten_dict(expected, sep="/")
-  mapped = dict(
-    _to_flax_key(name, value, expected_flat) for name, value in _encoder_keys(state_dict, config.model_type).items()
-  )
+  encoder = _encoder_keys(state_dict, config.model_type)
+  if not pooler:
+    encoder = {name: value for name, value in encoder.items() if not name.startswith("pooler.")}
+  mapped = dict(_to_flax_key(name, value, expected_flat) for name, value in encoder.items())
   prefix = f"{config.model_type}." if any(name.startswith(f"{config.model_type}.") for name in state_dict) else ""
   file_key = lambda key: prefix + _to_torch_key(key)  # noqa: E731
-  if not any(key.startswith("pooler/") for key in mapped):
+  if pooler and not any(key.startswith("pooler/") for key in mapped):
     mapped.update(_fresh_pooler(config, path))
   params = flax.traverse_util.unflatten_dict(
     {tuple(key.split("/")): np.asarray(value, np.float32) for key, value in mapped.items()}
@@ -340,10 +370,23 @@ def fields_from_config(text_config: ml_collections.ConfigDict) -> dict:
   return {"config": config}
 
 
+def roberta_fields_from_config(text_config: ml_collections.ConfigDict) -> dict:
+  """`fields_from_config` for `model.text.arch="roberta"` (the DCASE 2025 baseline's text tower): the folder must
+  hold a RoBERTa (model_type "roberta"), built without a pooling layer (HF's add_pooling_layer=False)."""
+  fields = fields_from_config(text_config)
+  if fields["config"].model_type != "roberta":
+    raise ValueError(
+      f'model.text.arch="roberta" but model.text.model_dir={text_config.model_dir!r} holds a '
+      f'{fields["config"].model_type!r} model (use model.text.arch="bert" for it)'
+    )
+  return {**fields, "pooler": False}
+
+
 def load(name_or_dir: str, expected: dict) -> dict:
   """{'params': the BertEncoder parameters in the HF folder or hub name `name_or_dir`}, checked against `expected`
-  (the tower's variables): a ValueError lists every missing, unexpected or misshaped key."""
-  _, params = load_hf_params(resolve_model_dir(name_or_dir))
+  (the tower's variables, whose `pooler` subtree says whether the tower has a pooling layer): a ValueError lists
+  every missing, unexpected or misshaped key."""
+  _, params = load_hf_params(resolve_model_dir(name_or_dir), pooler="pooler" in expected["params"])
   check_params_match(expected["params"], params, f"HF weights in {name_or_dir}")
   return {"params": params}
 

@@ -1,5 +1,6 @@
 """The towers a dual encoder is built from, by name: `AUDIO_TOWERS` (chosen by `model.audio.arch`), `TEXT_TOWERS`
-(`model.text.arch`; "bert" covers BERT and RoBERTa folders), and the contract every entry fulfils (`Tower`).
+(`model.text.arch`: "bert" for BERT and RoBERTa folders with HF's pooler; "roberta", the DCASE 2025 baseline's
+RoBERTa without a pooling layer), and the contract every entry fulfils (`Tower`).
 
 Adding a tower: one module (the Flax module, `fields_from_config`, `load`), one entry here, one config naming it.
 """
@@ -39,7 +40,9 @@ class Tower:
 
   def build(self, config: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False) -> nn.Module:
     """The tower of `config` computing in `dtype`, rematerialised (activations recomputed in the backward pass)
-    when `remat`."""
+    when `remat`: block by block where the module has a `remat` field (the transformers), else as a whole."""
+    if "remat" in self.module.__dataclass_fields__:
+      return self.module(**self.fields(config), dtype=dtype, remat=remat)
     # `train` (after the inputs; flax counts self as argument 0) is static.
     module = nn.remat(self.module, static_argnums=(len(self.inputs) + 1,)) if remat else self.module
     return module(**self.fields(config), dtype=dtype)
@@ -51,6 +54,7 @@ AUDIO_TOWERS = {
 }
 TEXT_TOWERS = {
   "bert": Tower(bert.BertEncoder, bert.fields_from_config, TEXT_INPUTS, bert.load),
+  "roberta": Tower(bert.BertEncoder, bert.roberta_fields_from_config, TEXT_INPUTS, bert.load),
 }
 
 
