@@ -61,12 +61,8 @@ def check_data_paths(data_config: ml_collections.ConfigDict, *, training: bool) 
 def check_zeroshot(zeroshot_config: ml_collections.ConfigDict) -> None:
   """The zero-shot set of config.eval.zeroshot (evaluated during training) exists, unless it is to be generated,
   and its prompts each hold one "{}"."""
-  prompts = zeroshot_config.prompts
-  if zeroshot.enabled(zeroshot_config) and (not prompts or any(prompt.count("{}") != 1 for prompt in prompts)):
-    raise ValueError(
-      f'config.eval.zeroshot.prompts={prompts!r}: give a tuple of prompts, each with one "{{}}" where the class '
-      'name goes, e.g. ("the sound of a {}",)'
-    )
+  if zeroshot.enabled(zeroshot_config):
+    zeroshot.check_prompts(zeroshot_config.prompts, "config.eval.zeroshot.prompts")
   if zeroshot_config.dataset and not zeroshot_config.generate_synthetic:
     root = os.path.expanduser(zeroshot_config.root)
     if not root or not os.path.isdir(root):

@@ -130,12 +130,19 @@ def read_dataset(name: str, root: str) -> Dataset:
   return DATASETS[name](root)
 
 
+def check_prompts(prompts, name: str) -> None:
+  """A ValueError naming `name` unless `prompts` is a non-empty sequence of prompts holding "{}" once each."""
+  if not prompts or any(prompt.count("{}") != 1 for prompt in prompts):
+    raise ValueError(
+      f'{name}={tuple(prompts)!r}: give a tuple of prompts, each with one "{{}}" where the class name goes, e.g. '
+      '("the sound of a {}",)'
+    )
+
+
 def class_embeddings(embed_texts: Callable[[list], np.ndarray], class_names: list, prompts: list) -> np.ndarray:
   """[C, D]: per class, the L2-normalised mean over `prompts` (each holding "{}" once, replaced by the class name)
   of `embed_texts`' caption embeddings."""
-  bad = [prompt for prompt in prompts if prompt.count("{}") != 1]
-  if not prompts or bad:
-    raise ValueError(f'each prompt needs one "{{}}" where the class name goes; got {list(prompts)}')
+  check_prompts(prompts, "prompts")
   texts = [prompt.replace("{}", name) for name in class_names for prompt in prompts]
   embeddings = np.asarray(embed_texts(texts)).reshape(len(class_names), len(prompts), -1)
   return np.asarray(l2_normalize(embeddings.mean(axis=1)))
@@ -218,7 +225,6 @@ class DuringTraining:
   def __init__(self, zeroshot_config: ml_collections.ConfigDict, workers: int | None = None):
     self.dataset = dataset_from_config(zeroshot_config)
     self.prompts = list(zeroshot_config.prompts)
-    class_embeddings(lambda texts: np.zeros((len(texts), 1)), self.dataset.class_names, self.prompts)  # Checks.
     with tempfile.TemporaryDirectory(prefix="atr_jax_zeroshot_") as cache_dir:
       with extraction.Extractor(cache_dir, workers) as extractor:
         outcomes = extractor.run(self.dataset.paths, "zero-shot clips")

@@ -354,11 +354,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           split: extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
           for split, clips in tables.items()
         }
-    try:
-      from data_pipelines import beam_generation  # apache-beam is an optional dependency (atr-jax[beam]).
-    except ImportError as e:
-      raise ImportError(f"extraction on Apache Beam needs apache-beam: pip install 'atr-jax[beam]' ({e})") from e
-
+    beam_generation = import_beam_generation()
     options = beam_generation.parse_options(self.beam_options, self.workers)
     paths = [clip.audio_path for clips in tables.values() for clip in clips]
     logging.info(
@@ -393,6 +389,16 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "clip_id": clip_id,
         },
       )
+
+
+def import_beam_generation():
+  """The `beam_generation` module; an ImportError saying how to install apache-beam, an optional dependency
+  (atr-jax[beam]), when it is missing."""
+  try:
+    from data_pipelines import beam_generation
+  except ImportError as e:
+    raise ImportError(f"extraction on Apache Beam needs apache-beam: pip install 'atr-jax[beam]' ({e})") from e
+  return beam_generation
 
 
 def _same_builder(builder: CaptionedClips, data_dir: str, **kwargs) -> CaptionedClips:

@@ -66,9 +66,9 @@ def main(argv: list[str]) -> None:
   beam_options = None
   if _RUNNER.value == "beam":
     try:
-      from data_pipelines import beam_generation  # apache-beam is an optional dependency (atr-jax[beam]).
+      beam_generation = clip_builder.import_beam_generation()
     except ImportError as e:
-      raise app.UsageError(f"--runner beam needs apache-beam: pip install 'atr-jax[beam]' ({e})") from None
+      raise app.UsageError(f"--runner beam: {e}") from None
     beam_options = _BEAM_OPTIONS.value
     try:
       beam_generation.parse_options(beam_options, _WORKERS.value)  # A bad option fails before any work.
