@@ -13,7 +13,8 @@ import numpy as np
 from absl import logging
 
 from atr_jax import sharding
-from data_pipelines import features, input_pipeline
+from atr_jax.models.registry import audio_inputs
+from data_pipelines import input_pipeline
 from data_pipelines.captions import CaptionEncoder
 
 
@@ -36,8 +37,8 @@ class Embedder:
     batch = sharding.batch_sharding(mesh)
     variables = sharding.replicated(mesh) if variable_shardings is None else variable_shardings
 
-    def embed_audio(variables, log_mel, frame_mask):
-      return model.apply(variables, log_mel, frame_mask, train=False, method="embed_audio")
+    def embed_audio(variables, audio, audio_mask):
+      return model.apply(variables, audio, audio_mask, train=False, method="embed_audio")
 
     def embed_text(variables, input_ids, attention_mask):
       return model.apply(variables, input_ids, attention_mask, train=False, method="embed_text")
@@ -46,8 +47,10 @@ class Embedder:
     self._text = jax.jit(embed_text, in_shardings=(variables, batch, batch), out_shardings=batch)
 
   def audio(self, variables, local_batch: dict) -> np.ndarray:
-    batch = sharding.global_batch({k: local_batch[k] for k in ("log_mel", "frame_mask")}, self._mesh)
-    return sharding.to_host(self._audio(variables, batch["log_mel"], batch["frame_mask"]))
+    """Embeddings of a batch's audio (`registry.audio_inputs`: log-mels or waveforms, with their mask)."""
+    audio, audio_mask = audio_inputs(local_batch)
+    batch = sharding.global_batch({"audio": audio, "audio_mask": audio_mask}, self._mesh)
+    return sharding.to_host(self._audio(variables, batch["audio"], batch["audio_mask"]))
 
   def text(self, variables, local_batch: dict) -> np.ndarray:
     batch = sharding.global_batch(local_batch, self._mesh)
@@ -112,29 +115,31 @@ def embed_captions(
   return np.concatenate([embedder.text(variables, local)[:count] for local, count in batches])
 
 
-def embed_log_mels(embedder: Embedder, variables, log_mels: list, *, global_batch_size: int) -> np.ndarray:
-  """Embeddings [len(log_mels), D] of (frames, N_MELS) log-mel arrays of any lengths, each whole (identical on every
-  process): clips grouped by padded length (`input_pipeline.padded_frames`, as `embed_split`), in padded global
-  batches of which each process fills and embeds its slice."""
+def embed_clips(embedder: Embedder, variables, clips: list, form, *, global_batch_size: int) -> np.ndarray:
+  """Embeddings [len(clips), D] of clips of any lengths in the stored form `form` (`audio_forms.AudioForm`: float16
+  (frames, 64) log-mels or int16 waveforms), each whole (identical on every process): clips grouped by padded length
+  (`input_pipeline.padded_frames` of their frames, as `embed_split`), in padded global batches of which each process
+  fills and embeds its slice."""
   local_batch_size = sharding.check_global_batch(global_batch_size, "eval.batch_size")
   first_row = jax.process_index() * local_batch_size
   embeddings = None
-  padded = np.array([input_pipeline.padded_frames(len(x)) for x in log_mels], np.int64)
+  padded = np.array([input_pipeline.padded_frames(form.frames(len(x))) for x in clips], np.int64)
   for frames in sorted(set(padded.tolist())):
     ids = np.flatnonzero(padded == frames)
+    rows = frames * form.rows_per_frame
     for start in range(0, len(ids), global_batch_size):
       chunk = ids[start : start + global_batch_size]
-      batch = np.zeros((local_batch_size, frames, features.N_MELS), np.float32)
-      mask = np.zeros((local_batch_size, frames), bool)
+      batch = np.zeros((local_batch_size, rows, *form.row_shape), np.float32)
+      mask = np.zeros((local_batch_size, rows), bool)
       for row, index in enumerate(chunk[first_row : first_row + local_batch_size]):
-        batch[row, : len(log_mels[index])] = log_mels[index]
-        mask[row, : len(log_mels[index])] = True
-      emb = embedder.audio(variables, {"log_mel": batch, "frame_mask": mask})
+        batch[row, : len(clips[index])] = form.to_float32(clips[index])
+        mask[row, : len(clips[index])] = True
+      emb = embedder.audio(variables, {form.name: batch, form.mask: mask})
       if embeddings is None:
-        embeddings = np.zeros((len(log_mels), emb.shape[1]), np.float32)
+        embeddings = np.zeros((len(clips), emb.shape[1]), np.float32)
       embeddings[chunk] = emb[: len(chunk)]
   if embeddings is None:
-    raise ValueError("embed_log_mels: the clip list is empty")
+    raise ValueError("embed_clips: the clip list is empty")
   return embeddings
 
 

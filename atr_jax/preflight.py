@@ -1,5 +1,6 @@
 """What a run checks before any work (data generation or preparation, weight loading, compilation): every folder
-and file the config names exists. Each error names the config key, its value and the path it looked for."""
+and file the config names exists, and the prepared data will hold what the audio tower takes. Each error names the
+config key, its value and the path it looked for."""
 
 import os
 
@@ -9,7 +10,19 @@ import ml_collections
 from atr_jax import zeroshot
 from atr_jax.models.hf_hub import resolve_model_dir
 from atr_jax.models.panns import CONVERT_COMMAND, SCRATCH, audio_init_dir
-from data_pipelines import datasets, layouts
+from atr_jax.models.registry import audio_tower
+from data_pipelines import audio_forms, datasets, layouts
+
+
+def check_audio_feature(config: ml_collections.ConfigDict) -> None:
+  """config.data.audio_feature is a known stored form and the one model.audio.arch takes."""
+  form = audio_forms.audio_form(config.data.audio_feature)
+  takes = audio_tower(config.model.audio).inputs[0]
+  if form.name != takes:
+    raise ValueError(
+      f"config.data.audio_feature={form.name!r}, but model.audio.arch={config.model.audio.arch!r} takes {takes!r}: "
+      f"set config.data.audio_feature={takes!r} (prepared into its own folder)"
+    )
 
 
 def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
@@ -78,6 +91,7 @@ def check_zeroshot(zeroshot_config: ml_collections.ConfigDict) -> None:
 def check(config: ml_collections.ConfigDict, *, training: bool) -> None:
   """Every path a training (or, with training=False, a test-only) run needs. Raw data is checked by process 0 only,
   the process that prepares it."""
+  check_audio_feature(config)
   check_model_paths(config.model)
   relevance_csv = os.path.expanduser(config.eval.relevance_csv)
   if relevance_csv and not os.path.isfile(relevance_csv):

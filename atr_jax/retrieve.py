@@ -40,7 +40,7 @@ from atr_jax.atomic_files import write_atomically, write_folder_atomically, writ
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.models.registry import audio_tower  # noqa: E402
 from atr_jax.submission import write_submission  # noqa: E402
-from data_pipelines import datasets, extraction, features, input_pipeline  # noqa: E402
+from data_pipelines import audio_forms, datasets, extraction, features, input_pipeline  # noqa: E402
 
 EMBEDDINGS_FILE = "embeddings.npy"
 FILES_FILE = "files.json"
@@ -66,6 +66,8 @@ class Retriever:
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
     self.encode_captions = tokenization.caption_encoder(self.config)
     self._embedder = evaluation.Embedder(build_model(self.config.model), sharding.create_mesh())
+    # The stored form the model takes (runs from before config.data.audio_feature existed took log-mels).
+    self.audio_form = audio_forms.audio_form(self.config.data.get("audio_feature", "log_mel"))
     logging.info("Loaded %s at step %d", self.workdir, self.step)
 
   def _batch_size(self, requested: int) -> int:
@@ -73,20 +75,20 @@ class Retriever:
     devices = jax.device_count()
     return -(-max(requested, 1) // devices) * devices
 
-  def embed_log_mels(self, log_mels: list, batch_size: int = 16) -> np.ndarray:
-    """Embeddings [len(log_mels), D] of (frames, 64) log-mel arrays of any lengths, each whole
-    (`evaluation.embed_log_mels`, as in evaluation)."""
-    if not log_mels:
+  def embed_clips(self, clips: list, batch_size: int = 16) -> np.ndarray:
+    """Embeddings [len(clips), D] of clips of any lengths in the model's stored form (`self.audio_form`: (frames,
+    64) log-mels or waveforms), each whole (`evaluation.embed_clips`, as in evaluation)."""
+    if not clips:
       return np.zeros((0, self.config.model.embed_dim), np.float32)
-    return evaluation.embed_log_mels(
-      self._embedder, self.variables, log_mels, global_batch_size=self._batch_size(batch_size)
+    return evaluation.embed_clips(
+      self._embedder, self.variables, clips, self.audio_form, global_batch_size=self._batch_size(batch_size)
     )
 
   def embed_audio_files(
     self, paths: list, batch_size: int = 16, *, work_dir: str | None = None, workers: int | None = None
   ) -> tuple[np.ndarray, list, list]:
     """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones), chunk by chunk under a
-    progress bar: `workers` decoding processes (default: one per core) fill a log-mel cache in `work_dir`, and each
+    progress bar: `workers` decoding processes (default: one per core) fill a feature cache in `work_dir`, and each
     chunk's embeddings go to a chunk file there. A call with the `work_dir` of a killed call for the same paths,
     chunk size and checkpoint embeds only the chunks it had not written. Without `work_dir`: a temporary folder."""
     if work_dir is None:
@@ -99,7 +101,7 @@ class Retriever:
     todo = [number for number, name in enumerate(names) if not os.path.exists(name)]
     done_files = len(paths) - sum(len(chunks[number]) for number in todo)
     with (
-      extraction.Extractor(os.path.join(work_dir, "log_mels"), workers) as extractor,
+      extraction.Extractor(os.path.join(work_dir, "clips"), workers, self.audio_form.name) as extractor,
       futures.ThreadPoolExecutor(1) as decoder,
       tqdm.tqdm(total=len(paths), initial=done_files, desc="embedding audio", unit="file") as progress,
     ):
@@ -114,7 +116,7 @@ class Retriever:
 
   def _start_work(self, work_dir: str, paths: list, chunk_size: int) -> None:
     """Keeps the chunk files of `work_dir` if its progress record is this work's, else deletes them and records it
-    (the log-mel cache stays: it is keyed by each file's path, size and time)."""
+    (the feature cache stays: it is keyed by each file's path, size and time)."""
     record = {
       "files": len(paths),
       "files_sha1": hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest(),
@@ -136,9 +138,9 @@ class Retriever:
 
   def _write_chunk(self, name: str, outcomes: list, batch_size: int) -> None:
     """Embeds the decoded clips of one chunk into the chunk file `name` (embeddings of the kept files, and the skip
-    reason of each file, "" when kept), then drops their log-mels from the cache."""
+    reason of each file, "" when kept), then drops their features from the cache."""
     cached = [outcome.cache_path for outcome in outcomes if outcome.cache_path]
-    embeddings = self.embed_log_mels([extraction.load_log_mel(path) for path in cached], batch_size)
+    embeddings = self.embed_clips([extraction.load_clip(path) for path in cached], batch_size)
     reasons = np.array(["" if outcome.cache_path else outcome.detail or outcome.reason for outcome in outcomes])
     write_atomically(name, lambda f: np.savez(f, embeddings=embeddings, reasons=reasons))
     for path in set(cached):

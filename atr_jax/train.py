@@ -40,8 +40,8 @@ from atr_jax.train_state import TrainState, create_train_state, make_optimizer, 
 from atr_jax.metrics import format_metrics_table, retrieval_metrics
 from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
 from atr_jax.models.dual_encoder import build_model
-from atr_jax.models.registry import audio_tower
-from data_pipelines import datasets, input_pipeline
+from atr_jax.models.registry import audio_inputs, audio_tower
+from data_pipelines import audio_forms, datasets, input_pipeline
 
 # The keys that fix the training data's order and the step count: a run resumed with another value of one of
 # them would not continue the run it resumes.
@@ -65,8 +65,7 @@ def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, col
   dropout_rng, augment_rng = jax.random.split(rng)
   (audio_emb, text_emb), updates = state.apply_fn(
     {"params": model_params, "batch_stats": batch_stats},
-    batch["log_mel"],
-    batch["frame_mask"],
+    *audio_inputs(batch),
     batch["input_ids"],
     batch["attention_mask"],
     train=True,
@@ -234,6 +233,9 @@ class _Setup:
     )
     self.encode_captions = tokenization.caption_encoder(config)
     self.model = build_model(config.model)
+    self.audio_form = audio_forms.audio_form(
+      config.data.audio_feature
+    )  # What the records hold (preflight: the tower's).
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
     # rbg keys compile the many random draws of parameter init ~5x faster on CPU; threefry drives training.
     self.init_rng = jax.random.key(config.seed, impl="rbg")
@@ -241,7 +243,9 @@ class _Setup:
     self.manager = checkpointing.create_manager(self.workdir, config.eval.selection_metric)
     self.embedder = None  # Made by `fresh_state`, for the state's shardings.
     self.zeroshot = (
-      zeroshot.DuringTraining(config.eval.zeroshot) if training and zeroshot.enabled(config.eval.zeroshot) else None
+      zeroshot.DuringTraining(config.eval.zeroshot, config.data.audio_feature)
+      if training and zeroshot.enabled(config.eval.zeroshot)
+      else None
     )
 
   def fresh_state(self):
@@ -281,7 +285,9 @@ class _Setup:
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
     batch_size = self.config.eval.batch_size
     return self.zeroshot(
-      lambda log_mels: evaluation.embed_log_mels(self.embedder, variables, log_mels, global_batch_size=batch_size),
+      lambda clips: evaluation.embed_clips(
+        self.embedder, variables, clips, self.audio_form, global_batch_size=batch_size
+      ),
       lambda texts: evaluation.embed_captions(
         self.embedder, variables, texts, encode_captions=self.encode_captions, global_batch_size=batch_size
       ),

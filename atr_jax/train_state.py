@@ -14,6 +14,7 @@ from flax.training import train_state
 
 from atr_jax import losses, sharding
 from atr_jax.models.dual_encoder import load_pretrained, with_frozen_towers_in_inference
+from atr_jax.models.registry import audio_tower, example_audio
 
 FREEZABLE = ("audio", "text", "audio_head", "text_head")
 OPTIMIZERS = ("adam", "adamw")
@@ -72,7 +73,12 @@ def make_schedule(
   if name == "cosine":
     total = steps_per_epoch * num_epochs
     warmup = min(int(round(optim_config.warmup_epochs * steps_per_epoch)), total - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps=warmup, decay_steps=total)
+    if optim_config.decay_epochs < 0:
+      raise ValueError(f"optim.decay_epochs={optim_config.decay_epochs} is negative")
+    decay = int(round(optim_config.decay_epochs * steps_per_epoch)) or total - warmup
+    return optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, warmup_steps=warmup, decay_steps=warmup + decay, end_value=optim_config.end_learning_rate
+    )
   if name in ("plateau", "constant"):
     return optax.constant_schedule(learning_rate)
   raise ValueError(f"optim.schedule={name!r} is not one of {SCHEDULES}")
@@ -133,10 +139,8 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx, mesh, rng):
   pretrained text weights loaded, and the audio tower from `model.audio.init_from` unless "scratch". The state's
   apply_fn runs frozen towers (optim.frozen) in inference mode when `model.frozen_in_inference_mode` is True."""
   model = with_frozen_towers_in_inference(model, tuple(config.optim.frozen), config.model.frozen_in_inference_mode)
-  frames = 64  # Any length: no parameter depends on it.
   dummy = (
-    np.zeros((1, frames, 64), np.float32),
-    np.ones((1, frames), bool),
+    *example_audio(audio_tower(config.model.audio)),  # Any length: no parameter depends on it.
     np.zeros((1, config.model.text.max_len), np.int32),
     np.ones((1, config.model.text.max_len), np.int32),
   )

@@ -12,7 +12,7 @@ The CLI's flags are argparse's, not absl's, so this module can share a process w
 
 During training (`config.eval.zeroshot`), `DuringTraining` decodes the set's clips once and scores the model being
 trained at every validation, with the CLI's prompts, class embeddings and accuracy (`accuracy`), and the same
-whole-clip embedding (`evaluation.embed_log_mels`).
+whole-clip embedding (`evaluation.embed_clips`).
 """
 
 from atr_jax import xla_flags
@@ -220,15 +220,16 @@ def _generate_synthetic_esc50(dataset: str, root: str) -> None:
 
 class DuringTraining:
   """Zero-shot accuracy of the model being trained on the set `config.eval.zeroshot` names, its clips decoded once
-  (log-mels held in memory; unreadable clips reported once and left out)."""
+  (in the stored form `form_name`, config.data.audio_feature, held in memory; unreadable clips reported once and
+  left out)."""
 
-  def __init__(self, zeroshot_config: ml_collections.ConfigDict, workers: int | None = None):
+  def __init__(self, zeroshot_config: ml_collections.ConfigDict, form_name: str, workers: int | None = None):
     self.dataset = dataset_from_config(zeroshot_config)
     self.prompts = list(zeroshot_config.prompts)
     with tempfile.TemporaryDirectory(prefix="atr_jax_zeroshot_") as cache_dir:
-      with extraction.Extractor(cache_dir, workers) as extractor:
+      with extraction.Extractor(cache_dir, workers, form_name) as extractor:
         outcomes = extractor.run(self.dataset.paths, "zero-shot clips")
-      self.log_mels = [extraction.load_log_mel(o.cache_path) for o in outcomes if o.cache_path]
+      self.clips = [extraction.load_clip(o.cache_path) for o in outcomes if o.cache_path]
     self.kept = [path for path, o in zip(self.dataset.paths, outcomes) if o.cache_path]
     for path, o in zip(self.dataset.paths, outcomes):
       if not o.cache_path:
@@ -236,9 +237,10 @@ class DuringTraining:
     if not self.kept:
       raise ValueError(f"config.eval.zeroshot: no clip of the {len(self.dataset.paths)} listed could be read")
 
-  def __call__(self, embed_log_mels: Callable[[list], np.ndarray], embed_texts: Callable[[list], np.ndarray]):
-    """{"fold{f}": ..., "mean": ...} with the model that `embed_log_mels` and `embed_texts` apply."""
-    return accuracy(embed_log_mels(self.log_mels), self.kept, self.dataset, embed_texts, self.prompts)
+  def __call__(self, embed_clips: Callable[[list], np.ndarray], embed_texts: Callable[[list], np.ndarray]):
+    """{"fold{f}": ..., "mean": ...} with the model that `embed_clips` (stored clips -> embeddings) and
+    `embed_texts` apply."""
+    return accuracy(embed_clips(self.clips), self.kept, self.dataset, embed_texts, self.prompts)
 
 
 def _parser() -> argparse.ArgumentParser:

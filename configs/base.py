@@ -41,6 +41,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Random crop (or pad + mask) of each training clip, frames at 100/s; 0 = the longest clip of the training sources
   # (read from the prepared data: 3001 for Clotho's 30 s, 1001 for AudioCaps' 10 s).
   config.data.train_max_frames = 0
+  # What the prepared records hold per clip: "log_mel" (64-band float16 log-mel: CNN14, ResNet38) or "waveform"
+  # (int16 32 kHz samples: PaSST, whose front end runs on the device, with its random mel band in training). Must be
+  # what model.audio.arch takes (checked at startup); each is prepared into its own folder.
+  config.data.audio_feature = "log_mel"
   config.data.shuffle_buffer = 2000  # (clip, caption) pairs held by the shuffle buffer of each input shard.
   # Input shards: each reads its own TFRecord files and fills its own slice of every global batch; each process
   # runs num_input_shards / process_count of them. 0 = one per process. Fixing it (e.g. 8) makes the global batches
@@ -49,7 +53,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.audio = ml_collections.ConfigDict()
-  config.model.audio.arch = "cnn14"  # Audio tower: "cnn14" or "resnet38" (PANNs, SPEC 3).
+  # Audio tower: "cnn14" or "resnet38" (PANNs, SPEC 3; data.audio_feature "log_mel"), or "passt" (PaSST-S, SPEC 11;
+  # data.audio_feature "waveform").
+  config.model.audio.arch = "cnn14"
   config.model.audio.channels = (64, 128, 256, 512, 1024, 2048)  # CNN14 ConvBlock widths.
   config.model.audio.last_pool = (2, 2)  # Block-6 pooling: (2, 2) as the retrieval reference, (1, 1) as PANNs.
   config.model.audio.dropout = 0.2  # After each CNN14 ConvBlock; after ResNet38's stem, trunk and last ConvBlock.
@@ -59,8 +65,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.audio.resnet.blocks = (3, 4, 6, 3)  # Basic blocks per stage.
   config.model.audio.resnet.out_features = 2048  # Width of conv_block_after1 = the clip embedding.
   config.model.audio.resnet.block_dropout = 0.2  # Inside each basic block: 0.2 as the reference, 0.1 as PANNs.
-  # Orbax folder written by `python -m scripts.convert_panns` (a converted PANNs Cnn14/ResNet38 .pth, as the
-  # reference starts from) whose params and batch_stats initialise the audio tower: a missing folder is an error.
+  config.model.audio.passt = ml_collections.ConfigDict()  # PaSST only (defaults: PaSST-S, 86 M parameters).
+  config.model.audio.passt.embed_dim = 768  # Token width = the clip embedding's.
+  config.model.audio.passt.depth = 12  # Transformer blocks.
+  config.model.audio.passt.num_heads = 12
+  config.model.audio.passt.mlp_dim = 3072
+  # Structured patchout in training: time columns and frequency rows of 16x16 patches dropped per 10 s segment.
+  config.model.audio.passt.patchout_time = 15
+  config.model.audio.passt.patchout_freq = 2
+  # Orbax folder written by `python -m scripts.convert_weights` (a converted PANNs Cnn14/ResNet38 .pth, as the
+  # reference starts from, or the PaSST-S .pt) whose variables initialise the audio tower: a missing folder is an error.
   # "scratch" = random initialisation, deliberately.
   config.model.audio.init_from = "~/models/panns/cnn14"
   config.model.text = ml_collections.ConfigDict()
@@ -75,7 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.text.dropout = 0.2  # Overrides the HF config's dropout; None keeps it.
   config.model.text.max_len = 64  # Tokens per caption (padded to a fixed length: no recompilation).
   config.model.embed_dim = 1024
-  config.model.head_hidden = 2048
+  config.model.head_hidden = (
+    2048  # Hidden width of the two-layer MLP heads; 0 = one Linear layer (DCASE 2025 baseline).
+  )
   config.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters and Adam stay float32).
   config.model.remat = False  # Recompute each tower's activations in the backward pass (less memory, ~30% slower).
   # Towers frozen by optim.frozen run with train=False (BatchNorm on running statistics, no dropout/SpecAugment);
@@ -117,12 +133,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.frozen = ()
   config.optim.grad_clip_norm = 2.0  # Global-norm clipping; 0 disables.
   # "step" (the reference: x decay_factor every decay_every_epochs), "cosine" (linear warmup over warmup_epochs,
-  # then cosine to 0), "plateau" (x plateau_factor when the validation loss has not improved for plateau_patience
-  # epochs: the DCASE submission) or "constant".
+  # then cosine to end_learning_rate over decay_epochs), "plateau" (x plateau_factor when the validation loss has not
+  # improved for plateau_patience epochs: the DCASE submission) or "constant".
   config.optim.schedule = "step"
   config.optim.decay_every_epochs = 20.0  # (May be fractional.)
   config.optim.decay_factor = 0.1
   config.optim.warmup_epochs = 1.0  # cosine only.
+  config.optim.decay_epochs = 0.0  # cosine only: epochs of the decay after the warm-up; 0 = to the end of training.
+  config.optim.end_learning_rate = 0.0  # cosine only: where the decay ends (kept until the end of training).
   config.optim.plateau_factor = 0.5
   config.optim.plateau_patience = 5
 

@@ -4,7 +4,7 @@ The audio tower starts from PANNs' AudioSet-pretrained CNN14 (model.audio.init_f
 default; a missing folder stops the run before any work). Download `Cnn14_mAP=0.431.pth` (PANNs release, Zenodo
 3987831) and convert it once:
 
-python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out ~/models/panns/cnn14
+python -m scripts.convert_weights --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out ~/models/panns/cnn14
 
 (another folder: --config.model.audio.init_from=DIR; random initialisation: --config.model.audio.init_from=scratch).
 Then:

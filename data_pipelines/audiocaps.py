@@ -95,7 +95,7 @@ def _cell_value(text: str) -> int | str:
 
 
 class AudioCaps(clip_builder.CaptionedClips, skip_registration=True):
-  """AudioCaps as log-mel clips with their captions (one record per clip)."""
+  """AudioCaps as clips (log-mel or waveform: `audio_feature`) with their captions (one record per clip)."""
 
   name = NAME
   code_path = epath.Path(__file__)
@@ -221,9 +221,17 @@ def prepare(
   *,
   beam_options: str | None = None,
   check_sources: bool = True,
+  audio_feature: str = "log_mel",
 ) -> AudioCaps:
   """The `AudioCaps` builder of `data_dir` for `file_pattern` (`file_pattern_for` the layout of `raw_dir`), built from
-  `raw_dir` unless complete and up to date (`clip_builder.prepare`)."""
+  `raw_dir` unless complete and up to date (`clip_builder.prepare`), its records holding the audio form
+  `audio_feature`."""
   config = AudioCaps.config_for(file_pattern_for(raw_dir, file_pattern))
-  builder = AudioCaps(data_dir=os.path.expanduser(data_dir), config=config, workers=workers, beam_options=beam_options)
+  builder = AudioCaps(
+    data_dir=os.path.expanduser(data_dir),
+    config=config,
+    workers=workers,
+    beam_options=beam_options,
+    audio_feature=audio_feature,
+  )
   return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

@@ -1,18 +1,17 @@
-"""The Apache Beam runner of a preparation (`prepare --runner beam`): it runs the per-clip work, decoding and log-mel
-into the feature cache, as a Beam pipeline instead of `extraction.Extractor`'s worker pool, and owns the parsing of
-`--beam_pipeline_options`.
+"""The Apache Beam runner of a preparation (`prepare --runner beam`): it runs the per-clip work, decoding and the stored
+array of the audio form (log-mel or int16 waveform, `audio_forms`) into the feature cache, as a Beam pipeline instead of
+`extraction.Extractor`'s worker pool, and owns the parsing of `--beam_pipeline_options`.
 
-Same code, same records. Each clip goes through `extraction.extract`, in a `python -m data_pipelines.extraction`
-child of the Beam worker (`extraction.WorkerProcess`, the worker pool's own child), so a file whose decoding crashes
-is skipped as unreadable exactly as in the worker pool instead of failing the bundle. The outcomes come back to the
+Same code, same records. Each clip goes through `extraction.extract`, in a `python -m data_pipelines.extraction` child
+of the Beam worker (`extraction.WorkerProcess`, the worker pool's own child), so a file whose decoding crashes is
+skipped as unreadable exactly as in the worker pool instead of failing the bundle. The outcomes come back to the
 launching process, which then does what the multiprocessing path does with them: the report, `clips.json`,
-`sources.json`, and the records, written by TFDS's `Writer` from the cache (`clip_builder`). The records are thus
-the multiprocessing path's, in the same shard files, byte-identical when both run in one process (TFDS serializes
-with `SerializeToString()`, whose feature order under protobuf's upb backend varies from process to process, for
-either runner). (TFDS's `BeamWriter` is not used on purpose:
-it assigns examples to shards by key-hash range, where `Writer` splits them evenly, so the shard files of a split of
-more than one shard would differ.) The launcher's share is one sequential pass over the cache; decoding, nearly all of
-the CPU time, is on the Beam workers.
+`sources.json`, and the records (of either audio form), written by TFDS's `Writer` from the cache (`clip_builder`). The
+records are thus the multiprocessing path's, in the same shard files, byte-identical when both run in one process (TFDS
+serializes with `SerializeToString()`, whose feature order under protobuf's upb backend varies from process to process,
+for either runner). (TFDS's `BeamWriter` is not used on purpose: it assigns examples to shards by key-hash range, where
+`Writer` splits them evenly, so the shard files of a split of more than one shard would differ.) The launcher's share is
+one sequential pass over the cache; decoding, nearly all of the CPU time, is on the Beam workers.
 
 Resumability: every cache entry is written under a temporary name and renamed by `extraction.extract`, so a Beam
 bundle retried after a worker failure, and a pipeline killed and started again (any runner), decode only the clips
@@ -46,7 +45,7 @@ import apache_beam as beam
 from apache_beam.options import pipeline_options
 from apache_beam.runners import runner as beam_runner
 
-from data_pipelines import extraction
+from data_pipelines import audio_forms, extraction
 
 
 def parse_options(spec: str, workers: int | None = None) -> pipeline_options.PipelineOptions:
@@ -97,14 +96,16 @@ def _bad_value(flag: str) -> bool:
 
 
 class _Extract(beam.DoFn):
-  """DoFn: a clip's audio path to (path, outcome as a dict), by `extraction.extract` in this worker's own child."""
+  """DoFn: a clip's audio path to (path, outcome as a dict), by `extraction.extract` in audio form `form_name` in
+  this worker's own child."""
 
-  def __init__(self, cache_dir: str):
+  def __init__(self, cache_dir: str, form_name: str):
     self._cache_dir = cache_dir
+    self._form_name = form_name
     self._process = None
 
   def setup(self):
-    self._process = extraction.WorkerProcess(self._cache_dir)
+    self._process = extraction.WorkerProcess(self._cache_dir, self._form_name)
 
   def process(self, line: str):
     path = json.loads(line)
@@ -117,10 +118,11 @@ class _Extract(beam.DoFn):
 
 
 def extract(
-  paths: list[str], cache_dir: str, options: pipeline_options.PipelineOptions
+  paths: list[str], cache_dir: str, options: pipeline_options.PipelineOptions, form_name: str = "log_mel"
 ) -> dict[str, extraction.AudioOutcome]:
-  """The outcome of every path of `paths` (audio files) by path, computed by a Beam pipeline with `options`
-  (`parse_options`) into the feature cache `cache_dir`."""
+  """The outcome of every path of `paths` (audio files) by path, in audio form `form_name`, computed by a Beam
+  pipeline with `options` (`parse_options`) into the feature cache `cache_dir`."""
+  audio_forms.audio_form(form_name, key="form_name")  # A bad form name fails before any work.
   extraction.clear_partial_writes(cache_dir)
   if not paths:
     return {}
@@ -135,7 +137,7 @@ def extract(
         pipeline
         | "ReadPaths" >> beam.io.ReadFromText(inputs)
         | "Distribute" >> beam.Reshuffle()
-        | "ExtractLogMel" >> beam.ParDo(_Extract(cache_dir))
+        | "ExtractLogMel" >> beam.ParDo(_Extract(cache_dir, form_name))
         | "WriteOutcomes" >> beam.io.WriteToText(os.path.join(work_dir, "outcomes"), file_name_suffix=".jsonl")
       )
     outcomes = {}

@@ -1,16 +1,19 @@
 """The TFDS builder base shared by the raw-dataset layouts (Clotho, AudioCaps), its CSV helpers and `prepare`.
 
-Record schema (one record per clip, every split): `log_mel` (frames, 64) float16 stored as raw bytes, `captions`
-(n,) raw caption strings (empty for an audio-only split), `file_name`, and `clip_id` = the clip's position among the
-split's written clips sorted by file name.
+Record schema (one record per clip, every split): the clip's audio in the builder's audio form (`audio_feature`,
+`audio_forms`), stored as raw bytes under the form's name: either `log_mel` (frames, 64) float16, the log-mel of
+`features.log_mel`, or `waveform` (samples,) int16, the 32 kHz mono samples at full scale 32767; then `captions` (n,)
+raw caption strings (empty for an audio-only split), `file_name`, and `clip_id` = the clip's position among the
+split's written clips sorted by file name. The two forms are prepared into different folders (`default_data_dir`)
+with different feature-cache entries; a record holds one form only.
 
 A subclass turns its raw layout into `ClipRow`s per split (`_read_splits`, with the CSV helpers below: every CSV is
 read and its columns checked before any audio is touched). Preparation then
 1. drops empty captions and skips rows without a file name, without a caption, or repeating a file name (the first
    row is kept);
-2. extracts every clip's log-mel on all cores into a feature cache next to the dataset (`extraction`, resumable;
-   kept afterwards, holding the entries of the clips read only), or on an Apache Beam runner when the builder has
-   `beam_options` (`beam_generation`: the same per-clip code, the same outcomes);
+2. extracts every clip's stored array (log-mel or waveform) on all cores into a feature cache next to the dataset
+   (`extraction`, resumable; kept afterwards, holding the entries of the clips read only), or on an Apache Beam runner
+   when the builder has `beam_options` (`beam_generation`: the same per-clip code, the same outcomes);
 3. writes the good clips from the cache through TFDS, which writes into an `incomplete.*` folder renamed only once
    complete, together with `preparation_report.csv`, the counts (`info.metadata["preparation"]`) and `sources.json`,
    the fingerprint of the sources read (`read_sources`). A split without a single good clip is left out (with a
@@ -37,12 +40,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data_pipelines import extraction, features
+from data_pipelines import audio_forms, extraction, features
 
 REPORT_FILE = "preparation_report.csv"
 SOURCES_FILE = "sources.json"
-# Per split: the file name, captions and log-mel frame count of each clip, by clip id: what training and evaluation
-# need to know of a split without reading its records.
+# Per split: the file name, captions and stored length of each clip (under the audio form's `length_key`: log-mel
+# frames as "num_frames", waveform samples as "num_samples"), by clip id: what training and evaluation need to know
+# of a split without reading its records.
 CLIPS_FILE = "clips.json"
 _STAGING_PREFIX, _REPLACED_PREFIX = "staging-", "replaced-"  # Beside the version folder: a re-preparation's places.
 FILE_NAME_COLUMN = "file_name"
@@ -62,11 +66,14 @@ class ClipRow:
   line: int
 
 
-def default_data_dir(raw_dir: str) -> str:
-  """`~/.cache/atr_jax/prepared/<basename>-<8 hex of sha1(abspath)>`: one prepared folder per raw folder."""
+def default_data_dir(raw_dir: str, audio_feature: str = "log_mel") -> str:
+  """`~/.cache/atr_jax/prepared/<basename>-<8 hex of sha1(abspath)>` for the log-mel, with `-waveform` appended for
+  the waveform: one prepared folder (and feature cache) per raw folder and audio form."""
+  form = audio_forms.audio_form(audio_feature)
   path = os.path.abspath(os.path.expanduser(raw_dir))
   digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
-  return os.path.join(os.path.expanduser("~/.cache/atr_jax/prepared"), f"{os.path.basename(path)}-{digest}")
+  suffix = "" if form is audio_forms.LOG_MEL else f"-{form.name}"
+  return os.path.join(os.path.expanduser("~/.cache/atr_jax/prepared"), f"{os.path.basename(path)}-{digest}{suffix}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +246,8 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   CSV_SPLITS and `captions_csv_path` (the splits read from a caption CSV, and where), and implements `_read_splits`.
   `workers` feature-extraction processes (default: one per core), or, with `beam_options` (the
   `--beam_pipeline_options` string, "" for the defaults), extraction by a Beam pipeline (`beam_generation`); the
-  feature cache is `feature_cache_dir` (default: `feature_cache` beside the version folder)."""
+  feature cache is `feature_cache_dir` (default: `feature_cache` beside the version folder). `audio_feature` is the
+  audio form the records hold ("log_mel" or "waveform", `audio_forms`)."""
 
   HOMEPAGE = ""
   CSV_SPLITS: tuple[str, ...] = ()
@@ -250,8 +258,10 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     workers: int | None = None,
     beam_options: str | None = None,
     feature_cache_dir: str | None = None,
+    audio_feature: str = "log_mel",
     **kwargs,
   ):
+    self.audio_form = audio_forms.audio_form(audio_feature, key="audio_feature")  # `_info` (in __init__) needs it.
     super().__init__(**kwargs)
     self.workers = workers
     self.beam_options = beam_options
@@ -303,9 +313,11 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       description=self.__class__.__doc__,
       features=tfds.features.FeaturesDict(
         {
-          # Raw bytes: 2 bytes a value (the default encoding stores a float list, 4 bytes a value).
-          "log_mel": tfds.features.Tensor(
-            shape=(None, features.N_MELS), dtype=np.float16, encoding=tfds.features.Encoding.BYTES
+          # Raw bytes: 2 bytes a value (the default encoding stores a float or int list, 4 bytes or more a value).
+          self.audio_form.name: tfds.features.Tensor(
+            shape=(None, *self.audio_form.row_shape),
+            dtype=self.audio_form.stored_dtype,
+            encoding=tfds.features.Encoding.BYTES,
           ),
           "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
           "file_name": tfds.features.Text(),
@@ -330,7 +342,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       split: {
         "file_names": [clip.file_name for clip, _ in clips],
         "captions": [list(clip.captions) for clip, _ in clips],
-        "num_frames": [extraction.log_mel_frames(path) for _, path in clips],
+        self.audio_form.length_key: [extraction.stored_length(path) for _, path in clips],
       }
       for split, clips in written.items()
       if clips
@@ -349,7 +361,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _extract(self, tables: dict[str, list[ClipRow]]) -> dict[str, list[extraction.AudioOutcome]]:
     """The extraction outcome of every clip of `tables`, by split in the clips' order."""
     if self.beam_options is None:
-      with extraction.Extractor(self.feature_cache_dir, self.workers) as extractor:
+      with extraction.Extractor(self.feature_cache_dir, self.workers, self.audio_form.name) as extractor:
         return {
           split: extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
           for split, clips in tables.items()
@@ -360,7 +372,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     logging.info(
       "%s: extracting %d clips with Apache Beam (%s)", self.name, len(paths), self.beam_options or "defaults"
     )
-    by_path = beam_generation.extract(paths, self.feature_cache_dir, options)
+    by_path = beam_generation.extract(paths, self.feature_cache_dir, options, self.audio_form.name)
     return {split: [by_path[clip.audio_path] for clip in clips] for split, clips in tables.items()}
 
   @staticmethod
@@ -383,7 +395,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield (
         clip.file_name,
         {
-          "log_mel": extraction.load_log_mel(cache_path),
+          self.audio_form.name: extraction.load_clip(cache_path),
           "captions": list(clip.captions),
           "file_name": clip.file_name,
           "clip_id": clip_id,
@@ -407,6 +419,7 @@ def _same_builder(builder: CaptionedClips, data_dir: str, **kwargs) -> Captioned
     config=builder.builder_config,
     workers=builder.workers,
     beam_options=builder.beam_options,
+    audio_feature=builder.audio_form.name,
     **kwargs,
   )
 
@@ -428,6 +441,20 @@ def _settle_swap(data_path: os.PathLike) -> bool:
   return True
 
 
+def _check_audio_form(builder: CaptionedClips) -> None:
+  """A ValueError when the complete dataset of `builder` holds another audio form than the builder's own."""
+  try:
+    stored = json.loads((builder.data_path / "features.json").read_text())["featuresDict"]["features"]
+  except (OSError, KeyError, TypeError, ValueError):
+    return
+  if builder.audio_form.name not in stored:
+    held = [name for name in audio_forms.AUDIO_FORMS if name in stored] or sorted(stored)
+    raise ValueError(
+      f"{builder.data_path} holds {', '.join(held)} records, not {builder.audio_form.name} (audio_feature): prepare "
+      "each audio form into its own folder (clip_builder.default_data_dir)"
+    )
+
+
 def _prepare_again(builder: CaptionedClips, raw_dir: str) -> CaptionedClips:
   """`builder` prepared again into a staging folder, then moved in place of its complete dataset (which is kept
   until the replacement is complete, and restored by `_settle_swap` if the move is cut short)."""
@@ -446,7 +473,8 @@ def _prepare_again(builder: CaptionedClips, raw_dir: str) -> CaptionedClips:
 
 def prepare(builder: CaptionedClips, raw_dir: str, *, check_sources: bool = True) -> CaptionedClips:
   """`builder` (or a new builder of the same dataset), built from `raw_dir` unless it is complete and its sources
-  are those it was prepared from (`source_changes`: the CSVs are hashed, the audio files stat'ed, none is read).
+  are those it was prepared from (`source_changes`: the CSVs are hashed, the audio files stat'ed, none is read). A
+  complete dataset of another audio form than the builder's is a ValueError naming both.
 
   Sources changed since: the dataset is prepared again (what changed is logged), replacing the complete one only
   once complete itself; the feature cache spares decoding the unchanged clips. `check_sources=False` takes a
@@ -458,6 +486,8 @@ def prepare(builder: CaptionedClips, raw_dir: str, *, check_sources: bool = True
   if _settle_swap(builder.data_path):
     builder = _same_builder(builder, builder.data_dir_root)  # `builder` read its info before the dataset was back.
   prepared = builder.is_prepared()
+  if prepared:
+    _check_audio_form(builder)
   if prepared and not check_sources:
     return builder
   if not os.path.isdir(raw_dir):

@@ -29,7 +29,8 @@ def captions_csv_path(raw_dir: str, split: str) -> str:
 
 
 class Clotho(clip_builder.CaptionedClips, skip_registration=True):
-  """Clotho v2.1 as log-mel clips with their captions (one record per clip), plus the DCASE retrieval audio."""
+  """Clotho v2.1 as clips (log-mel or waveform: `audio_feature`) with their captions (one record per clip), plus the
+  DCASE retrieval audio."""
 
   # TFDS 4.9.10 locates a builder defined outside its package through `importlib_resources`, a package it only
   # requires on Python < 3.9; naming the module file here skips that look-up.
@@ -75,8 +76,12 @@ def prepare(
   *,
   beam_options: str | None = None,
   check_sources: bool = True,
+  audio_feature: str = "log_mel",
 ) -> Clotho:
   """The `Clotho` builder of `data_dir`, built from `raw_dir` unless complete and up to date
-  (`clip_builder.prepare`); its clips extracted by a Beam pipeline when `beam_options` is not None."""
-  builder = Clotho(data_dir=os.path.expanduser(data_dir), workers=workers, beam_options=beam_options)
+  (`clip_builder.prepare`), its records holding the audio form `audio_feature`; its clips extracted by a Beam
+  pipeline when `beam_options` is not None."""
+  builder = Clotho(
+    data_dir=os.path.expanduser(data_dir), workers=workers, beam_options=beam_options, audio_feature=audio_feature
+  )
   return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

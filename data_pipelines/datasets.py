@@ -1,6 +1,7 @@
 """Resolves `config.data` to prepared TFDS builders: the main dataset (`config.data.dataset` in raw_dir; the
 synthetic Clotho-layout dataset is generated first when asked) and the extra training sources of
-`config.data.extra_train`. Each is prepared on first use, and again when its sources changed, by process 0 while
+`config.data.extra_train`, all in the audio form `config.data.audio_feature` (each form in its own folder). Each is
+prepared on first use, and again when its sources changed, by process 0 while
 the other processes wait."""
 
 import functools
@@ -24,11 +25,12 @@ def prepare(
   workers: int | None = None,
   beam_options: str | None = None,
   check_sources: bool = True,
+  audio_feature: str = "log_mel",
 ) -> clip_builder.CaptionedClips:
   """The builder of `dataset` (one of DATASETS) in `data_dir`, prepared from `raw_dir` unless complete and up to date
-  (`clip_builder.prepare`): its clips extracted by `workers` processes, or by a Beam pipeline when `beam_options`
-  (`beam_generation.parse_options`) is not None."""
-  common = dict(workers=workers, beam_options=beam_options, check_sources=check_sources)
+  (`clip_builder.prepare`), its records holding the audio form `audio_feature`: its clips extracted by `workers`
+  processes, or by a Beam pipeline when `beam_options` (`beam_generation.parse_options`) is not None."""
+  common = dict(workers=workers, beam_options=beam_options, check_sources=check_sources, audio_feature=audio_feature)
   if dataset == "clotho":
     return clotho.prepare(raw_dir, data_dir, **common)
   if dataset == "audiocaps":
@@ -47,7 +49,9 @@ def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]
     raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: {DATASETS})")
   raw_dir = os.path.abspath(os.path.expanduser(data_config.raw_dir))
   data_dir = (
-    os.path.expanduser(data_config.data_dir) if data_config.data_dir else clip_builder.default_data_dir(raw_dir)
+    os.path.expanduser(data_config.data_dir)
+    if data_config.data_dir
+    else clip_builder.default_data_dir(raw_dir, data_config.audio_feature)
   )
   return raw_dir, data_dir
 
@@ -87,6 +91,7 @@ def _prepare_on_process_zero(
     data_dir,
     audiocaps_file_pattern=data_config.audiocaps_file_pattern,
     wavcaps_exclude_csv=data_config.wavcaps_exclude_csv,
+    audio_feature=data_config.audio_feature,
   )
   if jax.process_index() == 0:
     if make_raw is not None:
@@ -129,7 +134,8 @@ def _check_split(builder: clip_builder.CaptionedClips, split: str, where: str) -
 
 def train_sources(data_config: ml_collections.ConfigDict) -> list[tuple[clip_builder.CaptionedClips, str]]:
   """(builder, split) of every training source: the main dataset's config.data.train_split first, then one per
-  config.data.extra_train entry (each prepared into its default data dir, `clip_builder.default_data_dir`)."""
+  config.data.extra_train entry (each prepared into its default data dir for config.data.audio_feature,
+  `clip_builder.default_data_dir`)."""
   extras = parse_extra_train(data_config.extra_train)  # Malformed entries fail before any preparation.
   main = prepare_builder(data_config)
   _check_split(main, data_config.train_split, "config.data.train_split")
@@ -137,7 +143,8 @@ def train_sources(data_config: ml_collections.ConfigDict) -> list[tuple[clip_bui
   for dataset, raw_dir, split in extras:
     if not os.path.isdir(raw_dir):
       raise FileNotFoundError(f"config.data.extra_train: raw_dir {raw_dir!r} does not exist")
-    builder = _prepare_on_process_zero(dataset, raw_dir, clip_builder.default_data_dir(raw_dir), data_config)
+    data_dir = clip_builder.default_data_dir(raw_dir, data_config.audio_feature)
+    builder = _prepare_on_process_zero(dataset, raw_dir, data_dir, data_config)
     _check_split(builder, split, f"config.data.extra_train entry {dataset}:{raw_dir}:{split}")
     sources.append((builder, split))
   return sources

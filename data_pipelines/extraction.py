@@ -1,16 +1,19 @@
-"""Parallel, cached, resumable log-mel extraction of audio files, and the preparation report.
+"""Parallel, cached, resumable feature extraction of audio files, and the preparation report.
 
-`Extractor(cache_dir, workers).run(paths, desc)` turns each audio file into an `AudioOutcome`: the cache file of its
-float16 log-mel (`features.log_mel(features.read_audio(path))`) and its notes (downmixed, resampled, silent: digital
-silence is valid audio, its log-mel is the floor), or the reason it is skipped because it cannot be decoded or is
-shorter than one hop (missing_audio, empty_file, unreadable_audio, truncated_audio, too_short). Files are processed
-by `workers` child processes (`python -m data_pipelines.extraction`: they import this module and `features` only,
-never TensorFlow nor the caller's main module) under a progress bar; a file whose decoding kills its worker process
-is skipped too, the others go on.
+`Extractor(cache_dir, workers, form_name).run(paths, desc)` turns each audio file into an `AudioOutcome`: the cache
+file of its stored array in the audio form `form_name` (`audio_forms`: the float16 (frames, 64) log-mel
+`features.log_mel(features.read_audio(path))`, or the int16 (samples,) 32 kHz waveform) and its notes (downmixed,
+resampled, silent: digital silence is valid audio, its log-mel is the floor), or the reason it is skipped because it
+cannot be decoded or is shorter than one hop (missing_audio, empty_file, unreadable_audio, truncated_audio,
+too_short): notes and reasons are the same for both forms. Files are processed by `workers` child processes
+(`python -m data_pipelines.extraction CACHE_DIR FORM_NAME`: they import this module, `audio_forms` and `features`
+only, never TensorFlow nor the caller's main module) under a progress bar; a file whose decoding kills its worker
+process is skipped too, the others go on.
 
-The cache holds one `<sha1 of path, size, mtime and FEATURE_VERSION>.npz` per good clip, written under a temporary
-name and renamed (`os.replace`), so a killed run never leaves a partial entry and a restarted run decodes only the
-files not cached yet: it ends with exactly the arrays of an uninterrupted run. Skipped files are not cached (they
+The cache holds one `<sha1 of path, size, mtime and the form's version>.npz` per good clip (the array under the form's
+name, and the notes; log-mel entries keep the key they always had, waveform entries have their own), written under a
+temporary name and renamed (`os.replace`), so a killed run never leaves a partial entry and a restarted run decodes only
+the files not cached yet: it ends with exactly the arrays of an uninterrupted run. Skipped files are not cached (they
 fail fast, and a repaired file is picked up). The cache outlives a preparation, so that preparing again after the
 sources changed decodes only new and modified files; `keep_only` drops the entries a preparation no longer uses.
 
@@ -34,12 +37,11 @@ import numpy as np
 import threadpoolctl
 import tqdm
 
-from data_pipelines import features
+from data_pipelines import audio_forms, features
 
 SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose 32 kHz waveform never reaches it is noted silent (16-bit LSB 3e-5).
 REPORT_COLUMNS = ("dataset", "split", "item", "outcome", "reason", "detail")
 SKIPPED_CLIP, SKIPPED_CAPTION, NOTE = "skipped clip", "skipped caption", "note"
-_CACHE_VERSION = f"{features.FEATURE_VERSION}|silence<{SILENCE_PEAK}"
 _PARTIAL_SUFFIX = ".partial-"
 
 
@@ -53,23 +55,38 @@ class AudioOutcome:
   notes: tuple[tuple[str, str], ...] = ()
 
 
-def load_log_mel(cache_path: str) -> np.ndarray:
-  """The float16 (frames, 64) log-mel of a cache entry."""
+def _entry_form(names) -> str:
+  """The audio form whose array a cache entry holds, among the entry's array `names`."""
+  found = [name for name in audio_forms.AUDIO_FORMS if name in names]
+  if len(found) != 1:
+    raise ValueError(f"a feature cache entry holds {sorted(names)}: not one of {sorted(audio_forms.AUDIO_FORMS)}")
+  return found[0]
+
+
+def load_clip(cache_path: str) -> np.ndarray:
+  """The stored array of a cache entry, whichever its form: float16 (frames, 64) log-mel or int16 (samples,)."""
   with np.load(cache_path) as entry:
-    return entry["log_mel"]
+    return entry[_entry_form(entry.files)]
 
 
-def log_mel_frames(cache_path: str) -> int:
-  """The frame count of a cache entry's log-mel, read from its array header (the data stays unread)."""
-  with zipfile.ZipFile(cache_path) as archive, archive.open("log_mel.npy") as f:
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, _ = read_header(f)
+def stored_length(cache_path: str) -> int:
+  """The rows of a cache entry's array (frames of a log-mel, samples of a waveform), read from its header (the data
+  stays unread)."""
+  with zipfile.ZipFile(cache_path) as archive:
+    name = _entry_form({os.path.splitext(member)[0] for member in archive.namelist()})
+    with archive.open(f"{name}.npy") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, _ = read_header(f)
   return int(shape[0])
 
 
-def _cache_path(cache_dir: str, path: str, stat: os.stat_result) -> str:
-  identity = f"{os.path.abspath(path)}\n{stat.st_size}\n{stat.st_mtime_ns}\n{_CACHE_VERSION}"
+def _cache_version(form: audio_forms.AudioForm) -> str:
+  return f"{form.version}|silence<{SILENCE_PEAK}"  # The log-mel's is the key of every log-mel cache so far.
+
+
+def _cache_path(cache_dir: str, path: str, stat: os.stat_result, form: audio_forms.AudioForm) -> str:
+  identity = f"{os.path.abspath(path)}\n{stat.st_size}\n{stat.st_mtime_ns}\n{_cache_version(form)}"
   return os.path.join(cache_dir, hashlib.sha1(identity.encode("utf-8")).hexdigest() + ".npz")
 
 
@@ -84,10 +101,10 @@ def _cached_notes(cache_path: str) -> tuple[tuple[str, str], ...] | None:
     return None
 
 
-def _write_cache(cache_path: str, log_mel: np.ndarray, notes: tuple[tuple[str, str], ...]) -> None:
+def _write_cache(cache_path: str, name: str, stored: np.ndarray, notes: tuple[tuple[str, str], ...]) -> None:
   partial = f"{cache_path}{_PARTIAL_SUFFIX}{os.getpid()}"
   with open(partial, "wb") as f:
-    np.savez(f, log_mel=log_mel, notes=np.array(json.dumps(notes)))
+    np.savez(f, **{name: stored}, notes=np.array(json.dumps(notes)))
   os.replace(partial, cache_path)
 
 
@@ -116,8 +133,10 @@ def _conversion_notes(source: features.AudioSource) -> tuple[tuple[str, str], ..
   return tuple(notes)
 
 
-def extract(path: str, cache_dir: str) -> AudioOutcome:
-  """The outcome of one audio file, from the cache when it holds the file, else computed and cached."""
+def extract(path: str, cache_dir: str, form_name: str = "log_mel") -> AudioOutcome:
+  """The outcome of one audio file in the audio form `form_name`, from the cache when it holds the file, else
+  computed and cached."""
+  form = audio_forms.audio_form(form_name, key="form_name")
   try:
     stat = os.stat(path)
   except FileNotFoundError:
@@ -126,13 +145,13 @@ def extract(path: str, cache_dir: str) -> AudioOutcome:
     return AudioOutcome(None, "unreadable_audio", f"cannot read audio file {path}: {e}")
   if not os.path.isfile(path):
     return AudioOutcome(None, "missing_audio", f"{path} is not a file")
-  cache_path = _cache_path(cache_dir, path, stat)
+  cache_path = _cache_path(cache_dir, path, stat, form)
   notes = _cached_notes(cache_path)
   if notes is not None:
     return AudioOutcome(cache_path, notes=notes)
   try:
     waveform, source = features.read_audio(path)
-    log_mel = features.log_mel(waveform).astype(np.float16)
+    stored = form.compute(waveform)
   except features.AudioError as e:
     return AudioOutcome(None, e.reason, str(e))
   except Exception as e:  # An unforeseen decoder failure skips this clip only; the report shows it.
@@ -141,7 +160,7 @@ def extract(path: str, cache_dir: str) -> AudioOutcome:
   peak = float(np.max(np.abs(waveform)))
   if peak < SILENCE_PEAK:  # Kept: a silent clip is valid audio, and evaluation must rank every listed clip.
     notes += (("silent", f"peak {peak:.2g} is below {SILENCE_PEAK:g}: the log-mel is at its floor"),)
-  _write_cache(cache_path, log_mel, notes)
+  _write_cache(cache_path, form.name, stored, notes)
   return AudioOutcome(cache_path, notes=notes)
 
 
@@ -151,19 +170,20 @@ def default_workers() -> int:
 
 
 class WorkerProcess:
-  """A child `python -m data_pipelines.extraction CACHE_DIR` (it imports this module and `features` only, never the
-  caller's main module nor TensorFlow): it reads a JSON path a line and answers each with its outcome as a JSON
-  line. A child that dies is restarted at the next clip."""
+  """A child `python -m data_pipelines.extraction CACHE_DIR FORM_NAME` (it imports this module, `audio_forms` and
+  `features` only, never the caller's main module nor TensorFlow): it reads a JSON path a line and answers each with
+  its outcome in audio form FORM_NAME as a JSON line. A child that dies is restarted at the next clip."""
 
-  def __init__(self, cache_dir: str):
+  def __init__(self, cache_dir: str, form_name: str = "log_mel"):
     self._cache_dir = cache_dir
+    self._form_name = audio_forms.audio_form(form_name, key="form_name").name
     self._process = None
 
   def _start(self) -> subprocess.Popen:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
-      [sys.executable, "-m", "data_pipelines.extraction", self._cache_dir],
+      [sys.executable, "-m", "data_pipelines.extraction", self._cache_dir, self._form_name],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       text=True,
@@ -202,23 +222,25 @@ class WorkerProcess:
       self._process = None
 
 
-def _serve(cache_dir: str) -> None:
-  """Worker loop (`python -m data_pipelines.extraction CACHE_DIR`): JSON paths on stdin, outcomes on stdout."""
+def _serve(cache_dir: str, form_name: str) -> None:
+  """Worker loop (`python -m data_pipelines.extraction CACHE_DIR FORM_NAME`): JSON paths on stdin, outcomes on
+  stdout."""
   answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
   os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # Whatever else writes to stdout cannot garble the answers.
   threadpoolctl.threadpool_limits(limits=1, user_api="blas")  # One BLAS thread: the workers use every core.
   for line in sys.stdin:
-    answers.write(json.dumps(dataclasses.asdict(extract(json.loads(line), cache_dir))) + "\n")
+    answers.write(json.dumps(dataclasses.asdict(extract(json.loads(line), cache_dir, form_name))) + "\n")
     answers.flush()
 
 
 class Extractor:
-  """Context manager holding the worker processes (none when workers == 1: then files are decoded in this
-  process) and the cache folder. A worker that dies (a decoder crash, the out-of-memory killer) costs only the
-  clip it was decoding, which is skipped as unreadable; the run goes on."""
+  """Context manager holding the worker processes (none when workers == 1: then files are decoded in this process), the
+  cache folder and the audio form `form_name` extracted. A worker that dies (a decoder crash, the out-of-memory killer)
+  costs only the clip it was decoding, which is skipped as unreadable; the run goes on."""
 
-  def __init__(self, cache_dir: str, workers: int | None = None):
+  def __init__(self, cache_dir: str, workers: int | None = None, form_name: str = "log_mel"):
     self.cache_dir = cache_dir
+    self.form_name = audio_forms.audio_form(form_name, key="form_name").name
     self.workers = workers or default_workers()
     if self.workers < 1:
       raise ValueError(f"workers must be at least 1, got {workers}")
@@ -228,7 +250,7 @@ class Extractor:
   def __enter__(self) -> "Extractor":
     clear_partial_writes(self.cache_dir)
     if self.workers > 1:
-      self._processes = [WorkerProcess(self.cache_dir) for _ in range(self.workers)]
+      self._processes = [WorkerProcess(self.cache_dir, self.form_name) for _ in range(self.workers)]
       for process in self._processes:
         self._idle.put(process)
     return self
@@ -257,7 +279,7 @@ class Extractor:
       if not self._processes:
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
           for index, path in enumerate(paths):
-            outcomes[index] = extract(path, self.cache_dir)
+            outcomes[index] = extract(path, self.cache_dir, self.form_name)
             progress.update()
         return outcomes
       threads = futures.ThreadPoolExecutor(self.workers)
@@ -353,4 +375,4 @@ def format_summary(dataset: str, counts: dict[str, dict]) -> str:
 
 
 if __name__ == "__main__":
-  _serve(sys.argv[1])
+  _serve(sys.argv[1], sys.argv[2])

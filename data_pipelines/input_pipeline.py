@@ -4,14 +4,20 @@ caption) pairs, fixed-size evaluation batches of whole clips, and model-ready ba
 Captions become token ids here, through one `captions.CaptionEncoder` (cleaning + tokenizer), for training,
 evaluation and retrieval alike.
 
-Training: each input shard reads its even share of the clips (`tfds.split_for_jax_process`) of every source (one or
-more (builder, split) trained on together), shuffles them, flattens them to (clip, caption) pairs, shuffles the
-pairs, gives each pair an independent uniform crop of `max_frames` frames (zero padding and a mask when the clip is
-shorter), and batches them. Everything random is seeded from
-(seed, epoch) (crops from (seed, epoch, clip_id, caption index) with stateless ops) and the pipeline runs with
-`deterministic=True`, so an epoch's batches are reproducible, which is what makes `skip_batches` resume exact.
-Every shard yields `steps_per_epoch` batches (a short shard is repeated) so that hosts stay in step; a process runs
-its contiguous group of shards and concatenates their batches, so global batches do not depend on the process count.
+The audio of a batch is what the records hold, in their audio form (`audio_forms`, read from the builder's features:
+`audio_form_of`), as float32: the log-mel (b, rows, 64) with `frame_mask` (b, rows), or the waveform (b, rows) (int16
+/ 32767) with `sample_mask` (b, rows), a row per 10 ms frame for the log-mel and per sample (320 a frame) for the
+waveform. Lengths the caller chooses or reads (`max_frames`, `longest_clip`, `eval_clip_frames`, `padded_frames`)
+are in 10 ms frames for both forms; sources of different forms cannot be trained on together.
+
+Training: each input shard reads its even share of the clips (`tfds.split_for_jax_process`) of every source (one or more
+(builder, split) trained on together), shuffles them, flattens them to (clip, caption) pairs, shuffles the pairs, gives
+each pair an independent uniform crop of `max_frames` frames (`max_frames * rows_per_frame` rows, the start drawn in
+rows; zero padding and a mask when the clip is shorter), and batches them. Everything random is seeded from (seed,
+epoch) (crops from (seed, epoch, clip_id, caption index) with stateless ops) and the pipeline runs with
+`deterministic=True`, so an epoch's batches are reproducible, which is what makes `skip_batches` resume exact. Every
+shard yields `steps_per_epoch` batches (a short shard is repeated) so that hosts stay in step; a process runs its
+contiguous group of shards and concatenates their batches, so global batches do not depend on the process count.
 """
 
 import functools
@@ -24,8 +30,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from data_pipelines import audio_forms, clip_builder
 from data_pipelines import captions as caption_text
-from data_pipelines import clip_builder, features
 
 
 DEFAULT_PAIR_SHUFFLE_BUFFER = 2048
@@ -46,16 +52,43 @@ def num_clips(builder: tfds.core.DatasetBuilder, split) -> int:
   return builder.info.splits[split].num_examples
 
 
+def audio_form_of(builder: tfds.core.DatasetBuilder) -> audio_forms.AudioForm:
+  """The audio form of `builder`'s records: the one whose feature its records hold."""
+  names = [name for name in audio_forms.AUDIO_FORMS if name in builder.info.features]
+  if len(names) != 1:
+    raise ValueError(
+      f"{builder.data_dir}: the records hold {sorted(builder.info.features)}, not exactly one audio form of "
+      f"{sorted(audio_forms.AUDIO_FORMS)}"
+    )
+  return audio_forms.AUDIO_FORMS[names[0]]
+
+
+def _sources_form(sources) -> audio_forms.AudioForm:
+  """The audio form shared by the (builder, split) `sources`; a ValueError naming two builders' folders that differ."""
+  (first, _), *others = sources
+  form = audio_form_of(first)
+  for builder, _ in others:
+    other = audio_form_of(builder)
+    if other != form:
+      raise ValueError(
+        f"training sources of different audio forms cannot be mixed: {first.data_dir} holds {form.name}, "
+        f"{builder.data_dir} holds {other.name} (prepare every source with the same config.data.audio_feature)"
+      )
+  return form
+
+
 class _ClipTable(NamedTuple):
   captions: tuple[tuple[str, ...], ...]  # Per clip id.
   file_names: tuple[str, ...]
-  num_frames: tuple[int, ...]
+  lengths: tuple[int, ...]  # Stored rows.
+  num_frames: tuple[int, ...]  # 10 ms frames.
 
 
 @functools.cache
 def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
-  """Captions, file name and frame count per clip id of `split`, from the table the preparation wrote beside the
-  records (`clip_builder.CLIPS_FILE`; no record is read), once per builder and split."""
+  """Captions, file name, stored length and frame count per clip id of `split`, from the table the preparation wrote
+  beside the records (`clip_builder.CLIPS_FILE`; no record is read), once per builder and split."""
+  form = audio_form_of(builder)
   path = os.path.join(builder.data_dir, clip_builder.CLIPS_FILE)
   with open(path, encoding="utf-8") as f:
     table = json.load(f)
@@ -67,10 +100,14 @@ def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
       f"{path}: {len(table['file_names'])} clips in split {split!r}, the records hold "
       f"{num_clips(builder, split)}: prepare the dataset again"
     )
+  if form.length_key not in table:
+    raise ValueError(f"{path}: no {form.length_key!r} in split {split!r} for {form.name} records")
+  lengths = tuple(table[form.length_key])
   return _ClipTable(
     captions=tuple(tuple(clip_captions) for clip_captions in table["captions"]),
     file_names=tuple(table["file_names"]),
-    num_frames=tuple(table["num_frames"]),
+    lengths=lengths,
+    num_frames=tuple(form.frames(length) for length in lengths),
   )
 
 
@@ -90,13 +127,15 @@ def steps_per_epoch(sources, global_batch: int) -> int:
 
 
 def longest_clip(sources) -> int:
-  """Frames of the longest clip of the (builder, split) `sources`."""
+  """Frames (10 ms) of the longest clip of the (builder, split) `sources` (of one audio form)."""
+  _sources_form(sources)
   return max(max(_clip_table(builder, split).num_frames) for builder, split in sources)
 
 
 def eval_captions(builder: tfds.core.DatasetBuilder, split: str) -> tuple[list[str], np.ndarray, list[str]]:
   """All captions of `split` (ordered by clip id), the clip id of each (int32), and the file name per clip id."""
-  captions, file_names, _ = _clip_table(builder, split)
+  table = _clip_table(builder, split)
+  captions, file_names = table.captions, table.file_names
   flat = [caption for clip_captions in captions for caption in clip_captions]
   clip_ids = np.repeat(np.arange(len(captions), dtype=np.int32), [len(c) for c in captions])
   return flat, clip_ids, list(file_names)
@@ -107,32 +146,43 @@ def _stream_seeds(seed: int, epoch: int, count: int) -> list[int]:
   return [int(s) >> 1 for s in np.random.SeedSequence([seed, epoch]).generate_state(count, dtype=np.uint64)]
 
 
-def _crop_and_pad(log_mel: tf.Tensor, start: tf.Tensor, max_frames: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """`max_frames` frames of `log_mel` from `start` as float32, zero padded; mask True on real frames."""
-  window = log_mel[start : start + max_frames]
-  length = tf.shape(window)[0]
-  padded = tf.pad(tf.cast(window, tf.float32), [[0, max_frames - length], [0, 0]])
-  return tf.ensure_shape(padded, (max_frames, features.N_MELS)), tf.range(max_frames) < length
+def _to_float32(stored: tf.Tensor, form: audio_forms.AudioForm) -> tf.Tensor:
+  """`AudioForm.to_float32` in TensorFlow: the same float32 values."""
+  values = tf.cast(stored, tf.float32)
+  return values if form.scale == 1 else values / float(form.scale)
 
 
-def _clip_to_pairs(clip: dict) -> tf.data.Dataset:
+def _pad_rows(values: tf.Tensor, rows: int, form: audio_forms.AudioForm) -> tuple[tf.Tensor, tf.Tensor]:
+  """float32 `values` (at most `rows` rows) zero padded to `rows` rows; mask True on the real rows."""
+  length = tf.shape(values)[0]
+  padded = tf.pad(values, [[0, rows - length]] + [[0, 0]] * len(form.row_shape))
+  return tf.ensure_shape(padded, (rows, *form.row_shape)), tf.range(rows) < length
+
+
+def _crop_and_pad(stored: tf.Tensor, start: tf.Tensor, rows: int, form: audio_forms.AudioForm):
+  """`rows` rows of `stored` from row `start` as float32, zero padded; mask True on real rows."""
+  return _pad_rows(_to_float32(stored[start : start + rows], form), rows, form)
+
+
+def _clip_to_pairs(clip: dict, form: audio_forms.AudioForm) -> tf.data.Dataset:
   captions = clip["captions"]
   pairs = tf.data.Dataset.from_tensor_slices(
     {"caption": captions, "caption_index": tf.range(tf.shape(captions)[0], dtype=tf.int32)}
   )
-  return pairs.map(lambda pair: {**pair, "log_mel": clip["log_mel"], "clip_id": clip["clip_id"]})
+  return pairs.map(lambda pair: {**pair, form.name: clip[form.name], "clip_id": clip["clip_id"]})
 
 
-def _random_crop(pair: dict, base_seed: tf.Tensor, max_frames: int) -> dict:
+def _random_crop(pair: dict, base_seed: tf.Tensor, max_frames: int, form: audio_forms.AudioForm) -> dict:
   pair_seed = tf.random.experimental.stateless_fold_in(
     tf.random.experimental.stateless_fold_in(base_seed, pair["clip_id"]), pair["caption_index"]
   )
-  excess = tf.maximum(tf.shape(pair["log_mel"])[0] - max_frames, 0)
+  rows = max_frames * form.rows_per_frame
+  excess = tf.maximum(tf.shape(pair[form.name])[0] - rows, 0)
   start = tf.random.stateless_uniform((), pair_seed, minval=0, maxval=excess + 1, dtype=tf.int32)
-  log_mel, frame_mask = _crop_and_pad(pair["log_mel"], start, max_frames)
+  audio, mask = _crop_and_pad(pair[form.name], start, rows, form)
   return {
-    "log_mel": log_mel,
-    "frame_mask": frame_mask,
+    form.name: audio,
+    form.mask: mask,
     "caption": pair["caption"],
     "clip_id": pair["clip_id"],
     "caption_index": pair["caption_index"],
@@ -179,8 +229,10 @@ def train_dataset(
   """Epoch `epoch` of input shard `shard_index` (of `num_shards`), from batch `skip_batches` on.
 
   `sources` is a list of (builder, split) trained on together (clip ids offset to stay unique). `batch_size` is
-  the shard's batch (global // num_shards). Batches are dicts of `log_mel` float32 (b, max_frames, 64),
-  `frame_mask` bool (b, max_frames), `caption` string (b,), `clip_id` int32 (b,) and `caption_index` int32 (b,) (the
+  the shard's batch (global // num_shards); every source holds the same audio form (else a ValueError naming two
+  builders' folders). Batches are dicts of `log_mel` float32 (b, max_frames, 64) and `frame_mask` bool
+  (b, max_frames), or `waveform` float32 (b, max_frames * 320) and `sample_mask` bool (b, max_frames * 320) (the
+  form's `name` and `mask`), `caption` string (b,), `clip_id` int32 (b,) and `caption_index` int32 (b,) (the
   caption's position among its clip's captions: with clip_id, the pair's identity); there are
   `steps_per_epoch(sources, batch_size * num_shards) - skip_batches` of them. Skipped batches are still read and
   shuffled (to reproduce the order) but not cropped.
@@ -188,18 +240,21 @@ def train_dataset(
   steps = steps_per_epoch(sources, batch_size * num_shards)
   if not 0 <= skip_batches <= steps:
     raise ValueError(f"skip_batches={skip_batches} is outside [0, {steps}] (the epoch's batches)")
+  form = _sources_form(sources)
   file_seed, clip_seed, pair_seed, choice_seed = _stream_seeds(seed, epoch, 4)
   clips = _source_clips(sources, shard_index, num_shards, file_seed, choice_seed + shard_index)
   pairs = (
     clips.shuffle(clip_shuffle_buffer, seed=clip_seed)
-    .flat_map(_clip_to_pairs)
+    .flat_map(functools.partial(_clip_to_pairs, form=form))
     .shuffle(shuffle_buffer, seed=pair_seed)
     .repeat()  # A shard with fewer pairs than steps * batch_size goes round again.
     # Stop at the epoch's last pair: reading past it would make `repeat` refill the shuffle buffers.
     .take(steps * batch_size)
     .skip(skip_batches * batch_size)
   )
-  crop = functools.partial(_random_crop, base_seed=tf.constant([seed, epoch], tf.int64), max_frames=max_frames)
+  crop = functools.partial(
+    _random_crop, base_seed=tf.constant([seed, epoch], tf.int64), max_frames=max_frames, form=form
+  )
   batches = (
     pairs.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
     .batch(batch_size, drop_remainder=True)
@@ -283,25 +338,24 @@ def padded_frames(num_frames: int) -> int:
 
 
 def eval_clip_frames(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
-  """Frames of every clip of `split`, by clip id (int64)."""
+  """Frames (10 ms; ceil(samples / 320) for a waveform) of every clip of `split`, by clip id (int64)."""
   return np.asarray(_clip_table(builder, split).num_frames, np.int64)
 
 
-def _bucket_rows(clip: dict, log_mel_feature, frames: int) -> dict:
-  log_mel = tf.cast(log_mel_feature.decode_example(clip["log_mel"]), tf.float32)
-  length = tf.shape(log_mel)[0]
+def _bucket_rows(clip: dict, feature, rows: int, form: audio_forms.AudioForm) -> dict:
+  audio, mask = _pad_rows(_to_float32(feature.decode_example(clip[form.name]), form), rows, form)
   return {
-    "log_mel": tf.ensure_shape(tf.pad(log_mel, [[0, frames - length], [0, 0]]), (frames, features.N_MELS)),
-    "frame_mask": tf.range(frames) < length,
+    form.name: audio,
+    form.mask: mask,
     "clip_id": clip["clip_id"],
     "valid": tf.constant(True),
   }
 
 
-def _padding_rows(frames: int, count: int) -> tf.data.Dataset:
+def _padding_rows(rows: int, count: int, form: audio_forms.AudioForm) -> tf.data.Dataset:
   row = {
-    "log_mel": tf.zeros((frames, features.N_MELS), tf.float32),
-    "frame_mask": tf.zeros(frames, tf.bool),
+    form.name: tf.zeros((rows, *form.row_shape), tf.float32),
+    form.mask: tf.zeros(rows, tf.bool),
     "clip_id": tf.constant(-1, tf.int32),
     "valid": tf.constant(False),
   }
@@ -319,11 +373,12 @@ def eval_clip_batches(
 ):
   """Iterator of numpy batches of this process's share of the clips of `split`: every clip exactly once and whole.
 
-  Clips are grouped by `padded_frames` of their length (a few lengths per split, read from the prepared data);
-  the groups come in increasing length, and in each group process p takes the clips p, p + P, ... (by clip id) of
-  the P processes. A batch holds `batch_size` rows of one group: `log_mel` float32 (b, padded, 64) zero padded,
-  `frame_mask` bool (b, padded), `clip_id` int32 (b,) and `valid` bool (b,); padding rows (valid False, clip id -1)
-  complete each group's last batch, so that every process yields batches of the same shapes in the same order.
+  Clips are grouped by `padded_frames` of their length (a few lengths per split, read from the prepared data); the
+  groups come in increasing length, and in each group process p takes the clips p, p + P, ... (by clip id) of the P
+  processes. A batch holds `batch_size` rows of one group: `log_mel` float32 (b, padded, 64) zero padded and
+  `frame_mask` bool (b, padded), or `waveform` float32 (b, padded * 320) and `sample_mask` bool (b, padded * 320) (the
+  builder's audio form, as in training), `clip_id` int32 (b,) and `valid` bool (b,); padding rows (valid False, clip id
+  -1) complete each group's last batch, so that every process yields batches of the same shapes in the same order.
   `max_frames`: the longest clip the audio tower supports (None: any); a longer clip is a ValueError naming it.
   """
   lengths = eval_clip_frames(builder, split)
@@ -336,7 +391,8 @@ def eval_clip_batches(
       "embedded whole"
     )
   buckets = np.array([padded_frames(int(n)) for n in lengths], np.int64)
-  log_mel_feature = builder.info.features["log_mel"]
+  form = audio_form_of(builder)
+  feature = builder.info.features[form.name]
   groups = []
   for frames in sorted(set(buckets.tolist())):
     ids = np.flatnonzero(buckets == frames)
@@ -347,16 +403,16 @@ def eval_clip_batches(
     clips = builder.as_dataset(
       split=split,
       shuffle_files=False,
-      decoders={"log_mel": tfds.decode.SkipDecoding()},
+      decoders={form.name: tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False),
     )
     group = (
       clips.filter(lambda clip, mine=tf.constant(mine): tf.gather(mine, clip["clip_id"]))
       .map(
-        functools.partial(_bucket_rows, log_mel_feature=log_mel_feature, frames=frames),
+        functools.partial(_bucket_rows, feature=feature, rows=frames * form.rows_per_frame, form=form),
         num_parallel_calls=tf.data.AUTOTUNE,
       )
-      .concatenate(_padding_rows(frames, num_batches * batch_size - rows))
+      .concatenate(_padding_rows(frames * form.rows_per_frame, num_batches * batch_size - rows, form))
       .batch(batch_size, drop_remainder=True)
     )
     groups.append(group)

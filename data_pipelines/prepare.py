@@ -1,14 +1,17 @@
-"""Command line: turns a raw dataset folder into log-mel TFRecords once, then prints what was read, written and
-skipped, and where the report is.
+"""Command line: turns a raw dataset folder into TFRecords of log-mel or waveform clips once, then prints what was read,
+written and skipped, and where the report is.
 
   python -m data_pipelines.prepare --dataset {clotho,audiocaps,wavcaps} --raw_dir RAW [--out_dir OUT]
-      [--audiocaps_file_pattern '{youtube_id}.wav'] [--wavcaps_exclude_csv IDS.csv] [--workers N]
+      [--audio_feature {log_mel,waveform}] [--audiocaps_file_pattern '{youtube_id}.wav']
+      [--wavcaps_exclude_csv IDS.csv] [--workers N]
       [--runner {multiprocessing,beam} [--beam_pipeline_options "runner=DirectRunner,direct_num_workers=2,..."]]
 
 RAW is the dataset's raw folder in any of its layouts (`layouts`: native, the root of an aac-datasets download, the
-reference's data/<Dataset>), detected and printed. OUT defaults to `clip_builder.default_data_dir(RAW)`. A killed run
-continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed
-since (decoding only new and modified audio), else only prints the counts.
+reference's data/<Dataset>), detected and printed. `--audio_feature` is what the records hold (`audio_forms`: the
+float16 64-band log-mel of CNN14 and ResNet38, or the int16 32 kHz waveform of PaSST; config.data.audio_feature). OUT
+defaults to `clip_builder.default_data_dir(RAW, AUDIO_FEATURE)`, a folder per raw folder and form. A killed run
+continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed since
+(decoding only new and modified audio), else only prints the counts.
 
 `--runner beam` decodes the clips on Apache Beam (`beam_generation`: needs `pip install atr-jax[beam]`; the same
 records, report and resumability; RAW and OUT must be on a filesystem every Beam worker mounts at the same path).
@@ -18,14 +21,23 @@ import os
 
 from absl import app, flags
 
-from data_pipelines import audiocaps, clip_builder, datasets, extraction, layouts
+from data_pipelines import audio_forms, audiocaps, clip_builder, datasets, extraction, layouts
 
 _DATASET = flags.DEFINE_enum("dataset", "clotho", list(datasets.DATASETS), "Dataset in raw_dir.")
 _RAW_DIR = flags.DEFINE_string(
   "raw_dir", None, "Raw dataset folder (caption CSVs and audio folders, in any layout: see README).", required=True
 )
+_AUDIO_FEATURE = flags.DEFINE_enum(
+  "audio_feature",
+  "log_mel",
+  list(audio_forms.AUDIO_FORMS),
+  "What the records hold per clip: the float16 64-band log-mel (CNN14, ResNet38) or the int16 32 kHz waveform "
+  "(PaSST); as config.data.audio_feature.",
+)
 _OUT_DIR = flags.DEFINE_string(
-  "out_dir", None, "Where the TFRecords go (default: a per-raw_dir folder under ~/.cache/atr_jax/prepared)."
+  "out_dir",
+  None,
+  "Where the TFRecords go (default: a folder per raw_dir and audio_feature under ~/.cache/atr_jax/prepared).",
 )
 _FILE_PATTERN = flags.DEFINE_string(
   "audiocaps_file_pattern",
@@ -77,7 +89,7 @@ def main(argv: list[str]) -> None:
   elif _BEAM_OPTIONS.value:
     raise app.UsageError("--beam_pipeline_options needs --runner beam")
   raw_dir = os.path.expanduser(_RAW_DIR.value)
-  out_dir = _OUT_DIR.value or clip_builder.default_data_dir(raw_dir)
+  out_dir = _OUT_DIR.value or clip_builder.default_data_dir(raw_dir, _AUDIO_FEATURE.value)
   builder = datasets.prepare(
     _DATASET.value,
     raw_dir,
@@ -86,6 +98,7 @@ def main(argv: list[str]) -> None:
     wavcaps_exclude_csv=_EXCLUDE_CSV.value,
     workers=_WORKERS.value,
     beam_options=beam_options,
+    audio_feature=_AUDIO_FEATURE.value,
   )
   counts = builder.info.metadata["preparation"]
   print(f"{_DATASET.value} prepared in {builder.data_path}")

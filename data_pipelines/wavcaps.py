@@ -78,7 +78,8 @@ def _text(value) -> str:
 
 
 class WavCaps(clip_builder.CaptionedClips, skip_registration=True):
-  """WavCaps (AudioSet_SL, BBC Sound Effects, FreeSound, SoundBible) as log-mel clips with their caption."""
+  """WavCaps (AudioSet_SL, BBC Sound Effects, FreeSound, SoundBible) as clips (log-mel or waveform:
+  `audio_feature`) with their caption."""
 
   name = NAME
   code_path = epath.Path(__file__)
@@ -150,11 +151,18 @@ def prepare(
   *,
   beam_options: str | None = None,
   check_sources: bool = True,
+  audio_feature: str = "log_mel",
 ) -> WavCaps:
   """The `WavCaps` builder of `data_dir` for the exclusion CSV `exclude_csv` ("" for none), built from `raw_dir`
-  unless complete and up to date (`clip_builder.prepare`)."""
+  unless complete and up to date (`clip_builder.prepare`), its records holding the audio form `audio_feature`."""
   if exclude_csv and not os.path.isfile(os.path.expanduser(exclude_csv)):
     raise FileNotFoundError(f"config.data.wavcaps_exclude_csv (--wavcaps_exclude_csv) {exclude_csv!r} does not exist")
   config = WavCaps.config_for(exclude_csv)
-  builder = WavCaps(data_dir=os.path.expanduser(data_dir), config=config, workers=workers, beam_options=beam_options)
+  builder = WavCaps(
+    data_dir=os.path.expanduser(data_dir),
+    config=config,
+    workers=workers,
+    beam_options=beam_options,
+    audio_feature=audio_feature,
+  )
   return clip_builder.prepare(builder, raw_dir, check_sources=check_sources)

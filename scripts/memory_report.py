@@ -9,7 +9,11 @@ on a 1-D mesh of --devices devices (fake CPU devices unless set otherwise), from
 is allocated or run. Prints a markdown table of `compiled.memory_analysis()` per device (arguments, outputs, their
 aliased part, temporaries, and the peak = arguments + outputs - aliased + temporaries, in GiB) and the parameter count.
 
-python -m scripts.memory_report --batch_size=64 --max_len=32 [--audio=cnn14 --frames=1001]
+The audio tower takes what it takes in training: log-mels (--frames x --mels) for "cnn14" and "resnet38", 32 kHz
+waveforms of --frames x 320 samples for "passt" (its front end runs inside the step; PaSST-S + RoBERTa-large is the
+DCASE 2025 baseline: --audio=passt --frames=1000, 10 s clips).
+
+python -m scripts.memory_report --batch_size=64 --max_len=32 [--audio=cnn14 --frames=1001 | --audio=passt --frames=1000]
 """
 
 import os
@@ -34,14 +38,16 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from atr_jax import sharding  # noqa: E402
-from atr_jax.models import registry  # noqa: E402
+from atr_jax.models import passt, registry  # noqa: E402
 from atr_jax.models.bert import ROBERTA_LARGE  # noqa: E402
 from configs.base import get_base_config  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch (caption, clip) pairs per step.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 32, "Tokens per caption.")
 _AUDIO = flags.DEFINE_string("audio", "", "A registered audio tower (model.audio.arch) to add; '' = text side only.")
-_FRAMES = flags.DEFINE_integer("frames", 1001, "Log-mel frames per clip (with --audio).")
+_FRAMES = flags.DEFINE_integer(
+  "frames", 1001, "Frames per clip (with --audio): log-mel frames, or for a waveform tower (passt) 320-sample hops."
+)
 _MELS = flags.DEFINE_integer("mels", 64, "Mel bins per frame (with --audio).")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices (read before jax starts).")
 _EMBED_DIM = 1024
@@ -65,7 +71,7 @@ class _Model(nn.Module):
     text = head(first, "text_head")
     if self.audio is None:
       return batch["targets"], text
-    return head(self.audio(batch["log_mel"], batch["frame_mask"], train), "audio_head"), text
+    return head(self.audio(*registry.audio_inputs(batch), train), "audio_head"), text
 
 
 def _loss(audio: jax.Array, text: jax.Array) -> jax.Array:
@@ -87,10 +93,20 @@ def _model(text_dir: str, dtype, remat: bool) -> _Model:
   return _Model(text, registry.audio_tower(config.audio).build(config.audio, dtype, remat))
 
 
+def _waveform_audio() -> bool:
+  """Whether the --audio tower takes waveforms (PaSST) rather than log-mels."""
+  config = get_base_config().model.audio
+  config.arch = _AUDIO.value
+  return registry.audio_tower(config).inputs == registry.WAVEFORM_INPUTS
+
+
 def _abstract_batch(mesh) -> tuple[dict, dict]:
   batch, length = _BATCH.value, _MAX_LEN.value
   shapes = {"input_ids": ((batch, length), jnp.int32), "attention_mask": ((batch, length), jnp.int32)}
-  if _AUDIO.value:
+  if _AUDIO.value and _waveform_audio():
+    samples = _FRAMES.value * passt.HOP_MINIMUM
+    shapes |= {"waveform": ((batch, samples), jnp.float32), "sample_mask": ((batch, samples), bool)}
+  elif _AUDIO.value:
     shapes |= {
       "log_mel": ((batch, _FRAMES.value, _MELS.value), jnp.float32),
       "frame_mask": ((batch, _FRAMES.value), bool),
@@ -138,6 +154,13 @@ def _compile(model: _Model, mesh, mode: str):
   return compiled, count
 
 
+def _audio_input_text() -> str:
+  if _waveform_audio():
+    samples = _FRAMES.value * passt.HOP_MINIMUM
+    return f", waveforms of {samples} samples ({samples / 32000:g} s; front end in the step)"
+  return f", {_FRAMES.value} frames x {_MELS.value} mels"
+
+
 def main(argv):
   del argv
   mesh = sharding.create_mesh()
@@ -164,7 +187,7 @@ def main(argv):
   towers = "RoBERTa-large + Linear head" + (f", {_AUDIO.value} + Linear head" if _AUDIO.value else "")
   print(
     f"\n{towers}: {count:,} parameters; global batch {_BATCH.value}, {_MAX_LEN.value} tokens"
-    + (f", {_FRAMES.value} frames x {_MELS.value} mels" if _AUDIO.value else "")
+    + (_audio_input_text() if _AUDIO.value else "")
     + f"; {jax.device_count()} {jax.devices()[0].platform} devices; Adam; GiB per device\n"
   )
   header = ["params", "compute", "remat", "arguments", "outputs", "aliased", "temporaries", "peak", "compile s"]

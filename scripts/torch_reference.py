@@ -1,7 +1,10 @@
-"""PyTorch reference of our training step, written from SPEC 3-5: the PANNs CNN14 tower (PANNs state_dict names,
-SpecAugment and dropout in training), a Hugging Face `BertModel` text tower, the projection heads, NT-Xent /
-InfoNCE, global-norm clipping and Adam. It is the yardstick of `scripts.benchmark_train --torch` and the
-independent reference of tests/test_benchmarks.py; tests/torch_panns.py builds its PANNs towers on `PannsTower`.
+"""PyTorch reference of our training step, written from SPEC 3-5 and 11: the PANNs CNN14 tower (PANNs state_dict
+names, SpecAugment and dropout in training) on log-mels, or hear21passt's PaSST-S on waveforms (front end in the step,
+scripts/torch_passt_reference.py); a Hugging Face `BertModel` or `RobertaModel` (no pooler) text tower, the
+projection heads (two-layer MLPs, or one Linear layer with head_hidden 0), NT-Xent / InfoNCE / the multi-positive
+InfoNCE, global-norm clipping and Adam, in float32 or under bfloat16 autocast. It is the yardstick of
+`scripts.benchmark_train --torch` and the independent reference of tests/test_benchmarks.py; tests/torch_panns.py
+builds its PANNs towers on `PannsTower`.
 
 Owns: `ConvBlock`, `PannsTower`, `Cnn14`, `spec_augment`, `ProjectionHead`, `DualEncoder`, `contrastive_loss`,
 `TrainStep` and `build_from_config` (our ml_collections config -> the same-size torch model and step).
@@ -19,7 +22,7 @@ from torch import nn
 NUM_MELS = 64
 TIME_STRIPES, TIME_MAX_WIDTH = 2, 64
 FREQ_STRIPES, FREQ_MAX_WIDTH = 2, 8
-LOSSES = ("ntxent", "infonce")
+LOSSES = ("ntxent", "infonce", "infonce_multi")
 
 
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -98,23 +101,29 @@ class Cnn14(PannsTower):
 
 
 class ProjectionHead(nn.Module):
-  """fc1 -> ReLU -> fc2 (the names of our Flax head)."""
+  """fc1 -> ReLU -> fc2, or with hidden 0 one Linear layer `linear` (the names of our Flax head)."""
 
   def __init__(self, cin: int, hidden: int, out: int):
     super().__init__()
-    self.fc1, self.fc2 = nn.Linear(cin, hidden), nn.Linear(hidden, out)
+    if hidden:
+      self.fc1, self.fc2 = nn.Linear(cin, hidden), nn.Linear(hidden, out)
+    else:
+      self.linear = nn.Linear(cin, out)
 
   def forward(self, x):
+    if hasattr(self, "linear"):
+      return self.linear(x)
     return self.fc2(F.relu(self.fc1(x)))
 
 
 class DualEncoder(nn.Module):
-  """CNN14 + BERT + heads -> L2-normalised (audio, text) embeddings; text pooling 'cls' or 'mean'."""
+  """Audio tower (CNN14 on log-mels, or PaSST on waveforms) + BERT / RoBERTa + heads -> L2-normalised float32
+  (audio, text) embeddings; text pooling 'cls' (first token) or 'mean'."""
 
   def __init__(
     self,
-    audio: Cnn14,
-    text: transformers.BertModel,
+    audio: nn.Module,
+    text: transformers.PreTrainedModel,
     pooling: str,
     embed_dim: int,
     head_hidden: int,
@@ -127,22 +136,28 @@ class DualEncoder(nn.Module):
     self.audio_head = ProjectionHead(audio_features, head_hidden, embed_dim)
     self.text_head = ProjectionHead(text.config.hidden_size, head_hidden, embed_dim)
 
-  def forward(self, log_mel, input_ids, attention_mask):
+  def forward(self, audio, input_ids, attention_mask):
     hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     if self.pooling == "cls":
       text = hidden[:, 0]
     else:
       weights = attention_mask.to(hidden.dtype)[:, :, None]
       text = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-    return (F.normalize(self.audio_head(self.audio(log_mel)), dim=-1), F.normalize(self.text_head(text), dim=-1))
+    audio, text = self.audio_head(self.audio(audio)), self.text_head(text)
+    return F.normalize(audio.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
 
 def contrastive_loss(audio, text, clip_ids, name: str, temperature: float):
   """Symmetric cross entropy of cos(audio_i, text_j) / tau with the diagonal as target (SPEC 5); 'infonce'
-  removes the other pairs of a clip from the denominators, 'ntxent' keeps them."""
+  removes the other pairs of a clip from the denominators, 'ntxent' keeps them; 'infonce_multi' (SPEC 11) is
+  -0.5 (mean over the same-clip pairs P of log_softmax(C, axis 1) + the same of axis 0), every pair a candidate."""
   if name not in LOSSES:
     raise ValueError(f"the torch reference has loss {LOSSES}, not {name!r}")
   logits = audio @ text.T / temperature
+  if name == "infonce_multi":
+    same_clip = clip_ids[:, None] == clip_ids[None, :]
+    total = F.log_softmax(logits, dim=1)[same_clip].sum() + F.log_softmax(logits, dim=0)[same_clip].sum()
+    return -0.5 * total / same_clip.sum()
   if name == "infonce":
     same_clip = clip_ids[:, None] == clip_ids[None, :]
     own = torch.eye(len(clip_ids), dtype=torch.bool, device=logits.device)
@@ -152,21 +167,29 @@ def contrastive_loss(audio, text, clip_ids, name: str, temperature: float):
 
 
 class TrainStep:
-  """One optimizer step: forward, loss, backward, global-norm clipping (0: none), Adam. Returns (loss, the
-  gradient norm before clipping) as floats."""
+  """One optimizer step: forward (under bfloat16 autocast when `autocast`), loss in float32, backward, global-norm
+  clipping (0: none), Adam. Returns (loss, the gradient norm before clipping) as floats."""
 
   def __init__(
-    self, model: DualEncoder, loss_name: str, temperature: float, learning_rate: float, grad_clip_norm: float
+    self,
+    model: DualEncoder,
+    loss_name: str,
+    temperature: float,
+    learning_rate: float,
+    grad_clip_norm: float,
+    autocast: bool = False,
   ):
-    self.model, self.loss_name, self.temperature = model, loss_name, temperature
+    self.model, self.loss_name, self.temperature, self.autocast = model, loss_name, temperature, autocast
     self.grad_clip_norm = grad_clip_norm
     self.params = [p for p in model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
 
-  def __call__(self, log_mel, input_ids, attention_mask, clip_ids) -> tuple[float, float]:
+  def __call__(self, audio, input_ids, attention_mask, clip_ids) -> tuple[float, float]:
+    """`audio`: the audio tower's input (log-mels (B, T, 64) or waveforms (B, L))."""
     self.model.train()
     self.optimizer.zero_grad(set_to_none=True)
-    audio, text = self.model(log_mel, input_ids, attention_mask)
+    with torch.autocast(audio.device.type, torch.bfloat16, enabled=self.autocast):
+      audio, text = self.model(audio, input_ids, attention_mask)
     loss = contrastive_loss(audio, text, clip_ids, self.loss_name, self.temperature)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip_norm or float("inf"))
@@ -174,33 +197,58 @@ class TrainStep:
     return float(loss.detach()), float(norm)
 
 
-def text_config(model_dir: str, dropout: float | None) -> transformers.BertConfig:
-  """The BERT config of a HF folder's config.json, with `dropout` (when not None) on hidden states and
+_TEXT_CONFIGS = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}
+
+
+def text_config(model_dir: str, dropout: float | None) -> transformers.PretrainedConfig:
+  """The BERT or RoBERTa config of a HF folder's config.json, with `dropout` (when not None) on hidden states and
   attention probabilities, as our config.model.text.dropout does."""
   path = os.path.join(os.path.expanduser(model_dir), "config.json")
   with open(path) as f:
     raw = json.load(f)
-  if raw.get("model_type", "bert") != "bert":
-    raise ValueError(f"{path}: the torch reference builds BERT only, not {raw['model_type']!r}")
+  model_type = raw.get("model_type", "bert")
+  if model_type not in _TEXT_CONFIGS:
+    raise ValueError(f"{path}: the torch reference builds {tuple(_TEXT_CONFIGS)}, not {model_type!r}")
   if dropout is not None:
     raw.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-  return transformers.BertConfig(**raw)
+  return _TEXT_CONFIGS[model_type](**raw)
+
+
+def _text_model(config: ml_collections.ConfigDict) -> transformers.PreTrainedModel:
+  """model.text.arch "bert": a BertModel (with its pooler, unused); "roberta": a RobertaModel without pooler."""
+  text_config_ = text_config(config.model.text.model_dir, config.model.text.dropout)
+  if config.model.text.arch == "roberta":
+    if text_config_.model_type != "roberta":
+      raise ValueError(f"model.text.arch 'roberta' needs a RoBERTa folder, not {text_config_.model_type!r}")
+    return transformers.RobertaModel(text_config_, add_pooling_layer=False)
+  return transformers.BertModel(text_config_)
 
 
 def build_from_config(config: ml_collections.ConfigDict) -> TrainStep:
-  """A randomly initialised torch model and step of the same sizes as our model built from `config` (CNN14 audio
-  tower, BERT text tower from the config.json of model.text.model_dir, loss ntxent or infonce with a fixed
-  temperature, optim.learning_rate, optim.grad_clip_norm)."""
+  """A randomly initialised torch model and step of the same sizes as our model built from `config` (CNN14 or
+  PaSST audio tower, BERT or RoBERTa text tower from the config.json of model.text.model_dir, loss ntxent, infonce
+  or infonce_multi with a fixed temperature, optim.learning_rate, optim.grad_clip_norm, bfloat16 autocast when
+  model.dtype is bfloat16)."""
   audio = config.model.audio
-  if audio.arch != "cnn14":
-    raise ValueError(f"model.audio.arch {audio.arch!r}: the torch reference has CNN14 only")
+  if audio.arch not in ("cnn14", "passt"):
+    raise ValueError(f"model.audio.arch {audio.arch!r}: the torch reference has CNN14 and PaSST only")
   if config.loss.learnable_temperature:
     raise ValueError("loss.learnable_temperature: the torch reference has a fixed temperature only")
-  tower = Cnn14(tuple(audio.channels), tuple(audio.last_pool), audio.dropout, audio.spec_augment)
-  text = transformers.BertModel(text_config(config.model.text.model_dir, config.model.text.dropout))
+  if audio.arch == "passt":
+    from scripts import torch_passt_reference  # hear21passt, imported only when needed
+
+    tower, audio_features = torch_passt_reference.tower_from_config(audio), audio.passt.embed_dim
+  else:
+    tower = Cnn14(tuple(audio.channels), tuple(audio.last_pool), audio.dropout, audio.spec_augment)
+    audio_features = audio.channels[-1]
   model = DualEncoder(
-    tower, text, config.model.text.pooling, config.model.embed_dim, config.model.head_hidden, audio.channels[-1]
+    tower, _text_model(config), config.model.text.pooling, config.model.embed_dim, config.model.head_hidden,
+    audio_features,
+  )  # fmt: skip
+  temperature = (
+    config.loss.multi_positive_temperature if config.loss.name == "infonce_multi" else config.loss.temperature
   )
   return TrainStep(
-    model, config.loss.name, config.loss.temperature, config.optim.learning_rate, config.optim.grad_clip_norm
-  )
+    model, config.loss.name, temperature, config.optim.learning_rate, config.optim.grad_clip_norm,
+    autocast=config.model.dtype == "bfloat16",
+  )  # fmt: skip

@@ -1,6 +1,8 @@
 """Tests of the benchmarks: the PyTorch reference step (scripts/torch_reference.py) and our jitted train step agree
-on the same weights and inputs (an honest parity test of both), and the benchmark scripts run at tiny sizes."""
+on the same weights and inputs (an honest parity test of both), the reference's PaSST front end and multi-positive
+loss agree with ours, and the benchmark scripts run at tiny sizes (CNN14 + BERT, PaSST + RoBERTa)."""
 
+import dataclasses
 import functools
 import re
 import subprocess
@@ -13,11 +15,12 @@ import torch
 
 from atr_jax import losses, sharding
 from atr_jax.models import panns
-from atr_jax.models.bert import load_hf_params
+from atr_jax.models.bert import ROBERTA_LARGE, load_hf_params
 from atr_jax.models.dual_encoder import build_model
 from atr_jax.train import train_step
 from atr_jax.train_state import create_train_state, make_optimizer
 from configs.base import get_base_config
+from data_pipelines import passt_features
 from scripts import torch_reference
 
 NARROW = (8, 16, 32, 64, 128, 256)
@@ -161,6 +164,73 @@ def test_benchmark_train_prints_both_frameworks_at_tiny_size(tmp_path):
   # The ratio is of the unrounded medians; the printed ones are rounded to 1 ms (~1% of a tiny PyTorch step).
   assert float(ours[12]) == pytest.approx(our_median / pytorch_median, rel=0.03) and pytorch[12] == "1.00"
   assert float(ours[11].split()[0]) > 0.1 and float(pytorch[11].split()[0]) > 0.1  # peak RSS in GB
+
+
+def test_torch_reference_infonce_multi_matches_ours():
+  rng = np.random.default_rng(4)
+  audio, text = (torch.nn.functional.normalize(torch.tensor(rng.normal(size=(6, 5))), dim=-1) for _ in range(2))
+  clip_ids = np.array([0, 0, 1, 2, 2, 2])
+  expected = losses.get_loss("infonce_multi", temperature=0.05)(audio.numpy(), text.numpy(), clip_ids)
+  got = torch_reference.contrastive_loss(audio, text, torch.tensor(clip_ids), "infonce_multi", 0.05)
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
+def test_torch_passt_front_end_matches_ours():
+  pytest.importorskip("hear21passt")
+  from scripts import torch_passt_reference
+
+  waveform = np.random.default_rng(5).uniform(-1, 1, 32000).astype(np.float32)
+  front_end = torch_passt_reference.FrontEnd().eval()
+  with torch.no_grad():
+    got = front_end(torch.from_numpy(waveform[None]))[0, 0].numpy().T
+  expected = passt_features.log_mel(waveform)
+  assert got.shape == expected.shape == (passt_features.num_frames(32000), 128)
+  np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+def test_benchmark_random_roberta_large_is_ours():
+  from scripts import benchmark_train
+
+  ours = dataclasses.asdict(ROBERTA_LARGE)
+  assert {k: benchmark_train._ROBERTA_LARGE[k] for k in ours} == ours
+  assert benchmark_train.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert benchmark_train.peak_flops("NVIDIA A100-SXM4-80GB", "float32") == 156e12
+  assert benchmark_train.peak_flops(None, "bfloat16") is None
+
+
+def _table_rows(table: str) -> list[list[str]]:
+  return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.slow
+def test_benchmark_train_times_passt_roberta_in_both_frameworks(tmp_path):
+  pytest.importorskip("hear21passt")
+  import transformers
+
+  text_dir = tmp_path / "roberta"
+  tiny_roberta = {**TINY_BERT, "max_position_embeddings": TOKENS + 4, "type_vocab_size": 1, "pad_token_id": 1}
+  transformers.RobertaConfig(**tiny_roberta).save_pretrained(str(text_dir))
+  frames = 160  # 1.6 s: 10 patch columns, 3 dropped by patchout
+  command = [
+    sys.executable, "-m", "scripts.benchmark_train", "--config", "configs/clotho_passt_roberta.py", "--torch",
+    "--repeats=2", "--warmup=1", "--steps_per_round=1", f"--config.model.text.model_dir={text_dir}",
+    "--config.model.text.pretrained=False", f"--config.data.train_max_frames={frames}",
+    f"--config.model.text.max_len={TOKENS}", f"--config.train.global_batch_size={BATCH}",
+    "--config.model.audio.passt.depth=1", "--config.model.audio.passt.embed_dim=64",
+    "--config.model.audio.passt.num_heads=4", "--config.model.audio.passt.mlp_dim=128",
+    "--config.model.audio.passt.patchout_time=3", "--config.model.embed_dim=16",
+  ]  # fmt: skip
+  table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+  assert "Audio: PaSST (1x64, patchout 3/2) on 1.6 s waveforms" in table and "text: roberta" in table, table
+  header, ours, pytorch = _table_rows(table)
+  assert ours[0] == "ours (JAX)" and pytorch[0] == "PyTorch"
+  assert ours[3:7] == pytorch[3:7] == [str(BATCH), str(frames), str(TOKENS), "2x32"]
+  for row in (ours, pytorch):
+    median = float(re.match(r"[\d.]+", row[9]).group())
+    assert 0 < median < 30 and np.isfinite(median)
+    assert row[header.index("MFU")] == "-"  # on CPU
+  assert float(ours[header.index("GFLOP / step")]) > 0  # XLA's cost analysis of the compiled step
+  assert pytorch[header.index("time / PyTorch")] == "1.00"
 
 
 @pytest.mark.slow

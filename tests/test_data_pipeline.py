@@ -436,13 +436,13 @@ def test_second_prepare_is_instant_and_reads_no_audio(raw_dir, builder, monkeypa
 _KILLED_PREPARE = textwrap.dedent("""
     import itertools, pathlib, sys, time
     from data_pipelines import clotho, extraction
-    read, records = extraction.load_log_mel, itertools.count()
+    read, records = extraction.load_clip, itertools.count()
     def stall_after_development(cache_path):  # The 8 development records are written by then.
       if next(records) == 8:
         pathlib.Path(sys.argv[3]).write_text("stalled")
         time.sleep(600)
       return read(cache_path)
-    extraction.load_log_mel = stall_after_development
+    extraction.load_clip = stall_after_development
     clotho.prepare(sys.argv[1], sys.argv[2])
 """)
 

@@ -23,6 +23,7 @@ from atr_jax.models.bert import BertConfig, BertEncoder, load_hf_params, minilm_
 from atr_jax.models.cnn14 import Cnn14, spec_augment
 from atr_jax.models.resnet38 import ResNet38
 from atr_jax.models.dual_encoder import build_model, load_pretrained_text, pool_text
+from atr_jax.models.passt import Passt
 from atr_jax.models.registry import audio_tower, text_tower
 from atr_jax.train_state import create_train_state, make_optimizer
 from configs.base import get_base_config
@@ -543,6 +544,33 @@ def test_audio_tower_selects_the_arch_by_config():
   audio.arch = "vgg"
   with pytest.raises(ValueError, match="model.audio.arch 'vgg'"):
     audio_tower(audio)
+
+
+def test_passt_with_linear_heads_by_config(tiny_bert_dir):
+  """model.audio.arch="passt" builds PaSST on waveforms (the widths from model.audio.passt) and head_hidden=0 one
+  Linear layer per tower (the DCASE 2025 baseline's heads): the embeddings are those layers' outputs, normalised."""
+  config = _model_config(tiny_bert_dir)
+  config.audio.arch = "passt"
+  config.audio.passt = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, patchout_time=2, patchout_freq=1)
+  config.head_hidden = 0
+  model = build_model(config)
+  assert isinstance(model.audio, Passt) and (model.audio.embed_dim, model.audio.depth) == (32, 1)
+  assert audio_tower(config.audio).inputs == ("waveform", "sample_mask")
+  rng = np.random.default_rng(13)
+  waveforms = rng.uniform(-0.5, 0.5, (2, 16000)).astype(np.float32)
+  sample_mask = np.arange(16000)[None, :] < np.array([[16000], [9000]])
+  _, _, ids, attention_mask = _dual_inputs(rng, 99)
+  variables = _init(model, waveforms, sample_mask, ids[:2], attention_mask[:2])
+  heads = {name: variables["params"][name] for name in ("audio_head", "text_head")}
+  assert jax.tree.map(np.shape, heads) == {
+    "audio_head": {"linear": {"kernel": (32, 24), "bias": (24,)}},
+    "text_head": {"linear": {"kernel": (32, 24), "bias": (24,)}},
+  }
+  audio = model.apply(variables, waveforms, sample_mask, False, method="embed_audio")
+  tower = model.audio.apply({"params": variables["params"]["audio"]}, waveforms, sample_mask, False)
+  linear = heads["audio_head"]["linear"]
+  expected = np.asarray(tower) @ np.asarray(linear["kernel"]) + np.asarray(linear["bias"])
+  np.testing.assert_allclose(audio, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 def test_text_tower_error_names_the_key_and_the_known_towers():

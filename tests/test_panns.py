@@ -1,4 +1,4 @@
-"""Tests of PANNs checkpoint import (atr_jax.models.panns, scripts.convert_panns): safe reading of released-layout
+"""Tests of PANNs checkpoint import (atr_jax.models.panns, scripts.convert_weights): safe reading of released-layout
 files, the name/layout mapping and its errors, and parity of the converted Flax CNN14 / ResNet38 towers with the
 PyTorch references of tests/torch_panns.py, from log-mels and from waveforms."""
 
@@ -20,7 +20,7 @@ from atr_jax.models.resnet38 import ResNet38
 from atr_jax.train_state import create_train_state, make_optimizer
 from configs.base import get_base_config
 from data_pipelines import features
-from scripts import convert_panns
+from scripts import convert_weights
 from tests import torch_panns
 
 NARROW_CNN14 = (8, 16, 32, 64, 128, 256)
@@ -72,8 +72,8 @@ def test_converted_tower_matches_pytorch_from_log_mel_and_waveform(tmp_path, arc
   reference, tower = _towers(arch, last_pool)
   checkpoint = str(tmp_path / f"{arch}.pth")
   torch_panns.save_panns_checkpoint(reference, checkpoint)
-  out_dir = convert_panns.convert(checkpoint, tower, str(tmp_path / "converted"))
-  variables = panns.load_audio_variables(out_dir, convert_panns.tower_variables_shape(tower))
+  out_dir = convert_weights.convert(checkpoint, tower, str(tmp_path / "converted"))
+  variables = panns.load_audio_variables(out_dir, convert_weights.tower_variables_shape(tower))
   embed = jax.jit(lambda x, m: tower.apply(variables, x, m, train=False))
   rng = np.random.default_rng(3)
 
@@ -102,7 +102,7 @@ def test_mapping_reports_missing_unexpected_and_misshaped_keys_at_once():
   state_dict["conv_block7.conv1.weight"] = np.zeros((4, 4, 3, 3), np.float32)
   state_dict["mystery_buffer"] = np.zeros(3, np.float32)
   with pytest.raises(ValueError) as error:
-    panns.state_dict_to_variables(state_dict, convert_panns.tower_variables_shape(tower), "my.pth")
+    panns.state_dict_to_variables(state_dict, convert_weights.tower_variables_shape(tower), "my.pth")
   message = str(error.value)
   assert "my.pth" in message
   # Keys named as in the user's file, the model's name beside.
@@ -122,7 +122,7 @@ def test_mapping_reports_missing_unexpected_and_misshaped_keys_at_once():
 def test_mapping_layouts_and_skipped_entries():
   reference, tower = _towers("resnet38")
   state_dict = {name: tensor.float().numpy() for name, tensor in reference.state_dict().items()}
-  variables = panns.state_dict_to_variables(state_dict, convert_panns.tower_variables_shape(tower), "x.pth")
+  variables = panns.state_dict_to_variables(state_dict, convert_weights.tower_variables_shape(tower), "x.pth")
   block = variables["params"]["resnet"]["layer2"]["0"]
   np.testing.assert_array_equal(
     block["conv1"]["kernel"], state_dict["resnet.layer2.0.conv1.weight"].transpose(2, 3, 1, 0)
@@ -138,21 +138,21 @@ def test_mapping_layouts_and_skipped_entries():
 def test_load_audio_variables_errors_name_the_problem(tmp_path):
   _, tower = _towers("cnn14")
   with pytest.raises(FileNotFoundError, match="init_from"):
-    panns.load_audio_variables(str(tmp_path / "absent"), convert_panns.tower_variables_shape(tower))
+    panns.load_audio_variables(str(tmp_path / "absent"), convert_weights.tower_variables_shape(tower))
   reference, _ = _towers("cnn14")
   checkpoint = str(tmp_path / "c.pth")
   torch_panns.save_panns_checkpoint(reference, checkpoint)
-  out_dir = convert_panns.convert(checkpoint, tower, str(tmp_path / "converted"))
+  out_dir = convert_weights.convert(checkpoint, tower, str(tmp_path / "converted"))
   wider = Cnn14(channels=(8, 16, 32, 64, 128, 512))
   with pytest.raises(ValueError, match=r"shape mismatches.*conv_block6/conv1/kernel"):
-    panns.load_audio_variables(out_dir, convert_panns.tower_variables_shape(wider))
+    panns.load_audio_variables(out_dir, convert_weights.tower_variables_shape(wider))
 
 
 def test_create_train_state_starts_the_audio_tower_from_init_from(tmp_path):
   reference, tower = _towers("cnn14")
   checkpoint = str(tmp_path / "c.pth")
   torch_panns.save_panns_checkpoint(reference, checkpoint)
-  converted = convert_panns.convert(checkpoint, tower, str(tmp_path / "converted"))
+  converted = convert_weights.convert(checkpoint, tower, str(tmp_path / "converted"))
   transformers.BertConfig(
     vocab_size=50,
     hidden_size=16,
@@ -174,7 +174,7 @@ def test_create_train_state_starts_the_audio_tower_from_init_from(tmp_path):
   model = build_model(config.model)
   tx, _ = make_optimizer(config.optim, steps_per_epoch=10)
   state, _ = create_train_state(config, model, tx, sharding.create_mesh(), jax.random.key(0, impl="rbg"))
-  expected = panns.load_audio_variables(converted, convert_panns.tower_variables_shape(tower))
+  expected = panns.load_audio_variables(converted, convert_weights.tower_variables_shape(tower))
   jax.tree.map(np.testing.assert_array_equal, state.params["model"]["audio"], expected["params"])
   jax.tree.map(np.testing.assert_array_equal, state.batch_stats["audio"], expected["batch_stats"])
   np.testing.assert_array_equal(
@@ -188,12 +188,12 @@ def test_cli_converts_full_size_released_layout(tmp_path, arch):
   reference = (torch_panns.Cnn14() if arch == "cnn14" else torch_panns.ResNet38()).eval()
   checkpoint = str(tmp_path / f"{arch}.pth")
   torch_panns.save_panns_checkpoint(reference, checkpoint)
-  out_dir = convert_panns.main(["--checkpoint", checkpoint, "--arch", arch, "--out", str(tmp_path / "out")])
+  out_dir = convert_weights.main(["--checkpoint", checkpoint, "--arch", arch, "--out", str(tmp_path / "out")])
   assert os.path.isdir(out_dir)
   audio_config = get_base_config().model.audio
   audio_config.arch = arch
   tower = audio_tower(audio_config).build(audio_config)
-  variables = panns.load_audio_variables(out_dir, convert_panns.tower_variables_shape(tower))
+  variables = panns.load_audio_variables(out_dir, convert_weights.tower_variables_shape(tower))
   conv = "conv_block_after1" if arch == "resnet38" else "conv_block6"
   np.testing.assert_array_equal(
     variables["params"][conv]["conv2"]["kernel"],

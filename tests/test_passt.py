@@ -3,6 +3,8 @@ hear21passt's PyTorch model (random weights, via tests/torch_passt.py) on 5, 10 
 against an independent float64 version of SPEC 11's formulas, masking (no dependence on batch-mates), structured
 patchout, bf16 and remat, and the released-weights mapping and its errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -182,15 +184,54 @@ def test_remat_gives_the_same_gradients(small_variables):
     )
     return jax.jit(jax.grad(loss))(variables["params"])
 
-  plain, rematerialised = gradients(passt.Passt), gradients(nn.remat(passt.Passt, static_argnums=(3,)))
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  plain = gradients(passt.Passt)
+  block_by_block = gradients(functools.partial(passt.Passt, remat=True))
+  whole = gradients(nn.remat(passt.Passt, static_argnums=(3,)))
+  assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(plain)) > 0
+  for rematerialised in (block_by_block, whole):
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_block_remat_recomputes_the_blocks():
+  """remat=True wraps every block in a checkpoint: the backward pass's program holds the blocks' forward twice."""
+  x, mask = _batch(np.random.default_rng(6), [64], 64)
+  variables = _init(passt.Passt(**SMALL))
+
+  def backward_program(remat):
+    loss = lambda p: jnp.sum(passt.Passt(**SMALL, remat=remat).apply({"params": p}, x, mask, False) ** 2)
+    return str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+
+  assert "remat" in backward_program(True) and "remat" not in backward_program(False)
 
 
 def test_fields_from_config():
-  config = ml_collections.ConfigDict({"passt": {"patchout_time": 7, "patchout_freq": 1}})
-  tower = passt.Passt(**passt.fields_from_config(config))
-  assert (tower.patchout_time, tower.patchout_freq, tower.embed_dim, tower.depth) == (7, 1, 768, 12)
+  keys = dict(embed_dim=96, depth=3, num_heads=4, mlp_dim=200, patchout_time=7, patchout_freq=1)
+  tower = passt.Passt(**passt.fields_from_config(ml_collections.ConfigDict({"passt": keys})))
+  assert {key: getattr(tower, key) for key in keys} == keys
+
+
+def test_waveform_input_runs_the_front_end_clip_by_clip(small_variables):
+  """Waveforms (B, L) + sample mask go through the PaSST front end inside the tower: in eval mode each clip's
+  embedding equals the tower's on `passt_features.log_mel` of the clip alone (fixed band); in training the band is
+  drawn from the 'augment' stream, per clip; a padding row (no sample) leaves the others unchanged."""
+  tower, variables = passt.Passt(**SMALL, patchout_time=0, patchout_freq=0), small_variables
+  rng = np.random.default_rng(7)
+  lengths = [32000, 17000, 0]
+  waveforms = np.zeros((3, 32000), np.float32)
+  for row, length in enumerate(lengths):
+    waveforms[row, :length] = rng.uniform(-0.5, 0.5, length)
+  sample_mask = np.arange(32000)[None, :] < np.array(lengths)[:, None]
+  embed = jax.jit(lambda w, m, train, rng: tower.apply(variables, w, m, train, rngs={"augment": rng}), static_argnums=2)
+  on_waveforms = np.asarray(embed(waveforms, sample_mask, False, jax.random.key(0)))
+  for row, length in enumerate(lengths[:2]):
+    features = passt_features.log_mel(waveforms[row, :length])[None]
+    on_features = tower.apply(variables, features, np.ones(features.shape[:2], bool), False)
+    np.testing.assert_allclose(on_waveforms[row], np.asarray(on_features)[0], rtol=2e-3, atol=2e-4)
+  assert np.isfinite(on_waveforms).all()
+  trained = np.asarray(embed(waveforms, sample_mask, True, jax.random.key(1)))
+  assert np.abs(trained[:2] - on_waveforms[:2]).max() > 1e-4  # the random band changed the features
+  np.testing.assert_array_equal(trained, np.asarray(embed(waveforms, sample_mask, True, jax.random.key(1))))
 
 
 def _converted(tmp_path, depth: int):

@@ -28,6 +28,23 @@ def test_a_missing_text_model_stops_training_before_any_work(tmp_path):
   assert not workdir.exists()
 
 
+def test_records_that_are_not_what_the_audio_tower_takes_stop_training_before_any_work(tmp_path):
+  config = tiny_config(tmp_path)
+  config.model.audio.arch = "passt"  # Takes waveforms; the tiny config's records would hold log-mels.
+  with pytest.raises(
+    ValueError,
+    match=r"config\.data\.audio_feature='log_mel', but model\.audio\.arch='passt' takes "
+    r"'waveform'",
+  ):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(config.data.raw_dir) and not (tmp_path / "run").exists()
+  config.data.audio_feature = "mp3"
+  with pytest.raises(ValueError, match=r"config\.data\.audio_feature.*'mp3'"):
+    preflight.check_audio_feature(config)
+  config.data.audio_feature = "waveform"
+  preflight.check_audio_feature(config)
+
+
 def test_audio_weights_are_explicit(tmp_path):
   config = tiny_config(tmp_path)
   assert config.model.audio.init_from == "scratch"
@@ -36,7 +53,7 @@ def test_audio_weights_are_explicit(tmp_path):
   with pytest.raises(
     FileNotFoundError,
     match=r"config\.model\.audio\.init_from=.*panns/cnn14 does not exist.*"
-    r"convert_panns.*'scratch'",
+    r"convert_weights.*'scratch'",
   ):
     preflight.check_model_paths(config.model)
   config.model.audio.init_from = ""

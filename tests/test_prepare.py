@@ -530,7 +530,7 @@ def test_failed_re_preparation_keeps_the_prepared_dataset(tmp_path, monkeypatch)
   def fail(cache_path):
     raise RuntimeError("killed while writing")
 
-  monkeypatch.setattr(extraction, "load_log_mel", fail)
+  monkeypatch.setattr(extraction, "load_clip", fail)
   with pytest.raises(RuntimeError, match="killed while writing"):
     clotho.prepare(raw, data_dir, workers=1)
   # The other processes of a job take process 0's dataset as it is.
@@ -666,7 +666,9 @@ def test_a_worker_killed_by_one_file_skips_only_that_file(tmp_path):
 
 
 def test_train_sources_main_first_then_extra(clotho_raw, clotho_builder, audiocaps_raw, audiocaps_cli, monkeypatch):
-  monkeypatch.setattr(clip_builder, "default_data_dir", lambda raw_dir: os.fspath(audiocaps_cli[0].data_dir_root))
+  monkeypatch.setattr(
+    clip_builder, "default_data_dir", lambda raw_dir, audio_feature: os.fspath(audiocaps_cli[0].data_dir_root)
+  )
   config = get_base_config().data
   config.raw_dir, config.data_dir = clotho_raw.root, os.fspath(clotho_builder.data_dir_root)
   config.audiocaps_file_pattern = AUDIOCAPS_PATTERN

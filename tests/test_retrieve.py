@@ -78,7 +78,7 @@ def test_killed_index_run_resumes_to_the_same_index(trained, tmp_path, monkeypat
     retrieve.index_folder(retriever, str(audio_dir), index, batch_size=8)
   work_dir = tmp_path / "index.partial"
   assert not os.path.exists(index)
-  assert sorted(os.listdir(work_dir)) == ["chunk-000000.npz", "chunk-000001.npz", "log_mels", "progress.json"]
+  assert sorted(os.listdir(work_dir)) == ["chunk-000000.npz", "chunk-000001.npz", "clips", "progress.json"]
   (work_dir / "chunk-000002.npz.partial").write_bytes(b"half a chunk")  # A kill in the middle of a write.
 
   written.clear()

@@ -264,6 +264,14 @@ def test_schedules(config):
   assert cosine(0) == 0 and abs(cosine(10) - 1e-3) < 1e-9 and cosine(5) == pytest.approx(5e-4)
   assert cosine(35) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 25 / 50)), rel=1e-5)
   assert cosine(60) == pytest.approx(0.0, abs=1e-12)
+  # The DCASE 2025 baseline's shape: warm-up 1 epoch, cosine over the next 3 down to 1e-7, then 1e-7 to the end.
+  optim.update(decay_epochs=3.0, end_learning_rate=1e-7)
+  baseline = make_schedule(optim, 1e-3, steps_per_epoch=10, num_epochs=6)
+  assert abs(baseline(10) - 1e-3) < 1e-9 and baseline(25) == pytest.approx(1e-7 + (1e-3 - 1e-7) * 0.5, rel=1e-5)
+  assert baseline(40) == pytest.approx(1e-7, rel=1e-4) and baseline(59) == pytest.approx(1e-7, rel=1e-4)
+  optim.decay_epochs = -1.0
+  with pytest.raises(ValueError, match="optim.decay_epochs=-1.0"):
+    make_schedule(optim, 1e-3, steps_per_epoch=10, num_epochs=6)
   optim.schedule = "plateau"
   assert make_schedule(optim, 1e-3, steps_per_epoch=10, num_epochs=6)(123) == pytest.approx(1e-3)
   optim.schedule = "linear"

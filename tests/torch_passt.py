@@ -1,53 +1,15 @@
 """hear21passt's PyTorch PaSST as the test reference of atr_jax.models.passt (import it after
-`pytest.importorskip("hear21passt")`).
+`pytest.importorskip("hear21passt")`): `passt_s` and the loader of hear21passt live in scripts/torch_passt_reference.py
+(the benchmark's reference too); `embed` is the tests' clip embedding."""
 
-hear21passt (installed with --no-deps: its torchaudio needs another torch) imports timm only for a download helper;
-when timm is absent, empty `timm`, `timm.models` and `timm.models._hub` modules stand in for it (SPEC 11).
-"""
-
-import importlib.util
-import sys
-import types
 import warnings
 
 import numpy as np
 import torch
 
-if importlib.util.find_spec("timm") is None:
-  for _name in ("timm", "timm.models", "timm.models._hub"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))
-  sys.modules["timm.models._hub"].download_cached_file = None
+from scripts.torch_passt_reference import SEGMENT_FRAMES, passt_s
 
-from hear21passt.models import passt as hear21_passt  # noqa: E402
-
-hear21_passt.first_RUN = False  # its first forward pass prints every shape
-SEGMENT_FRAMES = 1000
-
-
-def passt_s(depth: int = 12, seed: int = 0) -> torch.nn.Module:
-  """PaSST-S (`passt_s_p16_s16_128_ap468`, patchout 15 time / 2 frequency) with random weights, float64, eval
-  mode: `get_model` itself at full depth, its constructor with the same arguments at a reduced `depth`. Biases and
-  LayerNorm parameters are randomised too (they start at 0 and 1)."""
-  torch.manual_seed(seed)
-  if depth == 12:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      model = hear21_passt.get_model(
-        arch="passt_s_p16_s16_128_ap468", pretrained=False, fstride=16, tstride=16, input_fdim=128, input_tdim=998,
-        s_patchout_t=15, s_patchout_f=2,
-      )  # fmt: skip
-  else:
-    model = hear21_passt.PaSST(
-      img_size=(128, 998), patch_size=16, stride=16, in_chans=1, num_classes=527, embed_dim=768, depth=depth,
-      num_heads=12, distilled=True, s_patchout_t=15, s_patchout_f=2,
-    )  # fmt: skip
-  with torch.no_grad():
-    for name, parameter in model.named_parameters():
-      if name.endswith("bias"):
-        parameter.normal_(0.0, 0.02)
-      elif name.endswith("weight") and "norm" in name.split(".")[-2]:
-        parameter.normal_(1.0, 0.1)
-  return model.double().eval()
+__all__ = ["SEGMENT_FRAMES", "embed", "passt_s"]
 
 
 def embed(model: torch.nn.Module, log_mel: np.ndarray) -> np.ndarray:

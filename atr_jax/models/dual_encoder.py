@@ -1,5 +1,5 @@
-"""Audio-text dual encoder (SPEC 4): an audio tower and a text tower picked by name (`registry`), MLP projection
-heads, L2-normalised joint embeddings.
+"""Audio-text dual encoder (SPEC 4): an audio tower and a text tower picked by name (`registry`), projection heads
+(SPEC 4's two-layer MLP, or one Linear layer as the DCASE 2025 baseline), L2-normalised joint embeddings.
 
 Owns: `DualEncoder`, `build_model` (model ConfigDict -> DualEncoder), `with_frozen_towers_in_inference` (the model
 that runs frozen towers with train=False) and the pretrained weights of an initialised model (`load_pretrained`:
@@ -30,7 +30,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class ProjectionHead(nn.Module):
-  """Dense(hidden) -> ReLU -> Dense(out)."""
+  """Dense(hidden) -> ReLU -> Dense(out); with hidden 0, one Dense(out) (named 'linear')."""
 
   hidden: int
   out: int
@@ -39,6 +39,8 @@ class ProjectionHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     init = nn.initializers.xavier_uniform()
+    if not self.hidden:
+      return nn.Dense(self.out, dtype=self.dtype, kernel_init=init, name="linear")(x)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name="fc1")(x))
     return nn.Dense(self.out, dtype=self.dtype, kernel_init=init, name="fc2")(x)
 
@@ -74,24 +76,25 @@ class DualEncoder(nn.Module):
     self.audio_head = ProjectionHead(self.head_hidden, self.embed_dim, self.dtype)
     self.text_head = ProjectionHead(self.head_hidden, self.embed_dim, self.dtype)
 
-  def embed_audio(self, log_mel: jax.Array, frame_mask: jax.Array, train: bool) -> jax.Array:
-    """log-mel (B, T, mel) + frame mask (B, T) -> (B, embed_dim) unit-norm."""
+  def embed_audio(self, audio: jax.Array, audio_mask: jax.Array, train: bool) -> jax.Array:
+    """The audio tower's input + mask (log-mel (B, T, mel) + frame mask (B, T), or waveforms (B, L) + sample mask
+    (B, L): `registry.audio_inputs`) -> (B, embed_dim) unit-norm."""
     tower_train = train and not self.audio_always_eval
-    return l2_normalize(self.audio_head(self.audio(log_mel, frame_mask, tower_train)))
+    return l2_normalize(self.audio_head(self.audio(audio, audio_mask, tower_train)))
 
   def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool) -> jax.Array:
     """token ids (B, L) + attention mask (B, L) -> (B, embed_dim) unit-norm."""
     last_hidden, _ = self.text(input_ids, attention_mask, train and not self.text_always_eval)
     return l2_normalize(self.text_head(pool_text(last_hidden, attention_mask, self.text_pooling)))
 
-  def __call__(self, log_mel, frame_mask, input_ids, attention_mask, train: bool):
+  def __call__(self, audio, audio_mask, input_ids, attention_mask, train: bool):
     """-> (audio embeddings, text embeddings)."""
-    return (self.embed_audio(log_mel, frame_mask, train), self.embed_text(input_ids, attention_mask, train))
+    return (self.embed_audio(audio, audio_mask, train), self.embed_text(input_ids, attention_mask, train))
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> DualEncoder:
   """DualEncoder from the `model` config (keys: audio.arch and that tower's keys, text.arch and that tower's keys,
-  text.pooling, embed_dim, head_hidden, dtype, remat)."""
+  text.pooling, embed_dim, head_hidden (0: Linear heads), dtype, remat)."""
   if model_config.dtype not in _DTYPES:
     raise ValueError(f"model.dtype {model_config.dtype!r} is not one of {sorted(_DTYPES)}")
   if model_config.text.pooling not in TEXT_POOLINGS:

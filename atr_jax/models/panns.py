@@ -73,7 +73,7 @@ def load(path: str, expected: dict) -> dict:
 
 SCRATCH = "scratch"  # model.audio.init_from for a deliberately random audio tower.
 _CONVERTED = ("params", "batch_stats")  # The collections of a converted tower (batch_stats: where it has BatchNorm).
-CONVERT_COMMAND = "python -m scripts.convert_panns --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}"
+CONVERT_COMMAND = "python -m scripts.convert_weights --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}"
 
 
 def audio_init_dir(model_config) -> str | None:
@@ -111,7 +111,7 @@ def load_audio_variables(directory: str, expected: dict) -> dict:
   if not os.path.isdir(directory):
     raise FileNotFoundError(
       f"model.audio.init_from: {directory} is not a directory (convert a PANNs "
-      "checkpoint with `python -m scripts.convert_panns`)"
+      "checkpoint with `python -m scripts.convert_weights`)"
     )
   restored = ocp.StandardCheckpointer().restore(directory)
   variables = flax.traverse_util.unflatten_dict(

@@ -1,8 +1,13 @@
 """PaSST-S audio tower (SPEC 11: hear21passt's `passt_s_p16_s16_128_ap468`) and the mapping of its released weights.
 
-Owns: `Passt` (PaSST front-end features (B, T, 128) + frame mask -> clip embedding (B, 768)), its transformer
-`Block`, the pure `structured_patchout`, its fields from `model.audio` (`fields_from_config`) and the released-weights
-loader (`load`: `state_dict_to_variables` of the `passt-s-f128-p16-s16-ap.468.pt` state_dict).
+Owns: `Passt` (32 kHz waveforms (B, L) + sample mask, or PaSST front-end features (B, T, 128) + frame mask -> clip
+embedding (B, 768)), its transformer `Block`, the pure `structured_patchout`, its fields from `model.audio`
+(`fields_from_config`) and the released-weights loader (`load`: `state_dict_to_variables` of the
+`passt-s-f128-p16-s16-ap.468.pt` state_dict).
+
+Waveforms go through the PaSST front end on the device (`data_pipelines.passt_features.log_mel_batch`: each clip
+alone, the fixed mel band in eval mode, a random band per clip in training), so the training batches need no
+second stored feature.
 
 Segments and masks: the input is cut into non-overlapping SEGMENT_FRAMES (10 s) segments, each embedded as
 hear21passt embeds a clip of that length (16x16 patches at stride 16, 8 frequency rows x floor(frames / 16) time
@@ -30,7 +35,9 @@ import ml_collections
 import numpy as np
 
 from atr_jax.models.weights import check_params_match, read_torch_state_dict
+from data_pipelines import passt_features
 
+HOP_MINIMUM = passt_features.HOP_LENGTH  # the shortest clip (samples) the front end takes
 SEGMENT_FRAMES = 1000  # frames of a 10 s clip in the PaSST front end (data_pipelines.passt_features)
 LAYER_NORM_EPSILON = 1e-6
 SKIPPED_PREFIXES = ("head.", "head_dist.")  # the AudioSet classification heads of the released file
@@ -87,11 +94,13 @@ class Blocks(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+    block = nn.remat(Block) if self.remat else Block
     for index in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.dtype, name=str(index))(x, key_mask)
+      x = block(self.num_heads, self.mlp_dim, self.dtype, name=str(index))(x, key_mask)
     return x
 
 
@@ -137,12 +146,15 @@ def structured_patchout(
 
 
 class Passt(nn.Module):
-  """PaSST-S: normalised log-mel (B, T, num_mels) + frame mask (B, T) -> clip embedding (B, embed_dim) float32.
+  """PaSST-S: 32 kHz waveforms (B, L) in [-1, 1] + sample mask (B, L), or normalised log-mel (B, T, num_mels) + frame
+  mask (B, T) -> clip embedding (B, embed_dim) float32.
 
+  Waveforms first go through the PaSST front end (random mel band per clip in training, rng stream 'augment').
   Per 10 s segment: patch embedding (Conv 16x16, stride 16) + frequency and time positional embeddings ->
   [structured patchout] -> cls and distillation tokens (each + its positional embedding) prepended -> `depth` blocks
   -> LayerNorm -> mean of the two tokens; segments averaged (see the module docstring). `dtype` is the compute
-  dtype; parameters stay float32. Rng stream (training only): 'augment' (patchout).
+  dtype; parameters stay float32. Rng stream (training only): 'augment' (mel band, patchout). `remat`: the blocks'
+  activations are recomputed in the backward pass, block by block.
   """
 
   embed_dim: int = 768
@@ -155,10 +167,16 @@ class Passt(nn.Module):
   patchout_time: int = 15
   patchout_freq: int = 2
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, frame_mask: jax.Array, train: bool) -> jax.Array:
-    """x (B, T, num_mels); frame_mask (B, T) True on each clip's first frames (its valid ones)."""
+  def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    """x: waveforms (B, L) with mask (B, L), or features (B, T, num_mels) with mask (B, T); the mask is True on each
+    clip's first samples or frames (its valid ones)."""
+    if x.ndim == 2 and mask.shape == x.shape:
+      band_rng = self.make_rng("augment") if train else None
+      x, mask = front_end(x, mask, band_rng)
+    frame_mask = mask
     if x.ndim != 3 or x.shape[2] != self.num_mels or frame_mask.shape != x.shape[:2]:
       raise ValueError(
         f"Passt expects features (B, T, {self.num_mels}) and frame_mask (B, T); got {x.shape} and {frame_mask.shape}"
@@ -187,11 +205,24 @@ class Passt(nn.Module):
     sequence = jnp.concatenate([special.astype(self.dtype), tokens.reshape(count, rows * columns, -1)], axis=1)
     patch_valid = jnp.broadcast_to(column_valid[:, None, :], (count, rows, columns)).reshape(count, -1)
     key_mask = jnp.concatenate([jnp.ones((count, 2), bool), patch_valid], axis=1)
-    sequence = Blocks(self.depth, self.num_heads, self.mlp_dim, self.dtype, name="blocks")(sequence, key_mask)
+    sequence = Blocks(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="blocks")(
+      sequence, key_mask
+    )
     sequence = nn.LayerNorm(LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")(sequence[:, :2]).astype(jnp.float32)
     embeddings = sequence.mean(axis=1).reshape(batch, segments, self.embed_dim)
     used = (jnp.arange(segments)[None, :] == 0) | (valid_columns.reshape(batch, segments) > 0)
     return jnp.sum(embeddings * used[:, :, None], axis=1) / used.sum(axis=1, keepdims=True)
+
+
+def front_end(waveforms: jax.Array, sample_mask: jax.Array, band_rng: jax.Array | None = None):
+  """(normalised log-mel (B, T, 128), frame mask (B, T)) of zero-padded waveforms (B, L) whose valid samples
+  `sample_mask` marks (a prefix per row): each clip alone with the fixed band, or with a random band per clip drawn
+  from `band_rng` (training). Rows shorter than a hop (padding rows) get an all-False frame mask."""
+  lengths = sample_mask.sum(axis=1).astype(jnp.int32)
+  band = None if band_rng is None else passt_features.random_band(band_rng, waveforms.shape[0])
+  # A padding row (length 0) is computed as a clip of one hop, then masked out entirely.
+  log_mel, frame_mask = passt_features.log_mel_batch(waveforms, jnp.maximum(lengths, HOP_MINIMUM), band)
+  return log_mel, frame_mask & (lengths >= HOP_MINIMUM)[:, None]
 
 
 def _segments(x: jax.Array, frame_mask: jax.Array, segment_frames: int, patch_size: int):
@@ -209,8 +240,9 @@ def _segments(x: jax.Array, frame_mask: jax.Array, segment_frames: int, patch_si
 
 
 def fields_from_config(audio_config: ml_collections.ConfigDict) -> dict:
-  """Passt's fields for `model.audio` (keys: passt.{patchout_time,patchout_freq})."""
-  return {"patchout_time": audio_config.passt.patchout_time, "patchout_freq": audio_config.passt.patchout_freq}
+  """Passt's fields for `model.audio` (keys: passt.{embed_dim,depth,num_heads,mlp_dim,patchout_time,patchout_freq})."""
+  keys = ("embed_dim", "depth", "num_heads", "mlp_dim", "patchout_time", "patchout_freq")
+  return {key: audio_config.passt[key] for key in keys}
 
 
 def _flax_key(name: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:

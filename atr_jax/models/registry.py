@@ -1,6 +1,7 @@
-"""The towers a dual encoder is built from, by name: `AUDIO_TOWERS` (chosen by `model.audio.arch`), `TEXT_TOWERS`
-(`model.text.arch`: "bert" for BERT and RoBERTa folders with HF's pooler; "roberta", the DCASE 2025 baseline's
-RoBERTa without a pooling layer), and the contract every entry fulfils (`Tower`).
+"""The towers a dual encoder is built from, by name: `AUDIO_TOWERS` (chosen by `model.audio.arch`: PANNs' "cnn14"
+and "resnet38" on stored log-mels, "passt" on waveforms), `TEXT_TOWERS` (`model.text.arch`: "bert" for BERT and
+RoBERTa folders with HF's pooler; "roberta", the DCASE 2025 baseline's RoBERTa without a pooling layer), the contract
+every entry fulfils (`Tower`), and `audio_inputs`, the audio tower's two inputs taken from a batch.
 
 Adding a tower: one module (the Flax module, `fields_from_config`, `load`), one entry here, one config naming it.
 """
@@ -12,9 +13,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
-from atr_jax.models import bert, cnn14, panns, resnet38
+from atr_jax.models import bert, cnn14, panns, passt, resnet38
 
-AUDIO_INPUTS = ("log_mel", "frame_mask")  # (B, T, mel) float, (B, T) bool
+# The audio inputs a tower takes are the batch keys of a prepared dataset's audio feature (config.data.audio_feature,
+# data_pipelines.audio_forms) and of its mask.
+LOG_MEL_INPUTS = ("log_mel", "frame_mask")  # (B, T, 64) float, (B, T) bool
+WAVEFORM_INPUTS = ("waveform", "sample_mask")  # (B, L) float in [-1, 1] at 32 kHz, (B, L) bool
 TEXT_INPUTS = ("input_ids", "attention_mask")  # (B, L) int, (B, L)
 
 
@@ -49,13 +53,30 @@ class Tower:
 
 
 AUDIO_TOWERS = {
-  "cnn14": Tower(cnn14.Cnn14, cnn14.fields_from_config, AUDIO_INPUTS, panns.load),
-  "resnet38": Tower(resnet38.ResNet38, resnet38.fields_from_config, AUDIO_INPUTS, panns.load),
+  "cnn14": Tower(cnn14.Cnn14, cnn14.fields_from_config, LOG_MEL_INPUTS, panns.load),
+  "resnet38": Tower(resnet38.ResNet38, resnet38.fields_from_config, LOG_MEL_INPUTS, panns.load),
+  "passt": Tower(passt.Passt, passt.fields_from_config, WAVEFORM_INPUTS, passt.load),
 }
 TEXT_TOWERS = {
   "bert": Tower(bert.BertEncoder, bert.fields_from_config, TEXT_INPUTS, bert.load),
   "roberta": Tower(bert.BertEncoder, bert.roberta_fields_from_config, TEXT_INPUTS, bert.load),
 }
+
+
+def audio_inputs(batch: dict) -> tuple:
+  """The audio tower's (input, mask) in `batch`: its (log_mel, frame_mask) or its (waveform, sample_mask)."""
+  for names in (LOG_MEL_INPUTS, WAVEFORM_INPUTS):
+    if names[0] in batch:
+      return batch[names[0]], batch[names[1]]
+  raise KeyError(f"the batch holds no audio input ({LOG_MEL_INPUTS[0]} or {WAVEFORM_INPUTS[0]}): {sorted(batch)}")
+
+
+def example_audio(tower: Tower, batch: int = 1, frames: int = 64) -> tuple:
+  """Zero inputs of `frames` 10 ms frames for the audio `tower` (for initialisation and shape evaluation)."""
+  if tower.inputs == WAVEFORM_INPUTS:
+    samples = frames * passt.HOP_MINIMUM  # one hop per frame
+    return jnp.zeros((batch, samples)), jnp.ones((batch, samples), bool)
+  return jnp.zeros((batch, frames, 64)), jnp.ones((batch, frames), bool)
 
 
 def _lookup(towers: dict[str, Tower], arch: str, key: str) -> Tower:
