@@ -9,7 +9,7 @@ import ml_collections
 
 from atr_jax import zeroshot
 from atr_jax.models.hf_hub import resolve_model_dir
-from atr_jax.models.panns import CONVERT_COMMAND, SCRATCH, audio_init_dir
+from atr_jax.models.panns import SCRATCH, audio_init_dir, convert_command
 from atr_jax.models.registry import audio_tower
 from data_pipelines import audio_forms, datasets, layouts
 
@@ -32,7 +32,7 @@ def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
   if directory is not None and not os.path.isdir(directory):
     raise FileNotFoundError(
       f"config.model.audio.init_from={model_config.audio.init_from!r}: {directory} does not exist. Convert the "
-      f"released PANNs checkpoint once ({CONVERT_COMMAND.format(directory)}), point the key at the converted "
+      f"released weights once ({convert_command(model_config.audio.arch, directory)}), point the key at the converted "
       f"folder, or set it to {SCRATCH!r} to start the audio tower from random weights"
     )
 

@@ -53,8 +53,11 @@ def test_audio_weights_are_explicit(tmp_path):
   with pytest.raises(
     FileNotFoundError,
     match=r"config\.model\.audio\.init_from=.*panns/cnn14 does not exist.*"
-    r"convert_weights.*'scratch'",
+    r"convert_weights --checkpoint Cnn14_mAP=0\.431\.pth --arch cnn14.*'scratch'",
   ):
+    preflight.check_model_paths(config.model)
+  config.model.audio.arch = "passt"  # Each tower's own released file.
+  with pytest.raises(FileNotFoundError, match=r"--checkpoint passt-s-f128-p16-s16-ap\.468\.pt --arch passt"):
     preflight.check_model_paths(config.model)
   config.model.audio.init_from = ""
   with pytest.raises(ValueError, match=r"config\.model\.audio\.init_from is empty"):

@@ -73,7 +73,18 @@ def load(path: str, expected: dict) -> dict:
 
 SCRATCH = "scratch"  # model.audio.init_from for a deliberately random audio tower.
 _CONVERTED = ("params", "batch_stats")  # The collections of a converted tower (batch_stats: where it has BatchNorm).
-CONVERT_COMMAND = "python -m scripts.convert_weights --checkpoint Cnn14_mAP=0.431.pth --arch cnn14 --out {}"
+# The released file of each audio tower and the command that converts it (format with the output folder).
+RELEASED_FILES = {
+  "cnn14": "Cnn14_mAP=0.431.pth",
+  "resnet38": "ResNet38_mAP=0.434.pth",
+  "passt": "passt-s-f128-p16-s16-ap.468.pt",
+}
+
+
+def convert_command(arch: str, out_dir: str) -> str:
+  """The command converting the released weights of audio tower `arch` into `out_dir`."""
+  released = RELEASED_FILES.get(arch, "RELEASED_FILE")
+  return f"python -m scripts.convert_weights --checkpoint {released} --arch {arch} --out {out_dir}"
 
 
 def audio_init_dir(model_config) -> str | None:
@@ -84,8 +95,8 @@ def audio_init_dir(model_config) -> str | None:
     return None
   if not value:
     raise ValueError(
-      f"config.model.audio.init_from is empty: set it to a converted PANNs folder "
-      f"({CONVERT_COMMAND.format('DIR')}) or to {SCRATCH!r} for a randomly initialised audio tower"
+      f"config.model.audio.init_from is empty: set it to a converted weights folder "
+      f"({convert_command(model_config.audio.arch, 'DIR')}) or to {SCRATCH!r} for a randomly initialised audio tower"
     )
   return os.path.abspath(os.path.expanduser(value))
 
