@@ -137,7 +137,7 @@ def extract(
         pipeline
         | "ReadPaths" >> beam.io.ReadFromText(inputs)
         | "Distribute" >> beam.Reshuffle()
-        | "ExtractLogMel" >> beam.ParDo(_Extract(cache_dir, form_name))
+        | "ExtractFeatures" >> beam.ParDo(_Extract(cache_dir, form_name))
         | "WriteOutcomes" >> beam.io.WriteToText(os.path.join(work_dir, "outcomes"), file_name_suffix=".jsonl")
       )
     outcomes = {}
