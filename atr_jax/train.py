@@ -233,9 +233,8 @@ class _Setup:
     )
     self.encode_captions = tokenization.caption_encoder(config)
     self.model = build_model(config.model)
-    self.audio_form = audio_forms.audio_form(
-      config.data.audio_feature
-    )  # What the records hold (preflight: the tower's).
+    # What the records hold (preflight checked that it is what the audio tower takes).
+    self.audio_form = audio_forms.audio_form(config.data.audio_feature)
     self.tx, self.schedule = make_optimizer(config.optim, self.steps_per_epoch, config.train.num_epochs)
     # rbg keys compile the many random draws of parameter init ~5x faster on CPU; threefry drives training.
     self.init_rng = jax.random.key(config.seed, impl="rbg")
