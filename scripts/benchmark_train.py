@@ -54,6 +54,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from data_pipelines import audio_forms, features  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps of each framework, after the warm-up steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (ours: after compilation).")
@@ -92,7 +94,6 @@ _WORKER = flags.DEFINE_enum(
 
 _REPLY_PREFIX = "BENCHMARK_WORKER "
 _KEEP_FREED_MEMORY_NAME = "PyTorch + keep_freed_memory"
-_HOP_SAMPLES = 320  # data_pipelines.passt_features.HOP_LENGTH: samples per frame of the PaSST front end
 _BERT_BASE_UNCASED = {  # The architecture keys of bert-base-uncased's config.json.
   "architectures": ["BertForMaskedLM"],
   "model_type": "bert",
@@ -175,7 +176,7 @@ def _random_batch(config: ml_collections.ConfigDict) -> dict:
       "dataset to take the longest clip from"
     )
   if _waveform_input(config):
-    samples = t * _HOP_SAMPLES
+    samples = t * audio_forms.WAVEFORM.rows_per_frame
     audio = {
       "waveform": rng.uniform(-1.0, 1.0, (b, samples)).astype(np.float32),
       "sample_mask": np.ones((b, samples), bool),
@@ -397,7 +398,7 @@ def _caption(config: ml_collections.ConfigDict) -> str:
   """One line naming what is compared beyond the table's columns: the towers and the audio input."""
   audio = config.model.audio
   if _waveform_input(config):
-    seconds = config.data.train_max_frames * _HOP_SAMPLES / 32000
+    seconds = config.data.train_max_frames * audio_forms.WAVEFORM.rows_per_frame / features.SAMPLE_RATE
     audio_text = (
       f"PaSST ({audio.passt.depth}x{audio.passt.embed_dim}, patchout {audio.passt.patchout_time}/"
       f"{audio.passt.patchout_freq}) on {seconds:g} s waveforms, front end inside the step (ours: JAX; PyTorch: "

@@ -38,9 +38,10 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from atr_jax import sharding  # noqa: E402
-from atr_jax.models import passt, registry  # noqa: E402
+from atr_jax.models import registry  # noqa: E402
 from atr_jax.models.bert import ROBERTA_LARGE  # noqa: E402
 from configs.base import get_base_config  # noqa: E402
+from data_pipelines import audio_forms, features  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch (caption, clip) pairs per step.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 32, "Tokens per caption.")
@@ -104,7 +105,7 @@ def _abstract_batch(mesh) -> tuple[dict, dict]:
   batch, length = _BATCH.value, _MAX_LEN.value
   shapes = {"input_ids": ((batch, length), jnp.int32), "attention_mask": ((batch, length), jnp.int32)}
   if _AUDIO.value and _waveform_audio():
-    samples = _FRAMES.value * passt.HOP_MINIMUM
+    samples = _FRAMES.value * audio_forms.WAVEFORM.rows_per_frame
     shapes |= {"waveform": ((batch, samples), jnp.float32), "sample_mask": ((batch, samples), bool)}
   elif _AUDIO.value:
     shapes |= {
@@ -156,8 +157,8 @@ def _compile(model: _Model, mesh, mode: str):
 
 def _audio_input_text() -> str:
   if _waveform_audio():
-    samples = _FRAMES.value * passt.HOP_MINIMUM
-    return f", waveforms of {samples} samples ({samples / 32000:g} s; front end in the step)"
+    samples = _FRAMES.value * audio_forms.WAVEFORM.rows_per_frame
+    return f", waveforms of {samples} samples ({samples / features.SAMPLE_RATE:g} s; front end in the step)"
   return f", {_FRAMES.value} frames x {_MELS.value} mels"
 
 

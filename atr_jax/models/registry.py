@@ -14,6 +14,7 @@ import flax.linen as nn
 import ml_collections
 
 from atr_jax.models import bert, cnn14, panns, passt, resnet38
+from data_pipelines import audio_forms
 
 # The audio inputs a tower takes are the batch keys of a prepared dataset's audio feature (config.data.audio_feature,
 # data_pipelines.audio_forms) and of its mask.
@@ -74,7 +75,7 @@ def audio_inputs(batch: dict) -> tuple:
 def example_audio(tower: Tower, batch: int = 1, frames: int = 64) -> tuple:
   """Zero inputs of `frames` 10 ms frames for the audio `tower` (for initialisation and shape evaluation)."""
   if tower.inputs == WAVEFORM_INPUTS:
-    samples = frames * passt.HOP_MINIMUM  # one hop per frame
+    samples = frames * audio_forms.WAVEFORM.rows_per_frame
     return jnp.zeros((batch, samples)), jnp.ones((batch, samples), bool)
   return jnp.zeros((batch, frames, 64)), jnp.ones((batch, frames), bool)
 
