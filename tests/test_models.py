@@ -84,6 +84,7 @@ def test_cnn14_full_width_parameter_count():
   assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"])) == 75_477_440
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["cnn14", "resnet38"])
 def test_eval_embedding_ignores_padding_and_batch_mates(request, arch):
   if arch == "cnn14":
@@ -512,6 +513,7 @@ def _moved(before, after) -> bool:
   )
 
 
+@pytest.mark.slow
 def test_frozen_towers_do_not_move_and_run_in_inference_mode(tiny_bert_dir):
   before, after = _state_before_and_after_one_step(_train_config(tiny_bert_dir, ("audio", "text_head"), True))
   for name, trained in (("audio", False), ("text_head", False), ("text", True), ("audio_head", True)):
@@ -519,6 +521,7 @@ def test_frozen_towers_do_not_move_and_run_in_inference_mode(tiny_bert_dir):
   assert not _moved(before.batch_stats, after.batch_stats)  # inference mode: running statistics untouched
 
 
+@pytest.mark.slow
 def test_reference_mode_updates_frozen_batch_norm_and_text_rate_applies(tiny_bert_dir):
   config = _train_config(tiny_bert_dir, ("audio",), False, text_learning_rate=0.0)
   before, after = _state_before_and_after_one_step(config)
@@ -546,6 +549,7 @@ def test_audio_tower_selects_the_arch_by_config():
     audio_tower(audio)
 
 
+@pytest.mark.slow
 def test_passt_with_linear_heads_by_config(tiny_bert_dir):
   """model.audio.arch="passt" builds PaSST on waveforms (the widths from model.audio.passt) and head_hidden=0 one
   Linear layer per tower (the DCASE 2025 baseline's heads): the embeddings are those layers' outputs, normalised."""

@@ -1,7 +1,7 @@
 """Tests of the RoBERTa text tower (`model.text.arch="roberta"`, SPEC 11): parity with transformers' RobertaModel on
 random weights loaded through the registry, checkpoint keys named in the file's terms, no pooling layer, layer-wise
-remat, and RoBERTa-large (random init) born FSDP-sharded over 8 fake devices with a bf16, rematerialised
-forward + backward."""
+remat, and RoBERTa-large (random init; its parameter count at full depth, the step at its width with fewer layers)
+born FSDP-sharded over 8 fake devices with a bf16, rematerialised forward + backward."""
 
 import dataclasses
 import json
@@ -140,10 +140,17 @@ class _TextWithHead(nn.Module):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
+STEP_LAYERS = 2  # The step below runs RoBERTa-large's width and vocabulary at this depth (its layers are alike).
+
+
 @pytest.mark.slow
 def test_roberta_large_fsdp_bf16_remat_step(tmp_path):
   config_dict = dataclasses.asdict(ROBERTA_LARGE)
   (tmp_path / "config.json").write_text(json.dumps(config_dict))
+  full_depth = text_tower(_text_config(str(tmp_path))).build(_text_config(str(tmp_path)))
+  count = sum(x.size for x in jax.tree.leaves(_abstract_variables(full_depth)["params"]))
+  assert 354_000_000 < count < 356_000_000  # RoBERTa-large's 24 layers, read from its config file.
+  (tmp_path / "config.json").write_text(json.dumps({**config_dict, "num_hidden_layers": STEP_LAYERS}))
   text_config = _text_config(str(tmp_path))
   text_config.dropout = 0.2
   module = text_tower(text_config).build(text_config, jnp.bfloat16, remat=True)
@@ -156,17 +163,17 @@ def test_roberta_large_fsdp_bf16_remat_step(tmp_path):
   def init(rng):
     return model.init(rng, ids, ids, train=False)["params"]
 
-  # Threefry keys: their bits are generated shard by shard (rbg ones whole on every device: 11 GB and a minute).
+  # Threefry keys: their bits are generated shard by shard (rbg ones whole on every device).
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh, "fsdp")
   params = jax.jit(init, out_shardings=shardings)(jax.random.key(0))  # born sharded: no whole copy anywhere
-  count = sum(x.size for x in jax.tree.leaves(params))
-  assert 354_000_000 < count < 356_000_000
   assert "pooler" not in params["tower"]
 
   big = flax.traverse_util.flatten_dict(params, sep="/")
   assert big["tower/embeddings/word_embeddings/embedding"].shape == (50265, 1024)
-  for name in ("tower/embeddings/word_embeddings/embedding", "tower/encoder/layer/23/intermediate/dense/kernel"):
+  last_layer = f"tower/encoder/layer/{STEP_LAYERS - 1}/intermediate/dense/kernel"
+  assert big[last_layer].shape == (1024, 4096)
+  for name in ("tower/embeddings/word_embeddings/embedding", last_layer):
     array = big[name]
     assert [shard.data.size for shard in array.addressable_shards] == [array.size // 8] * 8, name
   for name, array in big.items():

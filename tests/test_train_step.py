@@ -170,7 +170,6 @@ def test_micro_batches_equal_per_micro_batch_reference(config):
     )
 
 
-@pytest.mark.slow
 def _lowered_convolutions(config, frozen: tuple, accum_steps: int = 1) -> tuple[int, int]:
   """Convolutions in the lowered (unoptimised) training step with optim.frozen = `frozen`, and in the training-mode
   forward pass alone."""
@@ -193,6 +192,7 @@ def _lowered_convolutions(config, frozen: tuple, accum_steps: int = 1) -> tuple[
   return (count(step, state, batch), count(lambda s, b: forward(s, s.params["model"], s.batch_stats, b), state, batch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_a_frozen_tower_is_not_back_propagated(config, accum_steps):
   passes = 1 if accum_steps == 1 else 2  # Gradient caching: the embedding pass, and the pass recomputed for autodiff.
@@ -202,6 +202,7 @@ def test_a_frozen_tower_is_not_back_propagated(config, accum_steps):
   assert frozen_convolutions == passes * frozen_forward  # Frozen: the forward passes only.
 
 
+@pytest.mark.slow
 def test_the_learnt_temperature_is_reported(config):
   state, step_losses = _baseline(config)
   mesh = sharding.create_mesh()
@@ -214,6 +215,7 @@ def test_the_learnt_temperature_is_reported(config):
   assert float(metrics["temperature"]) != config.loss.temperature  # Two steps moved it.
 
 
+@pytest.mark.slow
 def test_fsdp_equals_replicated_and_shards_large_arrays(config):
   replicated, replicated_losses = _baseline(config)
   config.train.param_sharding = "fsdp"
