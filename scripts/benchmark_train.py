@@ -14,7 +14,8 @@ bfloat16 (--config.model.dtype=bfloat16): ours computes in bfloat16 with float32
 autocast. On a GPU, PyTorch's float32 matmuls use TF32 (`set_float32_matmul_precision("high")`), as XLA's default
 precision does. MFU = FLOPs per step (XLA's `cost_analysis()` of our compiled step, per device; the same count for
 the PyTorch rows) / (median step time x the card's peak dense FLOP/s of the dtype, `PEAK_FLOPS`: bf16, or TF32 for
-float32); "-" on CPU or an unlisted card.
+float32); "-" on CPU or an unlisted card. --matmul_rate=N measures a ceiling on any device, CPU included: each
+framework's own N x N matmul rate there, and the step's FLOP rate as a share of it.
 
 Each framework runs in its own subprocess (`--worker`), so that peak memory is measured apart (CPU: the process's
 peak RSS; GPU: the device's peak bytes in use) and XLA's and torch's thread pools do not compete; torch uses
@@ -85,6 +86,13 @@ _SEQUENTIAL = flags.DEFINE_bool(
   "Run the frameworks one after the other, each worker alone in memory (for models whose workers do not fit in "
   "memory together), instead of taking turns: on a shared machine the rows may then see different loads.",
 )
+_MATMUL_RATE = flags.DEFINE_integer(
+  "matmul_rate",
+  0,
+  "N > 0: also time an N x N matmul in each framework, on one device in the step's dtype (median of 5 after one "
+  "untimed), and give the step's FLOP rate as a share of it: how close each step runs to what its framework's GEMM "
+  "reaches on this device (XLA's FLOP count, as for MFU). 4096 suits a CPU, 16384 a GPU.",
+)
 _WORKER = flags.DEFINE_enum(
   "worker",
   None,
@@ -93,6 +101,7 @@ _WORKER = flags.DEFINE_enum(
 )
 
 _REPLY_PREFIX = "BENCHMARK_WORKER "
+_MATMUL_REPEATS = 5
 _KEEP_FREED_MEMORY_NAME = "PyTorch + keep_freed_memory"
 _BERT_BASE_UNCASED = {  # The architecture keys of bert-base-uncased's config.json.
   "architectures": ["BertForMaskedLM"],
@@ -219,6 +228,12 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
 
+def _matmul_rate(run_matmul: Callable[[], None], size: int) -> float:
+  """FLOP/s of a square matmul of `size`: `run_matmul` returns once one is done (one untimed run first)."""
+  run_matmul()
+  return 2 * size**3 / float(np.median(_timed(run_matmul, _MATMUL_REPEATS)))
+
+
 def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
   # Imported here, so that the torch worker holds no jax (nor the TensorFlow that atr_jax.train imports).
   import functools
@@ -276,6 +291,11 @@ def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
     "compile_s": compile_s,
     "flops": cost.get("flops"),
   }
+  if _MATMUL_RATE.value:
+    size, dtype = _MATMUL_RATE.value, jax.numpy.dtype(config.model.dtype)
+    a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (size, size), dtype), device) for i in (2, 3))
+    matmul = jax.jit(jax.numpy.matmul)
+    info["matmul_flops_per_s"] = _matmul_rate(lambda: matmul(a, b).block_until_ready(), size)
   return _Bench(info, run_step, finish)
 
 
@@ -314,6 +334,18 @@ def _setup_torch(config: ml_collections.ConfigDict, name: str = "PyTorch") -> _B
     "init_s": init_s,
     "compile_s": None,
   }
+  if _MATMUL_RATE.value:
+    dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+    size = _MATMUL_RATE.value
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def run_matmul():
+      with torch.no_grad():
+        torch.matmul(a, b)
+      synchronize()
+
+    info["matmul_flops_per_s"] = _matmul_rate(run_matmul, size)
   return _Bench(info, run_step, finish)
 
 
@@ -415,8 +447,9 @@ def _caption(config: ml_collections.ConfigDict) -> str:
 
 def format_table(config: ml_collections.ConfigDict, results: list[dict]) -> str:
   """A caption line, then one markdown row per framework: step time over the PyTorch one and over the PyTorch +
-  keep_freed_memory one (when present), XLA's GFLOP per step (ours), each row's MFU against its card's peak and
-  the loss of its last step (random weights: each framework its own, so the losses agree only roughly)."""
+  keep_freed_memory one (when present), XLA's GFLOP per step (ours), each row's MFU against its card's peak, with
+  --matmul_rate its framework's square-matmul rate and the step's share of it, and the loss of its last step
+  (random weights: each framework its own, so the losses agree only roughly)."""
   text = _text_json(config)
   text_shape = f"{text['num_hidden_layers']}x{text['hidden_size']}"
   medians = {r["name"]: float(np.median(r["times"])) for r in results}
@@ -426,8 +459,8 @@ def format_table(config: ml_collections.ConfigDict, results: list[dict]) -> str:
     "",
     "| framework | device | dtype | batch | frames | tokens | text layers x width | init s | compile s | "
     "step s median (min-max) | pairs/s | peak memory GB | time / PyTorch | time / PyTorch + keep_freed_memory | "
-    "GFLOP / step | MFU | last loss |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "GFLOP / step | MFU | matmul GFLOP/s | step / matmul rate | last loss |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   batch = config.train.global_batch_size
   for r in results:
@@ -439,12 +472,16 @@ def format_table(config: ml_collections.ConfigDict, results: list[dict]) -> str:
     ]
     peak = peak_flops(r.get("device_name"), r["dtype"])
     mfu = "-" if peak is None or not flops else f"{flops / (median * peak):.1%}"
+    matmul = r.get("matmul_flops_per_s")
+    matmul_cells = (
+      "- | -" if not matmul else f"{matmul / 1e9:.4g} | " + ("-" if not flops else f"{flops / (median * matmul):.1%}")
+    )
     rows.append(
       f"| {r['name']} | {r['device']} | {r['dtype']} | {batch} | {config.data.train_max_frames} | "
       f"{config.model.text.max_len} | {text_shape} | {r['init_s']:.1f} | {compile_s} | "
       f"{median:.3f} ({min(r['times']):.3f}-{max(r['times']):.3f}) | {batch / median:.1f} | "
       f"{r['peak_bytes'] / 1e9:.2f} ({r['peak_kind']}) | {ratios[0]} | {ratios[1]} | "
-      f"{'-' if not flops else f'{flops / 1e9:.4g}'} | {mfu} | {r['loss']:.4f} |"
+      f"{'-' if not flops else f'{flops / 1e9:.4g}'} | {mfu} | {matmul_cells} | {r['loss']:.4f} |"
     )
   return "\n".join(rows)
 
@@ -453,6 +490,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   with tempfile.TemporaryDirectory() as folder:
+    if _MATMUL_RATE.value < 0:
+      raise app.UsageError(f"--matmul_rate={_MATMUL_RATE.value}: give a matmul size N > 0, or 0 for none")
     if _BERT_BASE.value and _ROBERTA_LARGE_FLAG.value:
       raise app.UsageError("--bert_base and --roberta_large: choose one")
     if _BERT_BASE.value:

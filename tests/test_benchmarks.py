@@ -33,6 +33,7 @@ TINY_BERT = dict(
   max_position_embeddings=16,
 )
 BATCH, FRAMES, TOKENS = 8, 64, 12  # the batch splits over the 8 fake devices of conftest
+MATMUL_SIZE = 256  # --matmul_rate's square matmul, small here
 
 
 def _tiny_config(text_dir: str):
@@ -211,7 +212,7 @@ def test_benchmark_train_times_passt_roberta_in_both_frameworks(tmp_path):
     f"--config.model.text.max_len={TOKENS}", f"--config.train.global_batch_size={BATCH}",
     "--config.model.audio.passt.depth=1", "--config.model.audio.passt.embed_dim=64",
     "--config.model.audio.passt.num_heads=4", "--config.model.audio.passt.mlp_dim=128",
-    "--config.model.audio.passt.patchout_time=3", "--config.model.embed_dim=16",
+    "--config.model.audio.passt.patchout_time=3", "--config.model.embed_dim=16", f"--matmul_rate={MATMUL_SIZE}",
   ]  # fmt: skip
   table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
   assert "Audio: PaSST (1x64, patchout 3/2) on 1.6 s waveforms" in table and "text: roberta" in table, table
@@ -222,8 +223,14 @@ def test_benchmark_train_times_passt_roberta_in_both_frameworks(tmp_path):
     median = float(re.match(r"[\d.]+", row[9]).group())
     assert 0 < median < 30 and np.isfinite(median)
     assert row[header.index("MFU")] == "-"  # on CPU
-  assert float(ours[header.index("GFLOP / step")]) > 0  # XLA's cost analysis of the compiled step
+  gflop = float(ours[header.index("GFLOP / step")])
+  assert gflop > 0  # XLA's cost analysis of the compiled step
   assert pytorch[header.index("time / PyTorch")] == "1.00"
+  for row in (ours, pytorch):  # Each framework's own matmul rate, and the step's FLOP rate as a share of it.
+    median, matmul = float(re.match(r"[\d.]+", row[9]).group()), float(row[header.index("matmul GFLOP/s")])
+    assert matmul > 0.1
+    share = float(row[header.index("step / matmul rate")].rstrip("%")) / 100
+    assert share == pytest.approx(gflop / (median * matmul), rel=0.05, abs=1e-3)
 
 
 @pytest.mark.slow
