@@ -144,7 +144,7 @@ def _demo_size_config(tmp_path) -> str:
   """A config file for main.py: the demo's model (MiniLM + the demo's narrow CNN14, gradients of its size) on a
   shrunk synthetic dataset: DEMO_SIZE_STEPS steps of 8 short clips, one per process and step logged."""
   from configs import demo
-  from data_pipelines import datasets
+  from data_pipelines import datasets, synthetic
 
   config = demo.get_config()
   config.data.raw_dir = str(tmp_path / "raw")
@@ -159,6 +159,9 @@ def _demo_size_config(tmp_path) -> str:
   config.train.log_every_steps = 1  # Every step is logged, hence finished before the next one starts.
   config.eval.batch_size = 8
   config.eval.num_retrieval_examples = 0
+  # The demo's zero-shot evaluation across both processes, on a small ESC-50-layout set here (not the home cache's).
+  config.eval.zeroshot.root = str(tmp_path / "esc50")
+  synthetic.write_esc50(config.eval.zeroshot.root, clips_per_fold=1, duration_s=1.5)
   datasets.prepare_builder(config.data)
   (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
   path = tmp_path / "demo_size_config.py"
@@ -256,6 +259,7 @@ def test_two_processes_of_two_devices_train_a_demo_size_model_without_stalling(t
   assert sorted(losses) == list(range(1, DEMO_SIZE_STEPS + 1))
   assert np.all(np.isfinite(list(losses.values()))) and np.ptp(list(losses.values())) > 1e-3
   assert os.path.exists(os.path.join(workdir, "results.json"))
+  assert sorted(tensorboard_scalars(workdir, "zeroshot/fold1")) == [DEMO_SIZE_STEPS]  # Zero-shot at validation.
 
 
 def test_launcher_stops_the_job_when_one_process_fails():
