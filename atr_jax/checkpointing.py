@@ -47,6 +47,9 @@ def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict | None)
   manager.wait_until_finished()
 
 
+_MAX_REASON_CHARS = 1000
+
+
 def _readable(manager: ocp.CheckpointManager, step: int, restore):
   """`restore()`, or an error naming the checkpoint folder when it cannot be read (damaged or truncated files, or a
   model config other than the one that saved it)."""
@@ -54,8 +57,11 @@ def _readable(manager: ocp.CheckpointManager, step: int, restore):
     return restore()
   except Exception as error:  # Orbax and TensorStore raise many kinds (ValueError, OSError, their own).
     folder = os.path.join(os.fspath(manager.directory), str(step))
+    # TensorStore ends its messages (which name the file it could not read) with kilobytes of JSON specs.
+    reason = str(error).split(" [tensorstore_spec")[0]
+    reason = reason if len(reason) <= _MAX_REASON_CHARS else reason[:_MAX_REASON_CHARS] + " ..."
     raise ValueError(
-      f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {error}). If the model "
+      f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {reason}). If the model "
       f"config differs from the one that saved it, restore that config; if the folder is damaged, delete that "
       f"folder to resume from the one before it (steps saved: {list(manager.all_steps())})"
     ) from error

@@ -3,6 +3,7 @@ one is named."""
 
 import glob
 import os
+import re
 import shutil
 
 import jax
@@ -80,5 +81,7 @@ def test_a_damaged_checkpoint_is_named(tiny_trained, tmp_path):
     ValueError,
     match=rf"the checkpoint of step {step} \(.*checkpoints/{step}\) cannot be read.*"
     r"delete that folder",
-  ):
+  ) as error:
     train.evaluate_best(config, workdir)
+  assert re.search(rf"checkpoints/{step}/.*/d/[0-9a-f]+", str(error.value))  # The damaged file, named.
+  assert "tensorstore_spec" not in str(error.value) and len(str(error.value)) < 2000  # Without TensorStore's specs.
