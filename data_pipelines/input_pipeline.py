@@ -80,14 +80,13 @@ def _sources_form(sources) -> audio_forms.AudioForm:
 class _ClipTable(NamedTuple):
   captions: tuple[tuple[str, ...], ...]  # Per clip id.
   file_names: tuple[str, ...]
-  lengths: tuple[int, ...]  # Stored rows.
   num_frames: tuple[int, ...]  # 10 ms frames.
 
 
 @functools.cache
 def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
-  """Captions, file name, stored length and frame count per clip id of `split`, from the table the preparation wrote
-  beside the records (`clip_builder.CLIPS_FILE`; no record is read), once per builder and split."""
+  """Captions, file name and frame count (of the stored length) per clip id of `split`, from the table the
+  preparation wrote beside the records (`clip_builder.CLIPS_FILE`; no record is read), once per builder and split."""
   form = audio_form_of(builder)
   path = os.path.join(builder.data_dir, clip_builder.CLIPS_FILE)
   with open(path, encoding="utf-8") as f:
@@ -102,12 +101,10 @@ def _clip_table(builder: tfds.core.DatasetBuilder, split: str) -> _ClipTable:
     )
   if form.length_key not in table:
     raise ValueError(f"{path}: no {form.length_key!r} in split {split!r} for {form.name} records")
-  lengths = tuple(table[form.length_key])
   return _ClipTable(
     captions=tuple(tuple(clip_captions) for clip_captions in table["captions"]),
     file_names=tuple(table["file_names"]),
-    lengths=lengths,
-    num_frames=tuple(form.frames(length) for length in lengths),
+    num_frames=tuple(form.frames(length) for length in table[form.length_key]),
   )
 
 
