@@ -9,7 +9,7 @@ import ml_collections
 
 from atr_jax import zeroshot
 from atr_jax.models.hf_hub import resolve_model_dir
-from atr_jax.models.panns import SCRATCH, audio_init_dir, convert_command
+from atr_jax.models.weights import SCRATCH, audio_init_dir, convert_command
 from atr_jax.models.registry import audio_tower
 from data_pipelines import audio_forms, datasets, layouts
 

@@ -29,7 +29,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from atr_jax import checkpointing, sharding  # noqa: E402
-from atr_jax.models import panns  # noqa: E402
+from atr_jax.models import weights  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.retrieve import Retriever, index_folder, top_k  # noqa: E402
 from atr_jax.train_state import create_train_state, make_optimizer  # noqa: E402
@@ -49,7 +49,7 @@ _QUERY = "a dog barks"
 
 def _fresh_workdir(config) -> str:
   workdir = tempfile.mkdtemp(prefix="atr_jax_retrieval_bench_")
-  config.model.audio.init_from = panns.SCRATCH  # Fresh weights.
+  config.model.audio.init_from = weights.SCRATCH  # Fresh weights.
   model = build_model(config.model)
   tx, _ = make_optimizer(config.optim, steps_per_epoch=1)
   state, _ = create_train_state(config, model, tx, sharding.create_mesh(), jax.random.key(0, impl="rbg"))

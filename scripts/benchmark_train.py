@@ -239,12 +239,12 @@ def _setup_jax(config: ml_collections.ConfigDict) -> _Bench:
   import functools
   import jax
   from atr_jax import losses, sharding
-  from atr_jax.models import panns
+  from atr_jax.models import weights
   from atr_jax.models.dual_encoder import build_model
   from atr_jax.train import train_step
   from atr_jax.train_state import create_train_state, make_optimizer
 
-  config.model.audio.init_from = panns.SCRATCH  # Fresh weights: the step's cost does not depend on their values.
+  config.model.audio.init_from = weights.SCRATCH  # Fresh weights: the step's cost does not depend on their values.
   start = time.perf_counter()
   mesh = sharding.create_mesh()
   model = build_model(config.model)

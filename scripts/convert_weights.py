@@ -7,15 +7,18 @@ python -m scripts.convert_weights --checkpoint passt-s-f128-p16-s16-ap.468.pt --
 
 The file is read with torch's weights-only unpickler (torch CPU needed here only). The tower is the one of
 configs/base.py for `--arch` (an `AUDIO_TOWERS` name; its registry entry's `load` maps the file, naming every
-missing, unexpected or misshaped key in the file's own terms); block-6 pooling does not change CNN14's parameters,
-so one conversion serves both.
+missing, unexpected or misshaped key in the file's own names and layout); block-6 pooling does not change CNN14's
+parameters, so one conversion serves both. A file that is missing, unreadable or not the `--arch` tower's ends the
+command with one line naming the problem and the file, and exit status 1.
 """
 
 import argparse
+import os
+import sys
 
 import jax
 
-from atr_jax.models import panns
+from atr_jax.models import weights
 from atr_jax.models.registry import AUDIO_TOWERS, Tower, audio_tower, example_audio
 from configs.base import get_base_config
 
@@ -29,7 +32,7 @@ def tower_variables_shape(tower, entry: Tower = AUDIO_TOWERS["cnn14"]) -> dict:
 def convert(checkpoint: str, tower, out_dir: str, entry: Tower = AUDIO_TOWERS["cnn14"]) -> str:
   """Maps `checkpoint` onto the variables of the module `tower` (built from the registry `entry`) with the entry's
   `load` (a ValueError lists every mismatch), writes them to `out_dir`; returns the absolute output folder."""
-  return panns.save_audio_variables(entry.load(checkpoint, tower_variables_shape(tower, entry)), out_dir)
+  return weights.save_audio_variables(entry.load(checkpoint, tower_variables_shape(tower, entry)), out_dir)
 
 
 def main(argv=None) -> str:
@@ -43,7 +46,12 @@ def main(argv=None) -> str:
   audio_config = get_base_config().model.audio
   audio_config.arch = args.arch
   tower = audio_tower(audio_config)
-  out_dir = convert(args.checkpoint, tower.build(audio_config), args.out, tower)
+  try:
+    if not os.path.isfile(os.path.expanduser(args.checkpoint)):
+      raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+    out_dir = convert(os.path.expanduser(args.checkpoint), tower.build(audio_config), args.out, tower)
+  except (FileNotFoundError, ValueError, ImportError) as error:  # The user's file or setup: no traceback.
+    sys.exit(f"{parser.prog}: error: {' '.join(str(error).split())}")
   print(f"Wrote the {args.arch} audio tower variables to {out_dir}")
   return out_dir
 

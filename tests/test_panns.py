@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from atr_jax import sharding
-from atr_jax.models import panns
+from atr_jax.models import panns, weights
 from atr_jax.models.cnn14 import Cnn14
 from atr_jax.models.dual_encoder import build_model
 from atr_jax.models.registry import audio_tower
@@ -73,7 +73,7 @@ def test_converted_tower_matches_pytorch_from_log_mel_and_waveform(tmp_path, arc
   checkpoint = str(tmp_path / f"{arch}.pth")
   torch_panns.save_panns_checkpoint(reference, checkpoint)
   out_dir = convert_weights.convert(checkpoint, tower, str(tmp_path / "converted"))
-  variables = panns.load_audio_variables(out_dir, convert_weights.tower_variables_shape(tower))
+  variables = weights.load_audio_variables(out_dir, convert_weights.tower_variables_shape(tower), arch)
   embed = jax.jit(lambda x, m: tower.apply(variables, x, m, train=False))
   rng = np.random.default_rng(3)
 
@@ -105,11 +105,11 @@ def test_mapping_reports_missing_unexpected_and_misshaped_keys_at_once():
     panns.state_dict_to_variables(state_dict, convert_weights.tower_variables_shape(tower), "my.pth")
   message = str(error.value)
   assert "my.pth" in message
-  # Keys named as in the user's file, the model's name beside.
+  # Keys and shapes as in the user's file ((O, I, kh, kw) conv weights), the model's key beside.
   assert "missing keys" in message and "conv_block3.bn2.running_var (model: batch_stats/conv_block3/bn2/var)" in message
   assert (
     "shape mismatches" in message
-    and "conv_block1.conv2.weight (model: params/conv_block1/conv2/kernel): expected (3, 3, 8, 8), got (5, 5, 8, 8)"
+    and "conv_block1.conv2.weight (model: params/conv_block1/conv2/kernel): expected (8, 8, 3, 3), got (8, 8, 5, 5)"
     in message
   )
   assert (
@@ -137,15 +137,15 @@ def test_mapping_layouts_and_skipped_entries():
 
 def test_load_audio_variables_errors_name_the_problem(tmp_path):
   _, tower = _towers("cnn14")
-  with pytest.raises(FileNotFoundError, match="init_from"):
-    panns.load_audio_variables(str(tmp_path / "absent"), convert_weights.tower_variables_shape(tower))
+  with pytest.raises(FileNotFoundError, match=r"init_from.*Cnn14_mAP=0\.431\.pth.*--arch cnn14"):
+    weights.load_audio_variables(str(tmp_path / "absent"), convert_weights.tower_variables_shape(tower), "cnn14")
   reference, _ = _towers("cnn14")
   checkpoint = str(tmp_path / "c.pth")
   torch_panns.save_panns_checkpoint(reference, checkpoint)
   out_dir = convert_weights.convert(checkpoint, tower, str(tmp_path / "converted"))
   wider = Cnn14(channels=(8, 16, 32, 64, 128, 512))
   with pytest.raises(ValueError, match=r"shape mismatches.*conv_block6/conv1/kernel"):
-    panns.load_audio_variables(out_dir, convert_weights.tower_variables_shape(wider))
+    weights.load_audio_variables(out_dir, convert_weights.tower_variables_shape(wider), "cnn14")
 
 
 def test_create_train_state_starts_the_audio_tower_from_init_from(tmp_path):
@@ -174,7 +174,7 @@ def test_create_train_state_starts_the_audio_tower_from_init_from(tmp_path):
   model = build_model(config.model)
   tx, _ = make_optimizer(config.optim, steps_per_epoch=10)
   state, _ = create_train_state(config, model, tx, sharding.create_mesh(), jax.random.key(0, impl="rbg"))
-  expected = panns.load_audio_variables(converted, convert_weights.tower_variables_shape(tower))
+  expected = weights.load_audio_variables(converted, convert_weights.tower_variables_shape(tower), "cnn14")
   jax.tree.map(np.testing.assert_array_equal, state.params["model"]["audio"], expected["params"])
   jax.tree.map(np.testing.assert_array_equal, state.batch_stats["audio"], expected["batch_stats"])
   np.testing.assert_array_equal(
@@ -193,7 +193,7 @@ def test_cli_converts_full_size_released_layout(tmp_path, arch):
   audio_config = get_base_config().model.audio
   audio_config.arch = arch
   tower = audio_tower(audio_config).build(audio_config)
-  variables = panns.load_audio_variables(out_dir, convert_weights.tower_variables_shape(tower))
+  variables = weights.load_audio_variables(out_dir, convert_weights.tower_variables_shape(tower), arch)
   conv = "conv_block_after1" if arch == "resnet38" else "conv_block6"
   np.testing.assert_array_equal(
     variables["params"][conv]["conv2"]["kernel"],

@@ -296,6 +296,7 @@ def test_mapping_errors_name_the_torch_keys(tmp_path):
   state_dict["time_new_pos_embed"] = np.zeros((1, 768, 1, 50), np.float32)
   state_dict["blocks.2.attn.qkv.weight"] = np.zeros((2304, 768), np.float32)
   state_dict["pos_embed"] = np.zeros((1, 498, 768), np.float32)
+  state_dict["blocks.0.mlp.fc1.weight"] = np.zeros((3072, 700), np.float32)
   expected = jax.eval_shape(lambda: _init(passt.Passt(depth=2)))
   with pytest.raises(ValueError) as error:
     passt.state_dict_to_variables(state_dict, expected, "passt.pt")
@@ -304,7 +305,11 @@ def test_mapping_errors_name_the_torch_keys(tmp_path):
   assert "missing keys: ['blocks.1.mlp.fc2.bias (model: params/blocks/1/mlp/fc2/bias)']" in message
   assert "blocks.2.attn.qkv.weight (model: params/blocks/2/attn/qkv/kernel)" in message
   assert "pos_embed (model: params/pos_embed)" in message
-  assert "time_new_pos_embed (model: params/time_new_pos_embed): expected (1, 1, 62, 768), got (1, 1, 50, 768)" in (
+  # Shapes as the file holds them: the positional embedding channels-first, a linear layer's weight (out, in).
+  assert "blocks.0.mlp.fc1.weight (model: params/blocks/0/mlp/fc1/kernel): expected (3072, 768), got (3072, 700)" in (
+    message
+  )
+  assert "time_new_pos_embed (model: params/time_new_pos_embed): expected (1, 768, 1, 62), got (1, 768, 1, 50)" in (
     message
   )
   assert "head" not in message  # the classification heads are skipped, not unexpected

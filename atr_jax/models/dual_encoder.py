@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
-from atr_jax.models import panns
 from atr_jax.models.registry import audio_tower, text_tower
+from atr_jax.models.weights import audio_init_dir, load_audio_variables
 from atr_jax.sharding import place_like
 
 TEXT_POOLINGS = ("cls", "mean")
@@ -134,11 +134,11 @@ def load_pretrained(variables: dict, model_config: ml_collections.ConfigDict) ->
   tower's weights when model.text.pretrained (`load_pretrained_text`), the audio tower's variables from the
   converted folder model.audio.init_from unless it is "scratch"; each array placed like the one it replaces."""
   variables = {**variables, "params": load_pretrained_text(variables["params"], model_config)}
-  directory = panns.audio_init_dir(model_config)
+  directory = audio_init_dir(model_config)
   if directory is None:
     return variables
   audio = {name: collection["audio"] for name, collection in variables.items() if "audio" in collection}
-  loaded = place_like(panns.load_audio_variables(directory, audio), audio)
+  loaded = place_like(load_audio_variables(directory, audio, model_config.audio.arch), audio)
   return {
     name: {**collection, "audio": loaded[name]} if name in loaded else collection
     for name, collection in variables.items()

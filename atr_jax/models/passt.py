@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from atr_jax.models.weights import check_params_match, read_torch_state_dict
+from atr_jax.models.weights import check_params_match, read_torch_state_dict, torch_shape
 from data_pipelines import passt_features
 
 HOP_MINIMUM = passt_features.HOP_LENGTH  # the shortest clip (samples) the front end takes
@@ -270,10 +270,17 @@ def _torch_key(flax_key: str) -> str:
   return ".".join([*module, "weight" if leaf in ("kernel", "scale") else leaf])
 
 
+def _torch_shape(flax_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The file's layout of a variable of Flax shape `shape`: the positional embeddings channels-first."""
+  if flax_key.rsplit("/", 1)[-1] in _CHANNELS_FIRST and len(shape) == 4:
+    return (shape[0], shape[3], shape[1], shape[2])
+  return torch_shape(flax_key, shape)
+
+
 def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, source: str) -> dict:
   """hear21passt PaSST state_dict (the released `passt-s-f128-p16-s16-ap.468.pt` layout; head.* and head_dist.*
   skipped) -> {'params'} of the Passt tower whose variables (arrays or ShapeDtypeStructs) are `expected`. Raises one
-  ValueError naming, in the file's own (PyTorch) names, every missing key, unexpected key and shape mismatch
+  ValueError naming, in the file's own (PyTorch) names and layout, every missing key, unexpected key and shape mismatch
   (`source` names the file in it)."""
   flat = {}
   for name, value in state_dict.items():
@@ -281,7 +288,7 @@ def state_dict_to_variables(state_dict: dict[str, np.ndarray], expected: dict, s
       key, array = _flax_key(name, np.asarray(value))
       flat[key] = np.ascontiguousarray(array, dtype=np.float32)
   variables = flax.traverse_util.unflatten_dict(flat)
-  check_params_match({"params": expected["params"]}, variables, source, _torch_key)
+  check_params_match({"params": expected["params"]}, variables, source, _torch_key, _torch_shape)
   return variables
 
 
