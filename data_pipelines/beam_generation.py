@@ -96,8 +96,8 @@ def _bad_value(flag: str) -> bool:
 
 
 class _Extract(beam.DoFn):
-  """DoFn: a clip's audio path to (path, outcome as a dict), by `extraction.extract` in audio form `form_name` in
-  this worker's own child."""
+  """DoFn: a clip's [audio path, cache name] to (path, outcome as a dict), by `extraction.extract` in audio form
+  `form_name` in this worker's own child."""
 
   def __init__(self, cache_dir: str, form_name: str):
     self._cache_dir = cache_dir
@@ -108,8 +108,8 @@ class _Extract(beam.DoFn):
     self._process = extraction.WorkerProcess(self._cache_dir, self._form_name)
 
   def process(self, line: str):
-    path = json.loads(line)
-    yield json.dumps([path, dataclasses.asdict(self._process.extract(path))])
+    path, name = json.loads(line)
+    yield json.dumps([path, dataclasses.asdict(self._process.extract(path, name))])
 
   def teardown(self):
     if self._process is not None:
@@ -118,10 +118,15 @@ class _Extract(beam.DoFn):
 
 
 def extract(
-  paths: list[str], cache_dir: str, options: pipeline_options.PipelineOptions, form_name: str = "log_mel"
+  paths: list[str],
+  cache_dir: str,
+  options: pipeline_options.PipelineOptions,
+  form_name: str = "log_mel",
+  names: dict[str, str] | None = None,
 ) -> dict[str, extraction.AudioOutcome]:
   """The outcome of every path of `paths` (audio files) by path, in audio form `form_name`, computed by a Beam
-  pipeline with `options` (`parse_options`) into the feature cache `cache_dir`."""
+  pipeline with `options` (`parse_options`) into the feature cache `cache_dir`; `names`: the cache name of each
+  path (`extraction.extract`; default: its absolute path)."""
   audio_forms.audio_form(form_name, key="form_name")  # A bad form name fails before any work.
   extraction.clear_partial_writes(cache_dir)
   if not paths:
@@ -131,7 +136,7 @@ def extract(
   try:
     inputs = os.path.join(work_dir, "paths.jsonl")
     with open(inputs, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(path) + "\n" for path in sorted(set(paths)))
+      f.writelines(json.dumps([path, (names or {}).get(path)]) + "\n" for path in sorted(set(paths)))
     with beam.Pipeline(options=options) as pipeline:
       _ = (
         pipeline

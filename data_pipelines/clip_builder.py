@@ -359,11 +359,13 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(clips) for split, clips in written.items() if clips}
 
   def _extract(self, tables: dict[str, list[ClipRow]]) -> dict[str, list[extraction.AudioOutcome]]:
-    """The extraction outcome of every clip of `tables`, by split in the clips' order."""
+    """The extraction outcome of every clip of `tables`, by split in the clips' order. The feature cache knows a clip
+    by `<split>/<file name>` (`extraction.extract`), so that the raw folder moved or laid out anew is served from it."""
+    names = {clip.audio_path: f"{split}/{clip.file_name}" for split, clips in tables.items() for clip in clips}
     if self.beam_options is None:
       with extraction.Extractor(self.feature_cache_dir, self.workers, self.audio_form.name) as extractor:
         return {
-          split: extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}")
+          split: extractor.run([clip.audio_path for clip in clips], desc=f"{self.name} {split}", names=names)
           for split, clips in tables.items()
         }
     beam_generation = import_beam_generation()
@@ -372,7 +374,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     logging.info(
       "%s: extracting %d clips with Apache Beam (%s)", self.name, len(paths), self.beam_options or "defaults"
     )
-    by_path = beam_generation.extract(paths, self.feature_cache_dir, options, self.audio_form.name)
+    by_path = beam_generation.extract(paths, self.feature_cache_dir, options, self.audio_form.name, names)
     return {split: [by_path[clip.audio_path] for clip in clips] for split, clips in tables.items()}
 
   @staticmethod

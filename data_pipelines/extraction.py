@@ -1,7 +1,7 @@
 """Parallel, cached, resumable feature extraction of audio files, and the preparation report.
 
-`Extractor(cache_dir, workers, form_name).run(paths, desc)` turns each audio file into an `AudioOutcome`: the cache
-file of its stored array in the audio form `form_name` (`audio_forms`: the float16 (frames, 64) log-mel
+`Extractor(cache_dir, workers, form_name).run(paths, desc, names=...)` turns each audio file into an `AudioOutcome`:
+the cache file of its stored array in the audio form `form_name` (`audio_forms`: the float16 (frames, 64) log-mel
 `features.log_mel(features.read_audio(path))`, or the int16 (samples,) 32 kHz waveform) and its notes (downmixed,
 resampled, silent: digital silence is valid audio, its log-mel is the floor), or the reason it is skipped because it
 cannot be decoded or is shorter than one hop (missing_audio, empty_file, unreadable_audio, truncated_audio,
@@ -10,12 +10,17 @@ too_short): notes and reasons are the same for both forms. Files are processed b
 only, never TensorFlow nor the caller's main module) under a progress bar; a file whose decoding kills its worker
 process is skipped too, the others go on.
 
-The cache holds one `<sha1 of path, size, mtime and the form's version>.npz` per good clip (the array under the form's
-name, and the notes; log-mel entries keep the key they always had, waveform entries have their own), written under a
-temporary name and renamed (`os.replace`), so a killed run never leaves a partial entry and a restarted run decodes only
-the files not cached yet: it ends with exactly the arrays of an uninterrupted run. Skipped files are not cached (they
-fail fast, and a repaired file is picked up). The cache outlives a preparation, so that preparing again after the
-sources changed decodes only new and modified files; `keep_only` drops the entries a preparation no longer uses.
+The cache holds one `<sha1 of name, size, mtime and the form's version>.npz` per good clip (the array under the form's
+name, and the notes; waveform entries have their own), written under a temporary name and renamed (`os.replace`), so a
+killed run never leaves a partial entry and a restarted run decodes only the files not cached yet: it ends with
+exactly the arrays of an uninterrupted run. A file's name in the key is the one its caller gives it (a dataset
+preparation: `<split>/<the clip's file name>`, alike in every raw folder layout that names the file alike, wherever
+the folder lies), else its absolute path: a raw folder moved, copied with its modification times (`cp -a`,
+`shutil.copytree`) or laid out anew is served from the cache, while a file whose size or modification time changed
+is decoded again.
+Skipped files are not cached (they fail fast, and a repaired file is picked up). The cache outlives a preparation, so
+that preparing again after the sources changed decodes only new and modified files; `keep_only` drops the entries a
+preparation no longer uses.
 
 `Report` collects, per split, the clips and captions read and written, what was skipped (by reason: a skipped clip
 takes its captions with it) and what was noted (by kind); it writes them as a CSV and `format_summary` prints them.
@@ -85,8 +90,8 @@ def _cache_version(form: audio_forms.AudioForm) -> str:
   return f"{form.version}|silence<{SILENCE_PEAK}"  # The log-mel's is the key of every log-mel cache so far.
 
 
-def _cache_path(cache_dir: str, path: str, stat: os.stat_result, form: audio_forms.AudioForm) -> str:
-  identity = f"{os.path.abspath(path)}\n{stat.st_size}\n{stat.st_mtime_ns}\n{_cache_version(form)}"
+def _cache_path(cache_dir: str, name: str, stat: os.stat_result, form: audio_forms.AudioForm) -> str:
+  identity = f"{name}\n{stat.st_size}\n{stat.st_mtime_ns}\n{_cache_version(form)}"
   return os.path.join(cache_dir, hashlib.sha1(identity.encode("utf-8")).hexdigest() + ".npz")
 
 
@@ -133,9 +138,9 @@ def _conversion_notes(source: features.AudioSource) -> tuple[tuple[str, str], ..
   return tuple(notes)
 
 
-def extract(path: str, cache_dir: str, form_name: str = "log_mel") -> AudioOutcome:
-  """The outcome of one audio file in the audio form `form_name`, from the cache when it holds the file, else
-  computed and cached."""
+def extract(path: str, cache_dir: str, form_name: str = "log_mel", name: str | None = None) -> AudioOutcome:
+  """The outcome of one audio file in the audio form `form_name`, from the cache when it holds the file (known by
+  `name`, default its absolute path, its size and its modification time), else computed and cached."""
   form = audio_forms.audio_form(form_name, key="form_name")
   try:
     stat = os.stat(path)
@@ -145,7 +150,7 @@ def extract(path: str, cache_dir: str, form_name: str = "log_mel") -> AudioOutco
     return AudioOutcome(None, "unreadable_audio", f"cannot read audio file {path}: {e}")
   if not os.path.isfile(path):
     return AudioOutcome(None, "missing_audio", f"{path} is not a file")
-  cache_path = _cache_path(cache_dir, path, stat, form)
+  cache_path = _cache_path(cache_dir, os.path.abspath(path) if name is None else name, stat, form)
   notes = _cached_notes(cache_path)
   if notes is not None:
     return AudioOutcome(cache_path, notes=notes)
@@ -171,8 +176,9 @@ def default_workers() -> int:
 
 class WorkerProcess:
   """A child `python -m data_pipelines.extraction CACHE_DIR FORM_NAME` (it imports this module, `audio_forms` and
-  `features` only, never the caller's main module nor TensorFlow): it reads a JSON path a line and answers each with
-  its outcome in audio form FORM_NAME as a JSON line. A child that dies is restarted at the next clip."""
+  `features` only, never the caller's main module nor TensorFlow): it reads a JSON [path, cache name or null] a
+  line and answers each with its outcome in audio form FORM_NAME as a JSON line. A child that dies is restarted at the
+  next clip."""
 
   def __init__(self, cache_dir: str, form_name: str = "log_mel"):
     self._cache_dir = cache_dir
@@ -191,11 +197,11 @@ class WorkerProcess:
       env=dict(os.environ, PYTHONPATH=python_path),
     )
 
-  def extract(self, path: str) -> AudioOutcome:
+  def extract(self, path: str, name: str | None = None) -> AudioOutcome:
     if self._process is None:
       self._process = self._start()
     try:
-      self._process.stdin.write(json.dumps(path) + "\n")
+      self._process.stdin.write(json.dumps([path, name]) + "\n")
       self._process.stdin.flush()
       answer = self._process.stdout.readline()
     except OSError:  # BrokenPipeError: the child is gone.
@@ -223,13 +229,14 @@ class WorkerProcess:
 
 
 def _serve(cache_dir: str, form_name: str) -> None:
-  """Worker loop (`python -m data_pipelines.extraction CACHE_DIR FORM_NAME`): JSON paths on stdin, outcomes on
-  stdout."""
+  """Worker loop (`python -m data_pipelines.extraction CACHE_DIR FORM_NAME`): JSON [path, cache name] on stdin,
+  outcomes on stdout."""
   answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
   os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # Whatever else writes to stdout cannot garble the answers.
   threadpoolctl.threadpool_limits(limits=1, user_api="blas")  # One BLAS thread: the workers use every core.
   for line in sys.stdin:
-    answers.write(json.dumps(dataclasses.asdict(extract(json.loads(line), cache_dir, form_name))) + "\n")
+    path, name = json.loads(line)
+    answers.write(json.dumps(dataclasses.asdict(extract(path, cache_dir, form_name, name))) + "\n")
     answers.flush()
 
 
@@ -260,16 +267,20 @@ class Extractor:
       process.close(kill=exc_type is not None)
     self._processes = []
 
-  def _extract_in_a_worker(self, path: str) -> AudioOutcome:
+  def _extract_in_a_worker(self, path: str, name: str | None) -> AudioOutcome:
     process = self._idle.get()
     try:
-      return process.extract(path)
+      return process.extract(path, name)
     finally:
       self._idle.put(process)
 
-  def run(self, paths: list[str], desc: str, progress: tqdm.tqdm | None = None) -> list[AudioOutcome]:
+  def run(
+    self, paths: list[str], desc: str, progress: tqdm.tqdm | None = None, names: dict[str, str] | None = None
+  ) -> list[AudioOutcome]:
     """Outcomes of `paths`, in their order, under a progress bar (clips/s) titled `desc`, or advancing `progress`, a
-    bar the caller holds open (then `desc` is not used)."""
+    bar the caller holds open (then `desc` is not used). `names`: the cache name of each path (`extract`; default:
+    its absolute path)."""
+    names = names or {}
     outcomes = [None] * len(paths)
     with (
       tqdm.tqdm(total=len(paths), desc=desc, unit="clip", smoothing=0.1)
@@ -279,12 +290,14 @@ class Extractor:
       if not self._processes:
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
           for index, path in enumerate(paths):
-            outcomes[index] = extract(path, self.cache_dir, self.form_name)
+            outcomes[index] = extract(path, self.cache_dir, self.form_name, names.get(path))
             progress.update()
         return outcomes
       threads = futures.ThreadPoolExecutor(self.workers)
       try:
-        pending = {threads.submit(self._extract_in_a_worker, path): index for index, path in enumerate(paths)}
+        pending = {
+          threads.submit(self._extract_in_a_worker, path, names.get(path)): index for index, path in enumerate(paths)
+        }
         for future in futures.as_completed(pending):
           outcomes[pending[future]] = future.result()
           progress.update()

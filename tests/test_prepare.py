@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -504,6 +505,83 @@ def test_newly_downloaded_audio_is_prepared_again(tmp_path, monkeypatch, caplog)
     "yt_b.wav": ["a dog barks"],
   }
   assert again.info.metadata["preparation"]["train"]["skipped_clips"] == {}
+
+
+def _clotho_paths(root: str, layout: str) -> list[str]:
+  """Each Clotho split's caption CSV and audio folder in `layout` under `root` (as tests/test_layouts.py spells
+  them), in split order."""
+  theirs = dict(zip(clotho.SPLITS, ("train", "val", "test")))
+  paths = {
+    "native": lambda split: (f"clotho_captions_{split}.csv", split),
+    "aac-datasets": lambda split: (
+      f"CLOTHO_v2.1/clotho_csv_files/clotho_captions_{split}.csv",
+      f"CLOTHO_v2.1/clotho_audio_files/{split}",
+    ),
+    "reference": lambda split: (f"csv_files/{theirs[split]}.csv", f"waveforms/{theirs[split]}"),
+  }[layout]
+  return [os.path.join(root, path) for split in clotho.SPLITS for path in paths(split)]
+
+
+def _relayout(sources: list[str], targets: list[str], copy: bool) -> None:
+  """Each of `sources` moved (os.renames) or, when `copy`, copied (shutil.copy2 / copytree) to its target: either
+  way the files keep their modification times."""
+  for source, target in zip(sources, targets, strict=True):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not copy:
+      os.renames(source, target)
+    elif os.path.isdir(source):
+      shutil.copytree(source, target)
+    else:
+      shutil.copy2(source, target)
+
+
+def test_a_moved_or_re_laid_out_raw_folder_is_prepared_from_the_cache(tmp_path, monkeypatch, caplog):
+  """The feature cache knows a clip by split, file name, size and modification time, not by where the folder lies:
+  the same folder moved elsewhere in the aac-datasets layout, then copied into the reference layout, is prepared
+  again (its paths changed) without decoding a clip, into the same records; a file whose content changed in the copy
+  is decoded again, alone."""
+  raw, data_dir = _small_clotho(tmp_path), str(tmp_path / "prepared")
+  first, decoded, _ = _prepare_counting(lambda: clotho.prepare(raw, data_dir, workers=1), monkeypatch, caplog)
+  assert len(decoded) == 4
+  expected = {split: _records(first, split) for split in clotho.SPLITS}
+
+  def check_records(builder, changed: str = "") -> None:
+    for split in clotho.SPLITS:
+      records = _records(builder, split)
+      assert sorted(records) == sorted(expected[split])
+      for name, record in records.items():
+        assert list(record["captions"]) == list(expected[split][name]["captions"])
+        assert record["clip_id"] == expected[split][name]["clip_id"]
+        if name != changed:
+          np.testing.assert_array_equal(record["log_mel"], expected[split][name]["log_mel"])
+
+  aac = str(tmp_path / "elsewhere" / "clotho")
+  _relayout(_clotho_paths(raw, "native"), _clotho_paths(aac, "aac-datasets"), copy=False)
+  assert not os.path.exists(os.path.join(raw, "development"))  # moved, not copied
+  moved, decoded, log = _prepare_counting(lambda: clotho.prepare(aac, data_dir, workers=1), monkeypatch, caplog)
+  assert "preparing again" in log
+  assert decoded == []
+  check_records(moved)
+
+  reference = str(tmp_path / "data" / "Clotho")
+  _relayout(_clotho_paths(aac, "aac-datasets"), _clotho_paths(reference, "reference"), copy=True)
+  copied, decoded, log = _prepare_counting(lambda: clotho.prepare(reference, data_dir, workers=1), monkeypatch, caplog)
+  assert "preparing again" in log
+  assert decoded == []
+  check_records(copied)
+
+  name = sorted(expected["development"])[0]
+  path = os.path.join(reference, "waveforms", "train", name)
+  _write_audio(path, "good", 99)  # Another clip, 1 s instead of 1.5 s.
+  changed, decoded, _ = _prepare_counting(lambda: clotho.prepare(reference, data_dir, workers=1), monkeypatch, caplog)
+  assert decoded == [name]
+  check_records(changed, changed=name)
+  np.testing.assert_allclose(
+    _records(changed, "development")[name]["log_mel"].astype(np.float32),
+    features.log_mel(features.load_audio(path)),
+    rtol=2.0**-11 * 1.01,
+    atol=1e-6,
+  )
 
 
 def test_unchanged_sources_are_reused_without_extraction(tmp_path, monkeypatch, caplog):

@@ -130,8 +130,9 @@ def test_waveform_has_its_own_folder_and_cache_entries(raw_dir, waveform_builder
       clotho.prepare(raw_dir, builder.data_dir_root, audio_feature=other, check_sources=False)
   path = os.path.join(raw_dir, "development", "d0.wav")
   stat = os.stat(path)
-  # The log-mel entry keeps the key of the caches written before the waveform form existed.
-  identity = f"{path}\n{stat.st_size}\n{stat.st_mtime_ns}\n{features.FEATURE_VERSION}|silence<{extraction.SILENCE_PEAK}"
+  # A prepared clip's log-mel entry is keyed by its split and file name (not where the raw folder lies), size, mtime.
+  version = f"{features.FEATURE_VERSION}|silence<{extraction.SILENCE_PEAK}"
+  identity = f"development/d0.wav\n{stat.st_size}\n{stat.st_mtime_ns}\n{version}"
   log_mel_entry = os.path.join(log_mel_builder.feature_cache_dir, hashlib.sha1(identity.encode()).hexdigest() + ".npz")
   assert extraction.load_clip(log_mel_entry).dtype == np.float16
   assert extraction.stored_length(log_mel_entry) == features.num_frames(20011)
