@@ -2,8 +2,9 @@
 
 Cheap by design (a handful of queries, a few seconds of audio each): written once per evaluation by process 0 only.
 The queries are the same captions at every evaluation (evenly spaced over the split), so their results can be
-compared across epochs. Audio is read from the raw Clotho-layout folder, ``raw_dir/<split>/<file_name>``; a clip
-that cannot be read is logged and left silent, never fatal.
+compared across epochs. Audio is read from the raw folder, where its layout (``data_pipelines.layouts``: native,
+aac-datasets or reference) keeps the split's audio; a clip that cannot be read is logged and left silent, never
+fatal.
 """
 
 import os
@@ -14,7 +15,7 @@ from absl import logging
 
 from atr_jax.evaluation import SplitEmbeddings
 from atr_jax.submission import top_k_clips
-from data_pipelines import features
+from data_pipelines import features, layouts
 
 
 def query_indices(num_captions: int, num_queries: int) -> np.ndarray:
@@ -41,6 +42,7 @@ def write_retrieval_examples(
   step: int,
   emb: SplitEmbeddings,
   *,
+  dataset: str,
   raw_dir: str,
   split: str,
   num_queries: int = 4,
@@ -48,7 +50,8 @@ def write_retrieval_examples(
   audio_seconds: float = 5.0,
 ) -> None:
   """Writes ``<split>/retrieval_examples`` (text) and ``<split>/top_hits`` (the first ``audio_seconds`` of each
-  query's top clip, zero-padded, one audio per query) through a clu metric writer; only process 0 writes."""
+  query's top clip, zero-padded, one audio per query, read from ``raw_dir``, a ``dataset`` folder in any of its
+  layouts) through a clu metric writer; only process 0 writes."""
   if jax.process_index() != 0:
     return
   queries = query_indices(len(emb.captions), num_queries)
@@ -56,8 +59,9 @@ def write_retrieval_examples(
   writer.write_texts(step, {f"{split}/retrieval_examples": retrieval_examples_markdown(emb, queries, top)})
   length = int(audio_seconds * features.SAMPLE_RATE)
   audios = np.zeros((len(queries), length, 1), np.float32)
+  layout = layouts.find(dataset, os.path.expanduser(raw_dir))
   for row, clip in enumerate(top[:, 0]):
-    path = os.path.join(os.path.expanduser(raw_dir), split, emb.file_names[clip])
+    path = layout.audio_path(split, emb.file_names[clip])
     try:
       waveform = features.load_audio(path)[:length]
     except features.AudioError as e:

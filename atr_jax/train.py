@@ -460,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
         writer,
         step,
         val_emb,
+        dataset=config.data.dataset,
         raw_dir=config.data.raw_dir,
         split=config.data.val_split,
         num_queries=config.eval.num_retrieval_examples,

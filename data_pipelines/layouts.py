@@ -109,6 +109,15 @@ class Layout:
   def present(self) -> bool:
     return bool(self.present_splits())
 
+  def audio_path(self, split: str, file_name: str) -> str:
+    """The audio file of the clip a prepared `split` names `file_name`: in the split's audio folder (a MultiSource
+    split's file names are `<source>/<file>`: in that source's)."""
+    source = self.splits[split]
+    if isinstance(source, MultiSource):
+      name, file_name = file_name.split("/", 1)
+      source = source.sources[name]
+    return os.path.join(source.audio_dir, file_name)
+
   def _relative(self, path: str) -> str:
     return os.path.relpath(path, self.raw_dir)
 

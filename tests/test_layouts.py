@@ -1,7 +1,7 @@
 """Raw folder layouts (`layouts`): the same clips, a bad row and an unreadable audio file among them, in the native,
 aac-datasets and reference layouts of Clotho and AudioCaps prepare into the same records, counts, report and
-clips.json; the layout detected is logged and printed by the prepare CLI; the path checks before a run follow the
-layout; a folder in no layout or in several is a clear error.
+clips.json; the layout detected is logged and printed by the prepare CLI; the path checks before a run and the
+TensorBoard top-hit audio follow the layout; a folder in no layout or in several is a clear error.
 
 The fixtures spell out each layout's folder and file names (aac-datasets': its aac_datasets/datasets/functional/
 clotho.py and audiocaps.py) rather than asking `layouts`, so that the names themselves are checked.
@@ -16,10 +16,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import soundfile as sf
 
 from atr_jax import preflight
+from atr_jax.evaluation import SplitEmbeddings
+from atr_jax.summaries import write_retrieval_examples
 from configs.base import get_base_config
 from data_pipelines import audiocaps, clip_builder, clotho, extraction, features, layouts, synthetic
 
@@ -373,3 +376,52 @@ def test_preflight_checks_the_paths_of_the_layout(tmp_path):
   config.test_split = "evaluation"
   with pytest.raises(FileNotFoundError, match=r"clotho_captions_evaluation\.csv does not exist \(.*is in no clotho"):
     preflight.check_data_paths(config, training=False)
+
+
+class _RecordingWriter:
+  """A clu metric writer keeping what it is given."""
+
+  def __init__(self):
+    self.texts, self.audios = {}, {}
+
+  def write_texts(self, step, texts):
+    self.texts.update(texts)
+
+  def write_audios(self, step, audios, *, sample_rate):
+    assert sample_rate == features.SAMPLE_RATE
+    self.audios.update(audios)
+
+
+@pytest.mark.parametrize(
+  "dataset,layout,split,file_names",
+  [
+    ("clotho", "aac-datasets", "development", ["good_0.wav", "good_1.wav"]),
+    ("clotho", "reference", "development", ["good_0.wav", "good_1.wav"]),
+    ("audiocaps", "aac-datasets", "train", ["yt_a_30.flac", "yt_b_0.flac"]),
+  ],
+)
+def test_top_hit_audio_summary_reads_the_split_where_the_layout_keeps_it(
+  tmp_path, caplog, dataset, layout, split, file_names
+):
+  """The TensorBoard top hits of a raw folder in a non-native layout are the clips' real audio (each query's top hit
+  is its own clip), read without a warning."""
+  root = str(tmp_path / "raw")
+  if dataset == "clotho":
+    _write_clotho(root, layout)
+    audio_dir = CLOTHO_PATHS[layout][split][1]
+  else:
+    _write_audiocaps_official(root, layout, AAC_FILE_PATTERN)
+    audio_dir = AUDIOCAPS_PATHS[layout][split][1]
+  embeddings = np.eye(2, 4)
+  emb = SplitEmbeddings(embeddings, embeddings, np.arange(2), ["first", "second"], file_names)
+  writer = _RecordingWriter()
+  with caplog.at_level("WARNING"):
+    write_retrieval_examples(
+      writer, 1, emb, dataset=dataset, raw_dir=root, split=split, num_queries=2, top_k=2, audio_seconds=1.0
+    )
+  assert not caplog.records, caplog.text
+  top_hits = writer.audios[f"{split}/top_hits"][:, :, 0]
+  for row, name in enumerate(file_names):
+    waveform = features.load_audio(os.path.join(root, audio_dir, name))
+    assert np.abs(waveform).max() > 0.01  # real audio, not silence
+    np.testing.assert_allclose(top_hits[row, : waveform.size], np.clip(waveform, -1.0, 1.0)[: top_hits.shape[1]])

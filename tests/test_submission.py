@@ -94,7 +94,9 @@ def test_retrieval_examples_text_and_top_hit_audio(tmp_path):
   for i, tone in tones.items():  # c0.wav is missing: its audio stays silent, with a warning
     sf.write(tmp_path / "validation" / file_names[i], tone, SAMPLE_RATE, subtype="FLOAT")
   writer = RecordingWriter()
-  write_retrieval_examples(writer, 7, emb, raw_dir=str(tmp_path), split="validation", num_queries=3, audio_seconds=2.0)
+  write_retrieval_examples(
+    writer, 7, emb, dataset="clotho", raw_dir=str(tmp_path), split="validation", num_queries=3, audio_seconds=2.0
+  )
   queries = query_indices(12, 3)
   np.testing.assert_array_equal(queries, [0, 6, 11])
   text_summary = writer.texts[(7, "validation/retrieval_examples")]
