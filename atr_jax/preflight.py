@@ -1,13 +1,15 @@
 """What a run checks before any work (data generation or preparation, weight loading, compilation): every folder
-and file the config names exists, and the prepared data will hold what the audio tower takes. Each error names the
-config key, its value and the path it looked for."""
+and file the config names exists, the text model's tokenizer loads and every weight file the run will read has
+readable keys, and the prepared data will hold what the audio tower takes. Each error names the config key, its
+value and the path it looked for (or the file it could not read), in seconds rather than after hours of data
+preparation."""
 
 import os
 
 import jax
 import ml_collections
 
-from atr_jax import zeroshot
+from atr_jax import tokenization, zeroshot
 from atr_jax.models.hf_hub import resolve_model_dir
 from atr_jax.models.weights import SCRATCH, audio_init_dir, convert_command
 from atr_jax.models.registry import audio_tower
@@ -34,6 +36,61 @@ def check_model_paths(model_config: ml_collections.ConfigDict) -> None:
       f"config.model.audio.init_from={model_config.audio.init_from!r}: {directory} does not exist. Convert the "
       f"released weights once ({convert_command(model_config.audio.arch, directory)}), point the key at the converted "
       f"folder, or set it to {SCRATCH!r} to start the audio tower from random weights"
+    )
+
+
+def _text_weight_keys(model_dir: str) -> tuple[str, list[str]]:
+  """(path, tensor names) of the weight file a text tower loads from `model_dir` (model.safetensors, else
+  pytorch_model.bin, as `models.bert` reads them). A safetensors file is read by its header only."""
+  from safetensors import SafetensorError, safe_open
+
+  from atr_jax.models.weights import read_torch_state_dict
+
+  path = os.path.join(model_dir, "model.safetensors")
+  if os.path.exists(path):
+    try:
+      with safe_open(path, "numpy") as f:
+        return path, list(f.keys())
+    except (OSError, SafetensorError) as error:
+      raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
+  path = os.path.join(model_dir, "pytorch_model.bin")
+  if os.path.exists(path):
+    return path, list(read_torch_state_dict(path))
+  raise FileNotFoundError(f"{model_dir} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def _audio_variable_keys(directory: str) -> list[str]:
+  """The variable names in the converted audio tower folder `directory` (orbax metadata only, no arrays read)."""
+  import flax.traverse_util
+  import orbax.checkpoint as ocp
+
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata
+  except (OSError, ValueError) as error:
+    raise ValueError(f"{directory} is not a readable converted weights folder ({error})") from error
+  tree = getattr(metadata, "tree", metadata)
+  return ["/".join(key) for key in flax.traverse_util.flatten_dict(dict(tree or {}))]
+
+
+def check_model_files(model_config: ml_collections.ConfigDict) -> None:
+  """The text tower's tokenizer loads (model.text.model_dir, max_len), and every weight file the run reads has
+  readable keys: the text model's weights (when model.text.pretrained) and the converted folder of
+  model.audio.init_from. Errors name the config key and the file."""
+  text = model_config.text
+  try:
+    tokenization.load_tokenizer(text.model_dir, text.max_len)
+    if text.pretrained:
+      path, keys = _text_weight_keys(resolve_model_dir(text.model_dir))
+      if not keys:
+        raise ValueError(f"{path} holds no tensors")
+  except (OSError, ValueError) as error:
+    kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+    raise kind(f"config.model.text.model_dir={text.model_dir!r}: {error}") from error
+  directory = audio_init_dir(model_config)
+  if directory is not None and not _audio_variable_keys(directory):
+    raise ValueError(
+      f"config.model.audio.init_from={model_config.audio.init_from!r}: {directory} holds no converted weights "
+      f"(convert the released ones with {convert_command(model_config.audio.arch, directory)})"
     )
 
 
@@ -93,6 +150,7 @@ def check(config: ml_collections.ConfigDict, *, training: bool) -> None:
   the process that prepares it."""
   check_audio_feature(config)
   check_model_paths(config.model)
+  check_model_files(config.model)
   relevance_csv = os.path.expanduser(config.eval.relevance_csv)
   if relevance_csv and not os.path.isfile(relevance_csv):
     raise FileNotFoundError(f"config.eval.relevance_csv={config.eval.relevance_csv!r}: {relevance_csv} does not exist")

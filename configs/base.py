@@ -26,7 +26,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # WavCaps (dataset or extra_train "wavcaps:DIR:train"): CSV whose column `id` lists the Freesound ids kept out of
   # training (Clotho's evaluation clips, e.g. aac-datasets' blacklist_clotho.full.csv); "" = none.
   config.data.wavcaps_exclude_csv = ""
-  config.data.caption_cleaning = "reference"  # "reference" (SPEC 7: lower-case, punctuation removed) or "raw".
+  # Caption cleaning before tokenisation (data_pipelines/captions.py): "reference" (SPEC 7: lower-case, the marks
+  # , . ! ? ; : " replaced by spaces), "dcase2025" (SPEC 11b: lower-case, every ASCII punctuation mark deleted, no
+  # space put in: "dog's" -> "dogs") or "raw".
+  config.data.caption_cleaning = "reference"
   config.data.data_dir = ""  # Where prepared TFRecords go; "" = ~/.cache/atr_jax/prepared/<name>-<hash>.
   config.data.generate_synthetic = False  # Generate the synthetic dataset into raw_dir when it is absent.
   config.data.synthetic = ml_collections.ConfigDict()

@@ -1,6 +1,9 @@
-"""The DCASE 2025 Task 6 baseline recipe (SPEC 11) on Clotho v2.1: PaSST-S + RoBERTa-large, one Linear head per
-tower, the multi-positive contrastive loss (tau 0.05), batch 64, 20 epochs of Adam: 1 warm-up epoch, then a cosine
-from 2e-5 down to 1e-7 over 15 epochs (kept at 1e-7 after), 32 caption tokens, text dropout 0.2, patchout 15/2.
+"""The DCASE 2025 Task 6 baseline recipe (SPEC 11, 11b) on Clotho v2.1: PaSST-S + RoBERTa-large, one Linear head
+per tower, the multi-positive contrastive loss (tau 0.05), batch 64, 20 epochs of Adam: 1 warm-up epoch, then a
+cosine from 2e-5 down to 1e-7 over 15 epochs (kept at 1e-7 after), 32 caption tokens, text dropout 0.2, patchout
+15/2. As the baseline's code: captions lower-cased with every ASCII punctuation mark deleted (caption_cleaning
+"dcase2025"); training clips in 30 s windows (a longer clip's random 30 s, a shorter one padded), each embedded as
+the mean of its 10 s segments that hold audio; no frequency or time masking, only the random mel band.
 
 PaSST takes waveforms (its front end runs on the device, with a random mel band in training), so the records hold
 32 kHz waveforms (config.data.audio_feature="waveform", prepared into their own folder). Its AudioSet weights:
@@ -24,7 +27,8 @@ from configs.base import get_base_config
 def get_config():
   config = get_base_config()
   config.data.audio_feature = "waveform"
-  config.data.train_max_frames = 1000  # 10 s crops, PaSST's input length.
+  config.data.caption_cleaning = "dcase2025"
+  config.data.train_max_frames = 3000  # 30 s windows, three 10 s segments: the baseline pads or cuts to 30 s.
 
   config.model.audio.arch = "passt"
   config.model.audio.init_from = "~/models/passt_s"

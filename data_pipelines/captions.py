@@ -1,17 +1,34 @@
 """Captions to model inputs, one path for training, evaluation and retrieval: cleaning chosen by
 config.data.caption_cleaning (records keep the raw captions), then tokenisation (`CaptionEncoder`).
 
+Cleanings (`CLEANINGS`):
 - "reference" (SPEC 7): lower-case, drop the spaces before punctuation, replace , . ! ? ; : " by spaces, then
   collapse runs of spaces and strip;
+- "dcase2025" (SPEC 11b, the DCASE 2025 baseline's `caption.lower().translate(str.maketrans('', '',
+  string.punctuation))`): lower-case, then delete every ASCII punctuation mark, no space put in its place ("dog's"
+  -> "dogs", "high-pitched" -> "highpitched"; spaces and non-ASCII marks such as “ ” — stay);
 - "raw": the caption unchanged.
 """
 
 import re
+import string
 
-MODES = ("reference", "raw")
 _SPACES_BEFORE_PUNCTUATION = re.compile(r"\s+([,.!?;:\"])")
 _PUNCTUATION = re.compile(r"[,.!?;:\"]")
 _SPACES = re.compile(r"\s+")
+_ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _reference(text: str) -> str:
+  text = _SPACES_BEFORE_PUNCTUATION.sub(r"\1", text.lower())
+  return _SPACES.sub(" ", _PUNCTUATION.sub(" ", text)).strip()
+
+
+def _dcase2025(text: str) -> str:
+  return text.lower().translate(_ASCII_PUNCTUATION)
+
+
+CLEANINGS = {"reference": _reference, "dcase2025": _dcase2025, "raw": lambda text: text}
 
 
 def as_text(caption) -> str:
@@ -25,13 +42,10 @@ def as_text(caption) -> str:
 
 
 def clean_caption(text: str, mode: str) -> str:
-  """`text` preprocessed as `mode` ("reference" or "raw"); a ValueError naming the config key for another mode."""
-  if mode == "raw":
-    return text
-  if mode != "reference":
-    raise ValueError(f"config.data.caption_cleaning={mode!r} is not one of {MODES}")
-  text = _SPACES_BEFORE_PUNCTUATION.sub(r"\1", text.lower())
-  return _SPACES.sub(" ", _PUNCTUATION.sub(" ", text)).strip()
+  """`text` preprocessed as `mode` (a key of `CLEANINGS`); a ValueError naming the config key for another mode."""
+  if mode not in CLEANINGS:
+    raise ValueError(f"config.data.caption_cleaning={mode!r} is not one of {tuple(CLEANINGS)}")
+  return CLEANINGS[mode](text)
 
 
 class CaptionEncoder:

@@ -405,6 +405,47 @@ def test_training_and_evaluation_tokenize_the_same_text(builder, encode_captions
   assert reference.decode(special, skip_special_tokens=True) == "a cafe ' s naive facade “ smart ” quotes"
 
 
+def test_dcase2025_cleaning_through_the_real_pipeline(builder):
+  """caption_cleaning="dcase2025" (SPEC 11b): real training batches (captions as tf.data hands them over, bytes) and
+  the evaluation captions (`caption_batches`) are tokenised from the DCASE 2025 baseline's cleaning, written here
+  independently: lower-case, then every printable ASCII character that is neither a letter nor a digit deleted, no
+  space put in (quotes, apostrophes, colons; accents and non-ASCII marks kept)."""
+  from atr_jax.models.bert import minilm_dir
+  from atr_jax.tokenization import load_tokenizer
+
+  ascii_marks = {chr(code) for code in range(33, 127) if not chr(code).isalnum()}
+  clean = lambda caption: "".join(c for c in caption.lower() if c not in ascii_marks)  # noqa: E731
+  tokenizer = load_tokenizer(minilm_dir(), 24)
+  encode = captions.CaptionEncoder(tokenizer, "dcase2025")
+  train_batches = input_pipeline.process_train_batches(
+    [(builder, "development")],
+    global_batch_size=8,
+    num_shards=1,
+    process_index=0,
+    process_count=1,
+    encode_captions=encode,
+    max_frames=MAX_FRAMES,
+    seed=3,
+    epoch=0,
+  )
+  trained = collections.Counter(
+    (int(clip_id), tuple(row)) for batch in train_batches for clip_id, row in zip(batch["clip_id"], batch["input_ids"])
+  )
+  pairs = _all_pairs("development")
+  ids = tokenizer([clean(caption) for _, caption in pairs])["input_ids"]
+  assert trained == collections.Counter(
+    {(clip_id, tuple(row)): pairs[clip_id, caption] for (clip_id, caption), row in zip(pairs, ids)}
+  )
+  eval_captions, _, _ = input_pipeline.eval_captions(builder, "evaluation")
+  batches = input_pipeline.caption_batches(eval_captions, encode, global_batch_size=8, process_index=0, process_count=1)
+  evaluated = np.concatenate([local["input_ids"][:count] for local, count in batches])
+  np.testing.assert_array_equal(evaluated, tokenizer([clean(caption) for caption in eval_captions])["input_ids"])
+  assert encode.texts([SPECIAL_CAPTIONS["d5.wav"].encode("utf-8"), SPECIAL_CAPTIONS["d1.wav"]]) == [
+    "a cafés naïve façade “smart” quotes",
+    "a quoted comma caption",
+  ]
+
+
 def test_caption_batches_give_each_process_its_slice(encode_captions):
   texts = [f"caption number {i}" for i in range(11)]
   whole = list(

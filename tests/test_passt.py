@@ -313,3 +313,47 @@ def test_mapping_errors_name_the_torch_keys(tmp_path):
     message
   )
   assert "head" not in message  # the classification heads are skipped, not unexpected
+
+
+def test_long_clips_average_their_first_1_2_or_all_10_s_segments(small_variables):
+  """SPEC 11b's long-clip rule (the DCASE 2025 baseline): a clip is the mean of its 10 s segments' embeddings, over
+  the first 1 (up to 10 s), 2 (up to 20 s) or all 3 (up to 30 s) segments of a batch padded to 30 s, each segment
+  embedded alone (as a row of its own, padded and masked: test_embedding_does_not_depend_on_batch_mates_or_padding);
+  the batch's padding never counts. Lengths away from the rule's edges: a clip at most 15 frames (0.15 s) past 10 or
+  20 s is one or two segments here (no full 16-frame patch column in the next), one more in the baseline."""
+  tower, variables = passt.Passt(**SMALL), small_variables
+  embed = jax.jit(lambda x, m: tower.apply(variables, x, m, train=False))
+  lengths = [950, 1000, 1400, 2000, 2600, 3000]  # frames at 100 / s
+  counts = [1 if length <= 1000 else 2 if length <= 2000 else 3 for length in lengths]
+  x, mask = _batch(np.random.default_rng(11), lengths, 3000)
+  segments = x.reshape(len(lengths) * 3, 1000, 128), mask.reshape(len(lengths) * 3, 1000)
+  alone = np.asarray(embed(*segments)).reshape(len(lengths), 3, -1)
+  expected = np.stack([alone[row, :count].mean(axis=0) for row, count in enumerate(counts)])
+  np.testing.assert_allclose(np.asarray(embed(x, mask)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_recipe_masks_neither_frequencies_nor_time_only_its_mel_band_is_random(monkeypatch):
+  """SPEC 11b: the baseline's front end has freqm=0 and timem=0. The recipe's tower (configs/clotho_passt_roberta.py,
+  narrowed) in training differs from evaluation by the random mel band and structured patchout alone: with patchout
+  off and the band pinned to the fixed one, a training forward pass gives evaluation's embedding."""
+  from atr_jax.models import registry
+  from configs import clotho_passt_roberta
+
+  config = clotho_passt_roberta.get_config().model.audio
+  config.passt.update(**SMALL, patchout_time=0, patchout_freq=0)
+  tower = registry.audio_tower(config).build(config)
+  fixed = lambda rng, batch: (jnp.full((batch,), passt_features.FMIN), jnp.full((batch,), passt_features.FMAX))  # noqa: E731
+  monkeypatch.setattr(passt_features, "random_band", fixed)
+  rng = np.random.default_rng(12)
+  lengths = [3 * 32000, 2 * 32000]
+  waveforms = np.zeros((2, 3 * 32000), np.float32)
+  for row, length in enumerate(lengths):
+    waveforms[row, :length] = rng.uniform(-0.5, 0.5, length)
+  sample_mask = np.arange(3 * 32000)[None, :] < np.array(lengths)[:, None]
+  variables = jax.jit(lambda: tower.init(jax.random.key(0), waveforms[:1], sample_mask[:1], False))()
+  apply = jax.jit(
+    lambda train: tower.apply(variables, waveforms, sample_mask, train, rngs={"augment": jax.random.key(3)}),
+    static_argnums=0,
+  )
+  evaluated, trained = apply(False), apply(True)
+  np.testing.assert_allclose(np.asarray(trained), np.asarray(evaluated), rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 weights are an explicit choice."""
 
 import os
+import re
 
 import pytest
 from tiny_run import tiny_config
@@ -123,3 +124,64 @@ def test_a_missing_zero_shot_set_names_the_key(tmp_path):
   config.eval.zeroshot.update(dataset="", csv=str(tmp_path / "labels.csv"))
   with pytest.raises(FileNotFoundError, match=r"config\.eval\.zeroshot\.csv=.*labels\.csv does not exist"):
     preflight.check(config, training=True)
+
+
+def _break(folder: str, name: str) -> str:
+  """Damages `name` in `folder` (garbage bytes): what an interrupted download leaves."""
+  with open(os.path.join(folder, name), "wb") as f:
+    f.write(b"\x00truncated download\xff")
+  return name
+
+
+@pytest.mark.parametrize(
+  "damage, error",
+  [
+    (lambda folder: _break(folder, "tokenizer.json"), r"tokenizer\.json is not a readable tokenizer file"),
+    (lambda folder: _break(folder, "model.safetensors"), r"model\.safetensors is not a readable safetensors file"),
+    (lambda folder: _break(folder, "pytorch_model.bin"), r"pytorch_model\.bin is not a readable PyTorch checkpoint"),
+    (lambda folder: None, r"holds neither model\.safetensors nor pytorch_model\.bin"),
+  ],
+  ids=["tokenizer", "safetensors", "pytorch_bin", "no_weights"],
+)
+def test_a_broken_text_model_folder_stops_training_before_any_work(tmp_path, damage, error):
+  """Preflight loads the tokenizer and reads the keys of the text weights (model.text.pretrained): a damaged file
+  fails in seconds, named with the config key, before the data is generated or prepared."""
+  config = tiny_config(tmp_path)
+  config.model.text.pretrained = True
+  damage(config.model.text.model_dir)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError if "readable" in error else FileNotFoundError) as raised:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(raised.value)
+  assert re.search(error, message) and message.startswith("config.model.text.model_dir="), message
+  assert config.model.text.model_dir in message
+  assert not os.path.exists(config.data.raw_dir) and not os.path.exists(config.data.data_dir)
+  assert not workdir.exists()
+
+
+def test_text_weights_and_converted_audio_weights_are_read_at_preflight(tmp_path):
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from safetensors.numpy import save_file
+
+  config = tiny_config(tmp_path)
+  config.model.text.pretrained = True
+  save_file(
+    {"embeddings.word_embeddings.weight": np.ones((2, 3), np.float32)},
+    f"{config.model.text.model_dir}/model.safetensors",
+  )
+  preflight.check_model_files(config.model)  # Keys readable: what they map to is the loader's check.
+  config.model.audio.init_from = str(tmp_path / "converted")
+  os.makedirs(config.model.audio.init_from)
+  _break(config.model.audio.init_from, "_METADATA")
+  with pytest.raises(
+    ValueError,
+    match=r"config\.model\.audio\.init_from=.*converted holds no converted weights .*"
+    r"convert_weights --checkpoint Cnn14_mAP=0\.431\.pth --arch cnn14",
+  ):
+    preflight.check_model_files(config.model)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "good", {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4), np.float32)}}})
+  checkpointer.wait_until_finished()
+  config.model.audio.init_from = str(tmp_path / "good")
+  preflight.check_model_files(config.model)
