@@ -181,4 +181,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.zeroshot.csv = ""
   config.eval.zeroshot.prompts = ("the sound of a {}",)
   config.eval.zeroshot.generate_synthetic = False
+
+  # Audio moment retrieval (`atr_jax.moments`, SPEC 12): the QD-DETR (AM-DETR) model, its losses and its training.
+  config.moments = ml_collections.ConfigDict()
+  config.moments.model = ml_collections.ConfigDict()
+  config.moments.model.hidden_dim = 256  # d: width of every layer after the input projections.
+  config.moments.model.num_heads = 8
+  config.moments.model.ffn_dim = 1024
+  config.moments.model.dropout = 0.1  # Inside the transformer layers.
+  config.moments.model.input_dropout = 0.5  # Before each layer of the audio and text input projections.
+  config.moments.model.num_input_layers = 2  # Layers (LayerNorm, dropout, Dense) of each input projection.
+  config.moments.model.num_cross_layers = 2  # Audio-to-text cross-attention encoder layers.
+  config.moments.model.num_encoder_layers = 2  # Self-attention layers over [global token, frames].
+  config.moments.model.num_decoder_layers = 2  # DAB-style decoder layers (each refines the anchors).
+  config.moments.model.num_queries = 10  # Learnable (centre, width) anchors = predicted windows per query.
+  config.moments.model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (parameters stay float32).
+  config.moments.loss = ml_collections.ConfigDict()
+  # Matching costs and loss weights (the same numbers): span L1 on (centre, width), 1 - gIoU, foreground CE.
+  config.moments.loss.span_weight = 10.0
+  config.moments.loss.giou_weight = 1.0
+  config.moments.loss.label_weight = 4.0
+  config.moments.loss.background_weight = 0.1  # CE weight of the "background" class (unmatched anchors).
+  config.moments.loss.saliency_weight = 1.0  # Hinge + rank-contrastive + mismatched-query terms together.
+  config.moments.loss.saliency_margin = 0.2  # Hinge margin between a frame inside and one outside the window.
+  config.moments.loss.saliency_pairs = 2  # (inside, outside) frame pairs drawn per query for the hinge.
+  config.moments.loss.rank_tau = 0.5  # Temperature of the rank-contrastive term.
   return config
