@@ -339,14 +339,16 @@ def test_load_hf_params_reports_missing_unexpected_and_misshaped_keys(tiny_bert_
     load_hf_params(str(tmp_path))
   message = str(error.value)
   assert "model.safetensors" in message
-  # Keys named as in the user's file, the model's name beside.
+  # Keys and shapes as in the user's file (a linear weight (out, in)), the model's key beside.
   assert (
     "missing keys" in message
     and "encoder.layer.1.output.dense.bias (model: encoder/layer/1/output/dense/bias)" in message
   )
   assert (
     "shape mismatches" in message
-    and "encoder.layer.0.intermediate.dense.weight (model: encoder/layer/0/intermediate/dense/kernel)" in message
+    and "encoder.layer.0.intermediate.dense.weight (model: encoder/layer/0/intermediate/dense/kernel): "
+    "expected (37, 32), got (36, 32)"
+    in message
   )
   assert "unexpected keys" in message and "'encoder.extra.weight'" in message
 

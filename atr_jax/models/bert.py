@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from atr_jax.models.hf_hub import resolve_model_dir
-from atr_jax.models.weights import check_params_match, read_safetensors, read_torch_state_dict
+from atr_jax.models.weights import check_params_match, read_safetensors, read_torch_state_dict, torch_shape
 
 MODEL_TYPES = ("bert", "roberta")
 _ACTIVATIONS = {
@@ -355,7 +355,7 @@ def load_hf_params(model_dir: str, pooler: bool = True) -> tuple[BertConfig, dic
   params = flax.traverse_util.unflatten_dict(
     {tuple(key.split("/")): np.asarray(value, np.float32) for key, value in mapped.items()}
   )
-  check_params_match(expected, params, path, file_key)
+  check_params_match(expected, params, path, file_key, torch_shape)
   return config, params
 
 
