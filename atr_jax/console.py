@@ -1,10 +1,12 @@
 """What a run shows a person: one line per phase and a training progress line or bar, from process 0; this
 project's warnings and every error, from every process. Everything logged (library details included) goes to the
-workdir's log file, and also to the console with --verbosity=1."""
+workdir's log file, and also to the console with --verbosity=1. TensorFlow's C++ start-up and notice lines (oneDNN,
+CPU features, "DT_HALF only on AVX-512") are kept off the console unless --verbosity=1 (`quiet_tensorflow`)."""
 
 import logging as python_logging
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -17,6 +19,52 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN_CODE = tuple(
   os.path.join(_REPO, folder) + os.sep for folder in ("atr_jax", "data_pipelines", "scripts", "configs")
 )
+
+
+# TF_CPP_MIN_LOG_LEVEL of a quiet console: TensorFlow's C++ INFO, WARNING and ERROR lines (oneDNN's "supports DT_HALF
+# only on platforms with AVX-512" is an ERROR line; the kernels stay the same); failures still raise in Python.
+QUIET_TF_LOG_LEVEL = "3"
+# What TensorFlow writes while it loads, before its log level applies (so TF_CPP_MIN_LOG_LEVEL cannot hide it).
+_TF_LOADING_LINES = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on")
+
+
+def verbosity(argv: list) -> int:
+  """The --verbosity (-v) of a command line (absl's spellings: --verbosity=N, --verbosity N, -v N); 0 when absent."""
+  found = 0
+  for position, arg in enumerate(argv):
+    name, equals, value = arg.partition("=")
+    if name in ("--verbosity", "-v", "--v"):
+      value = value if equals else (argv[position + 1] if position + 1 < len(argv) else "")
+      found = int(value) if value.lstrip("-").isdigit() else found
+  return found
+
+
+def quiet_tensorflow(argv: list) -> None:
+  """Keeps TensorFlow's C++ lines off the console unless `argv` asks --verbosity >= 1 or TF_CPP_MIN_LOG_LEVEL is 0:
+  TF_CPP_MIN_LOG_LEVEL becomes QUIET_TF_LOG_LEVEL when it is unset or 1 (the value JAX gives it when unset; 2 and 3
+  stay), and TensorFlow is loaded with the process's stderr held back, all it wrote there passed on but its loading
+  notices. Call in an entry point before TensorFlow loads, so before the flags are parsed."""
+  level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")
+  if "tensorflow" in sys.modules or verbosity(argv) >= 1 or level == "0":
+    return
+  if level == "1":
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with tempfile.TemporaryFile() as held:
+      os.dup2(held.fileno(), 2)
+      try:
+        import tensorflow  # noqa: F401
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        held.seek(0)
+        lines = held.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        sys.stderr.write("".join(line for line in lines if not any(text in line for text in _TF_LOADING_LINES)))
+        sys.stderr.flush()
+  finally:
+    os.close(saved)
 
 
 class _OwnWarnings(python_logging.Filter):

@@ -44,7 +44,6 @@ def set_defaults() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_cpu_experimental_ynn_fusion_type" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {_CPU_CONVOLUTIONS}".strip()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if os.environ.get("ATR_JAX_KEEP_FREED_MEMORY", "1") != "0":
     keep_freed_memory()
 

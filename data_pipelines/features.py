@@ -173,12 +173,18 @@ def read_audio(path: str) -> tuple[np.ndarray, AudioSource]:
     )
   if not np.isfinite(data).all():
     raise AudioError(f"audio file {path} holds NaN or infinite samples")
-  mono = data.mean(axis=1)
+  return to_mono_32k(data, rate), AudioSource(sample_rate=rate, channels=data.shape[1])
+
+
+def to_mono_32k(samples: np.ndarray, rate: float) -> np.ndarray:
+  """The 32 kHz mono float32 waveform of float32 `samples` (frames, channels) at `rate` Hz: channels averaged,
+  resampled with soxr (what `read_audio` makes of a file)."""
+  mono = samples.mean(axis=1)
   if rate != SAMPLE_RATE:
     import soxr  # A dependency of librosa.
 
     mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-  return mono, AudioSource(sample_rate=rate, channels=data.shape[1])
+  return mono
 
 
 def load_audio(path: str) -> np.ndarray:

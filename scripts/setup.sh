@@ -10,4 +10,9 @@ if [[ "${1:-}" == "--test" ]]; then
   python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements-test.txt
   # PaSST's PyTorch reference for the parity tests; --no-deps: its timm/torchaudio would replace the CPU torch.
   python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps hear21passt==0.0.26
+  # Headless chromium and its driver for the search page's browser test (skipped, naming them, where they are absent).
+  if ! command -v chromedriver > /dev/null && command -v apt-get > /dev/null; then
+    { [[ "$(id -u)" == 0 ]] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver > /dev/null; } ||
+      echo "setup: could not install chromium and chromium-driver with apt-get; the browser test will be skipped" >&2
+  fi
 fi
