@@ -206,4 +206,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.moments.loss.saliency_margin = 0.2  # Hinge margin between a frame inside and one outside the window.
   config.moments.loss.saliency_pairs = 2  # (inside, outside) frame pairs drawn per query for the hinge.
   config.moments.loss.rank_tau = 0.5  # Temperature of the rank-contrastive term.
+  config.moments.train = ml_collections.ConfigDict()
+  config.moments.train.global_batch_size = 32  # Queries per step over all devices (a multiple of the device count).
+  config.moments.train.num_epochs = 200
+  config.moments.train.learning_rate = 1e-4  # AdamW, constant.
+  config.moments.train.weight_decay = 1e-4  # AdamW's, on every parameter (as upstream).
+  config.moments.train.grad_clip_norm = 0.1  # Global-norm clipping of the gradients.
+  config.moments.train.max_windows = 5  # Windows per query in a step: its first and a random draw of the others.
+  # Frames the model sees at once: training keeps a recording's first max_frames frames, inference cuts longer
+  # recordings into half-overlapping segments of this many frames and merges their windows.
+  config.moments.train.max_frames = 300
+  config.moments.train.max_tokens = 32  # Text tokens kept per query.
+  config.moments.train.segment_merge_iou = 0.7  # Merging segments: a window this close to a better one is dropped.
+  config.moments.train.eval_every_epochs = 1  # Validation (and checkpoint) every this many epochs.
+  config.moments.train.log_every_steps = 50  # TensorBoard train/<loss term> scalars every this many steps.
   return config
