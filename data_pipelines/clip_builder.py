@@ -4,8 +4,8 @@ Record schema (one record per clip, every split): the clip's audio in the builde
 `audio_forms`), stored as raw bytes under the form's name: either `log_mel` (frames, 64) float16, the log-mel of
 `features.log_mel`, or `waveform` (samples,) int16, the 32 kHz mono samples at full scale 32767; then `captions` (n,)
 raw caption strings (empty for an audio-only split), `file_name`, and `clip_id` = the clip's position among the
-split's written clips sorted by file name. The two forms are prepared into different folders (`default_data_dir`)
-with different feature-cache entries; a record holds one form only.
+split's written clips sorted by file name. The two forms are prepared into different folders
+(`CaptionedClips.default_data_dir`) with different feature-cache entries; a record holds one form only.
 
 A subclass turns its raw layout into `ClipRow`s per split (`_read_splits`, with the CSV helpers below: every CSV is
 read and its columns checked before any audio is touched). Preparation then
@@ -42,6 +42,8 @@ from absl import logging
 
 from data_pipelines import audio_forms, extraction, features
 
+# The default data dirs' root (`CaptionedClips.default_data_dir`), under the user's home.
+PREPARED_ROOT = "~/.cache/atr_jax/prepared"
 REPORT_FILE = "preparation_report.csv"
 SOURCES_FILE = "sources.json"
 # Per split: the file name, captions and stored length of each clip (under the audio form's `length_key`: log-mel
@@ -64,16 +66,6 @@ class ClipRow:
   audio_path: str
   captions: tuple[str, ...]
   line: int
-
-
-def default_data_dir(raw_dir: str, audio_feature: str = "log_mel") -> str:
-  """`~/.cache/atr_jax/prepared/<basename>-<8 hex of sha1(abspath)>` for the log-mel, with `-waveform` appended for
-  the waveform: one prepared folder (and feature cache) per raw folder and audio form."""
-  form = audio_forms.audio_form(audio_feature)
-  path = os.path.abspath(os.path.expanduser(raw_dir))
-  digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
-  suffix = "" if form is audio_forms.LOG_MEL else f"-{form.name}"
-  return os.path.join(os.path.expanduser("~/.cache/atr_jax/prepared"), f"{os.path.basename(path)}-{digest}{suffix}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +201,14 @@ def _sha1_of_file(path: str) -> str:
     return hashlib.file_digest(f, "sha1").hexdigest()
 
 
+def _source_name(path: str, raw_dir: str) -> str:
+  """A source's name in the fingerprint: its path relative to `raw_dir` when inside it (the name moves with the
+  folder), else its absolute path (a file kept elsewhere, such as a WavCaps exclusion list, stays put when the raw
+  folder moves)."""
+  relative = os.path.relpath(path, raw_dir)
+  return os.path.abspath(path) if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def _size_and_mtime(path: str) -> list[int] | None:
   try:
     stat = os.stat(path)
@@ -272,10 +272,36 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def captions_csv_path(raw_dir: str, split: str) -> str:
     """The caption CSV of `split` in `raw_dir`."""
 
-  def captions_csvs(self, raw_dir: str) -> dict[str, str]:
+  @classmethod
+  def split_csvs(cls, raw_dir: str) -> dict[str, str]:
     """The caption CSV of each of CSV_SPLITS whose CSV exists in `raw_dir`, by split."""
-    paths = {split: self.captions_csv_path(raw_dir, split) for split in self.CSV_SPLITS}
+    paths = {split: cls.captions_csv_path(raw_dir, split) for split in cls.CSV_SPLITS}
     return {split: path for split, path in paths.items() if os.path.isfile(path)}
+
+  def captions_csvs(self, raw_dir: str) -> dict[str, str]:
+    """The CSVs whose sha1 is part of the sources' fingerprint (`read_sources`): `split_csvs`, and whatever else a
+    subclass reads."""
+    return self.split_csvs(raw_dir)
+
+  @classmethod
+  def default_data_dir(cls, raw_dir: str, audio_feature: str = "log_mel") -> str:
+    """`PREPARED_ROOT/<dataset>-<12 hex>` for the log-mel, with `-waveform` appended for the waveform: one prepared
+    folder (and feature cache) per dataset content and audio form, the hex a sha1 of the sha1 of each of `split_csvs`
+    by split (the hashes of `read_sources`), never of where the folder lies or how it is laid out. A raw folder moved
+    elsewhere keeps its prepared folder (its sources' fingerprint, relative to the folder, still matches) and one
+    laid out anew is prepared again from its feature cache; a copy with the same caption CSVs shares them, and edited
+    CSVs get a folder of their own. A FileNotFoundError when `raw_dir` is not a folder."""
+    form = audio_forms.audio_form(audio_feature)
+    raw_dir = os.path.abspath(os.path.expanduser(raw_dir))
+    if not os.path.isdir(raw_dir):
+      raise FileNotFoundError(
+        f"raw_dir {raw_dir} does not exist: the default prepared folder is named after its caption CSVs (to use a "
+        "prepared folder without its raw folder, name it: config.data.data_dir, --out_dir)"
+      )
+    content = {split: _sha1_of_file(path) for split, path in cls.split_csvs(raw_dir).items()}
+    digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    suffix = "" if form is audio_forms.LOG_MEL else f"-{form.name}"
+    return os.path.join(os.path.expanduser(PREPARED_ROOT), f"{cls.name}-{digest}{suffix}")
 
   @abc.abstractmethod
   def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[ClipRow]]:
@@ -283,11 +309,12 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     `report.read`, then filtered by `unique_clips`."""
 
   def read_sources(self, raw_dir: str, report: extraction.Report) -> tuple[dict[str, list[ClipRow]], dict]:
-    """The clips per split (`_read_splits`) and the fingerprint of their sources: {"csv": sha1 of each caption CSV,
-    "audio": [size, mtime in ns] of each clip's audio file (None when missing)}, keyed by path relative to
-    `raw_dir`. The CSVs are hashed before they are parsed and the audio files stat'ed (never read) before any is
-    decoded, so that a source changed meanwhile shows as changed next time."""
-    csvs = {os.path.relpath(path, raw_dir): _sha1_of_file(path) for path in self.captions_csvs(raw_dir).values()}
+    """The clips per split (`_read_splits`) and the fingerprint of their sources: {"csv": sha1 of each of
+    `captions_csvs`, "audio": [size, mtime in ns] of each clip's audio file (None when missing)}, keyed by path
+    relative to `raw_dir` (absolute outside it: `_source_name`). The CSVs are hashed before they are parsed and the
+    audio files stat'ed (never read) before any is decoded, so that a source changed meanwhile shows as changed next
+    time."""
+    csvs = {_source_name(path, raw_dir): _sha1_of_file(path) for path in self.captions_csvs(raw_dir).values()}
     tables = self._read_splits(raw_dir, report)
     audio = {
       os.path.relpath(clip.audio_path, raw_dir): _size_and_mtime(clip.audio_path)
@@ -453,7 +480,7 @@ def _check_audio_form(builder: CaptionedClips) -> None:
     held = [name for name in audio_forms.AUDIO_FORMS if name in stored] or sorted(stored)
     raise ValueError(
       f"{builder.data_path} holds {', '.join(held)} records, not {builder.audio_form.name} (audio_feature): prepare "
-      "each audio form into its own folder (clip_builder.default_data_dir)"
+      "each audio form into its own folder (CaptionedClips.default_data_dir)"
     )
 
 

@@ -15,7 +15,6 @@ from absl import logging
 from etils import epath
 
 from data_pipelines import clip_builder, extraction, layouts
-from data_pipelines.clip_builder import default_data_dir  # noqa: F401  (part of this module's API)
 from data_pipelines.layouts import CLOTHO_SPLITS as SPLITS
 from data_pipelines.layouts import RETRIEVAL_AUDIO_DIR  # noqa: F401  (part of this module's API)
 from data_pipelines.layouts import RETRIEVAL_SPLIT
@@ -67,6 +66,9 @@ class Clotho(clip_builder.CaptionedClips, skip_registration=True):
       split: clip_builder.unique_clips(rows, split, report, need_captions=split != RETRIEVAL_SPLIT)
       for split, rows in tables.items()
     }
+
+
+default_data_dir = Clotho.default_data_dir  # Part of this module's API.
 
 
 def prepare(

@@ -2,17 +2,18 @@
 synthetic Clotho-layout dataset is generated first when asked) and the extra training sources of
 `config.data.extra_train`, all in the audio form `config.data.audio_feature` (each form in its own folder). Each is
 prepared on first use, and again when its sources changed, by process 0 while
-the other processes wait."""
+the other processes wait. A dataset without a data_dir of its own goes to its default folder (`default_data_dir`),
+named after the content of its caption CSVs, so that a raw folder moved elsewhere finds what was prepared from it."""
 
-import functools
 import os
 
 import ml_collections
 from absl import logging
 
-from data_pipelines import audiocaps, clip_builder, clotho, synthetic, wavcaps
+from data_pipelines import audio_forms, audiocaps, clip_builder, clotho, synthetic, wavcaps
 
-DATASETS = ("clotho", "audiocaps", "wavcaps")
+BUILDERS = {"clotho": clotho.Clotho, "audiocaps": audiocaps.AudioCaps, "wavcaps": wavcaps.WavCaps}
+DATASETS = tuple(BUILDERS)
 
 
 def prepare(
@@ -40,7 +41,43 @@ def prepare(
   raise ValueError(f"dataset {dataset!r} is not supported (supported: {DATASETS})")
 
 
+def _form_suffix(folder_name: str) -> str:
+  """The audio form a default folder's name ends with ("" for the log-mel's, which has none)."""
+  last = folder_name.rpartition("-")[2]
+  return last if last in audio_forms.AUDIO_FORMS else ""
+
+
+def default_data_dir(dataset: str, raw_dir: str, audio_feature: str) -> str:
+  """The default data dir of `dataset` in `raw_dir` for `audio_feature` (`CaptionedClips.default_data_dir`: named
+  after the content of its caption CSVs, not the folder's path). When it is new, the other prepared folders of the
+  dataset and form beside it are logged: those of other caption CSVs, and those earlier versions named after a raw
+  folder's path (whatever they hold is prepared again, from scratch, into the new folder)."""
+  data_dir = BUILDERS[dataset].default_data_dir(raw_dir, audio_feature)
+  root, name = os.path.split(data_dir)
+  if not os.path.isdir(data_dir) and os.path.isdir(root):
+    others = sorted(
+      entry.path
+      for entry in os.scandir(root)
+      if os.path.isdir(os.path.join(entry.path, BUILDERS[dataset].name))
+      and _form_suffix(entry.name) == _form_suffix(name)
+    )
+    if others:
+      logging.warning(
+        "%s: %s is prepared into a new default folder, %s (named after its caption CSVs' content); these prepared %s "
+        "folders are not used for it (other caption CSVs, or named after a raw folder's path by an earlier version): "
+        "delete those no longer needed: %s",
+        dataset,
+        raw_dir,
+        data_dir,
+        dataset,
+        others,
+      )
+  return data_dir
+
+
 def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """The raw folder of `data_config` and its data_dir ("" for the default one: `default_data_dir`, which needs the
+  raw folder, maybe generated first)."""
   if not data_config.raw_dir:
     raise ValueError(
       f"config.data.raw_dir is empty: set it to a {data_config.dataset} raw folder, in any of its layouts (see README)"
@@ -48,12 +85,7 @@ def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]
   if data_config.dataset not in DATASETS:
     raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: {DATASETS})")
   raw_dir = os.path.abspath(os.path.expanduser(data_config.raw_dir))
-  data_dir = (
-    os.path.expanduser(data_config.data_dir)
-    if data_config.data_dir
-    else clip_builder.default_data_dir(raw_dir, data_config.audio_feature)
-  )
-  return raw_dir, data_dir
+  return raw_dir, os.path.expanduser(data_config.data_dir)
 
 
 def _ensure_raw(raw_dir: str, data_config: ml_collections.ConfigDict) -> None:
@@ -80,25 +112,28 @@ def _prepare_on_process_zero(
   dataset: str, raw_dir: str, data_dir: str, data_config: ml_collections.ConfigDict, make_raw=None
 ) -> clip_builder.CaptionedClips:
   """Process 0 prepares (after `make_raw()`; again when the sources changed), the others wait at a barrier, then open
-  what process 0 prepared without comparing its sources again (they might see a later change, and prepare too)."""
+  what process 0 prepared without comparing its sources again (they might see a later change, and prepare too).
+  `data_dir` "" is the default one (`default_data_dir`, found once the raw folder is made)."""
   import jax
   from jax.experimental import multihost_utils
 
-  prepare_it = functools.partial(
-    prepare,
-    dataset,
-    raw_dir,
-    data_dir,
-    audiocaps_file_pattern=data_config.audiocaps_file_pattern,
-    wavcaps_exclude_csv=data_config.wavcaps_exclude_csv,
-    audio_feature=data_config.audio_feature,
-  )
+  def prepare_it(**kwargs) -> clip_builder.CaptionedClips:
+    return prepare(
+      dataset,
+      raw_dir,
+      data_dir or default_data_dir(dataset, raw_dir, data_config.audio_feature),
+      audiocaps_file_pattern=data_config.audiocaps_file_pattern,
+      wavcaps_exclude_csv=data_config.wavcaps_exclude_csv,
+      audio_feature=data_config.audio_feature,
+      **kwargs,
+    )
+
   if jax.process_index() == 0:
     if make_raw is not None:
       make_raw()
     builder = prepare_it()
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"atr_jax_prepare_data {data_dir}")
+    multihost_utils.sync_global_devices(f"atr_jax_prepare_data {dataset} {raw_dir} {data_dir}")
   return builder if jax.process_index() == 0 else prepare_it(check_sources=False)
 
 
@@ -135,7 +170,7 @@ def _check_split(builder: clip_builder.CaptionedClips, split: str, where: str) -
 def train_sources(data_config: ml_collections.ConfigDict) -> list[tuple[clip_builder.CaptionedClips, str]]:
   """(builder, split) of every training source: the main dataset's config.data.train_split first, then one per
   config.data.extra_train entry (each prepared into its default data dir for config.data.audio_feature,
-  `clip_builder.default_data_dir`)."""
+  `default_data_dir`)."""
   extras = parse_extra_train(data_config.extra_train)  # Malformed entries fail before any preparation.
   main = prepare_builder(data_config)
   _check_split(main, data_config.train_split, "config.data.train_split")
@@ -143,8 +178,7 @@ def train_sources(data_config: ml_collections.ConfigDict) -> list[tuple[clip_bui
   for dataset, raw_dir, split in extras:
     if not os.path.isdir(raw_dir):
       raise FileNotFoundError(f"config.data.extra_train: raw_dir {raw_dir!r} does not exist")
-    data_dir = clip_builder.default_data_dir(raw_dir, data_config.audio_feature)
-    builder = _prepare_on_process_zero(dataset, raw_dir, data_dir, data_config)
+    builder = _prepare_on_process_zero(dataset, raw_dir, "", data_config)
     _check_split(builder, split, f"config.data.extra_train entry {dataset}:{raw_dir}:{split}")
     sources.append((builder, split))
   return sources

@@ -9,9 +9,10 @@ written and skipped, and where the report is.
 RAW is the dataset's raw folder in any of its layouts (`layouts`: native, the root of an aac-datasets download, the
 reference's data/<Dataset>), detected and printed. `--audio_feature` is what the records hold (`audio_forms`: the
 float16 64-band log-mel of CNN14 and ResNet38, or the int16 32 kHz waveform of PaSST; config.data.audio_feature). OUT
-defaults to `clip_builder.default_data_dir(RAW, AUDIO_FEATURE)`, a folder per raw folder and form. A killed run
-continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed since
-(decoding only new and modified audio), else only prints the counts.
+defaults to `datasets.default_data_dir(DATASET, RAW, AUDIO_FEATURE)`, a folder per form and content of RAW's caption
+CSVs (not per path: RAW moved elsewhere finds it, and re-laid out is prepared again from its feature cache). A killed
+run continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed
+since (decoding only new and modified audio), else only prints the counts.
 
 `--runner beam` decodes the clips on Apache Beam (`beam_generation`: needs `pip install atr-jax[beam]`; the same
 records, report and resumability; RAW and OUT must be on a filesystem every Beam worker mounts at the same path).
@@ -25,7 +26,10 @@ from data_pipelines import audio_forms, audiocaps, clip_builder, datasets, extra
 
 _DATASET = flags.DEFINE_enum("dataset", "clotho", list(datasets.DATASETS), "Dataset in raw_dir.")
 _RAW_DIR = flags.DEFINE_string(
-  "raw_dir", None, "Raw dataset folder (caption CSVs and audio folders, in any layout: see README).", required=True
+  "raw_dir",
+  None,
+  "Raw dataset folder (caption CSVs and audio folders, in any layout: see docs/data.md).",
+  required=True,
 )
 _AUDIO_FEATURE = flags.DEFINE_enum(
   "audio_feature",
@@ -37,7 +41,8 @@ _AUDIO_FEATURE = flags.DEFINE_enum(
 _OUT_DIR = flags.DEFINE_string(
   "out_dir",
   None,
-  "Where the TFRecords go (default: a folder per raw_dir and audio_feature under ~/.cache/atr_jax/prepared).",
+  "Where the TFRecords go (default: a folder per audio_feature and content of raw_dir's caption CSVs under "
+  "~/.cache/atr_jax/prepared).",
 )
 _FILE_PATTERN = flags.DEFINE_string(
   "audiocaps_file_pattern",
@@ -89,7 +94,10 @@ def main(argv: list[str]) -> None:
   elif _BEAM_OPTIONS.value:
     raise app.UsageError("--beam_pipeline_options needs --runner beam")
   raw_dir = os.path.expanduser(_RAW_DIR.value)
-  out_dir = _OUT_DIR.value or clip_builder.default_data_dir(raw_dir, _AUDIO_FEATURE.value)
+  try:
+    out_dir = _OUT_DIR.value or datasets.default_data_dir(_DATASET.value, raw_dir, _AUDIO_FEATURE.value)
+  except FileNotFoundError as e:
+    raise app.UsageError(f"--raw_dir: {e}") from None
   builder = datasets.prepare(
     _DATASET.value,
     raw_dir,

@@ -4,8 +4,9 @@ prepare CLI) on fixtures made of synthetic clips plus a broken input of every ki
 Each fixture row says what must become of it; the tests check that every good clip (a silent one included) is stored
 with the log-mel of the front end and all its non-empty captions, that every broken input is in the report with its
 reason and nothing else is, that the counts add up, that a preparation killed midway and restarted gives the same
-dataset, and that a prepared dataset follows its sources (an edited CSV, added or modified audio) without losing
-the prepared data to a failed re-preparation.
+dataset, that a prepared dataset follows its sources (an edited CSV, added or modified audio) without losing
+the prepared data to a failed re-preparation, and that the default data folder is the dataset's, wherever its raw
+folder lies.
 """
 
 import collections
@@ -535,6 +536,31 @@ def _relayout(sources: list[str], targets: list[str], copy: bool) -> None:
       shutil.copy2(source, target)
 
 
+def _default_folder_config(tmp_path, monkeypatch):
+  """A data config of the synthetic Clotho-layout dataset, generated into tmp_path/raw on first use, with no
+  data_dir (the default one, under a home folder in tmp_path) and its clips decoded in this process (counted by
+  `_prepare_counting`)."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))  # The root of the default folders, ~/.cache/atr_jax/prepared.
+  monkeypatch.setattr(extraction, "default_workers", lambda: 1)
+  config = get_base_config().data
+  config.update(raw_dir=str(tmp_path / "raw"), data_dir="", generate_synthetic=True)
+  config.synthetic.update(num_development=2, num_validation=1, num_evaluation=1, duration_s=1.5, seed=SEED)
+  return config
+
+
+def _check_same_records(builder, expected: dict, changed: str = "") -> None:
+  assert set(builder.info.splits) == set(expected)
+  for split, records in expected.items():
+    found = _records(builder, split)
+    assert sorted(found) == sorted(records)
+    for name, record in found.items():
+      assert (
+        list(record["captions"]) == list(records[name]["captions"]) and record["clip_id"] == records[name]["clip_id"]
+      )
+      if name != changed:
+        np.testing.assert_array_equal(record["log_mel"], records[name]["log_mel"])
+
+
 def test_a_moved_or_re_laid_out_raw_folder_is_prepared_from_the_cache(tmp_path, monkeypatch, caplog):
   """The feature cache knows a clip by split, file name, size and modification time, not by where the folder lies:
   the same folder moved elsewhere in the aac-datasets layout, then copied into the reference layout, is prepared
@@ -545,43 +571,143 @@ def test_a_moved_or_re_laid_out_raw_folder_is_prepared_from_the_cache(tmp_path, 
   assert len(decoded) == 4
   expected = {split: _records(first, split) for split in clotho.SPLITS}
 
-  def check_records(builder, changed: str = "") -> None:
-    for split in clotho.SPLITS:
-      records = _records(builder, split)
-      assert sorted(records) == sorted(expected[split])
-      for name, record in records.items():
-        assert list(record["captions"]) == list(expected[split][name]["captions"])
-        assert record["clip_id"] == expected[split][name]["clip_id"]
-        if name != changed:
-          np.testing.assert_array_equal(record["log_mel"], expected[split][name]["log_mel"])
-
   aac = str(tmp_path / "elsewhere" / "clotho")
   _relayout(_clotho_paths(raw, "native"), _clotho_paths(aac, "aac-datasets"), copy=False)
   assert not os.path.exists(os.path.join(raw, "development"))  # moved, not copied
   moved, decoded, log = _prepare_counting(lambda: clotho.prepare(aac, data_dir, workers=1), monkeypatch, caplog)
   assert "preparing again" in log
   assert decoded == []
-  check_records(moved)
+  _check_same_records(moved, expected)
 
   reference = str(tmp_path / "data" / "Clotho")
   _relayout(_clotho_paths(aac, "aac-datasets"), _clotho_paths(reference, "reference"), copy=True)
   copied, decoded, log = _prepare_counting(lambda: clotho.prepare(reference, data_dir, workers=1), monkeypatch, caplog)
   assert "preparing again" in log
   assert decoded == []
-  check_records(copied)
+  _check_same_records(copied, expected)
 
   name = sorted(expected["development"])[0]
   path = os.path.join(reference, "waveforms", "train", name)
   _write_audio(path, "good", 99)  # Another clip, 1 s instead of 1.5 s.
   changed, decoded, _ = _prepare_counting(lambda: clotho.prepare(reference, data_dir, workers=1), monkeypatch, caplog)
   assert decoded == [name]
-  check_records(changed, changed=name)
+  _check_same_records(changed, expected, changed=name)
   np.testing.assert_allclose(
     _records(changed, "development")[name]["log_mel"].astype(np.float32),
     features.log_mel(features.load_audio(path)),
     rtol=2.0**-11 * 1.01,
     atol=1e-6,
   )
+
+
+@pytest.mark.slow
+def test_the_default_data_folder_follows_the_dataset_not_its_path(tmp_path, monkeypatch, caplog):
+  """With config.data.data_dir empty, the prepared folder and its feature cache are named after the content of the
+  raw folder's caption CSVs, not after where it lies: the raw folder generated and prepared on first use, then moved
+  elsewhere and trained from under its new raw_dir, is found prepared (nothing prepared, nothing decoded); moved
+  into another layout, it is prepared again into the same folder without decoding a clip; an edited caption CSV
+  makes a dataset of its own, prepared into a folder of its own (the other one, left as it was, is logged)."""
+  config = _default_folder_config(tmp_path, monkeypatch)
+  prepare = lambda: datasets.prepare_builder(config)
+  first, decoded, _ = _prepare_counting(prepare, monkeypatch, caplog)
+  assert len(decoded) == 4
+  root = str(tmp_path / "home" / ".cache" / "atr_jax" / "prepared")
+  assert os.path.dirname(os.fspath(first.data_dir_root)) == root
+  expected = {split: _records(first, split) for split in first.info.splits}
+  info_file = os.fspath(first.data_path / "dataset_info.json")
+  written = os.stat(info_file).st_mtime_ns
+
+  config.raw_dir = str(tmp_path / "elsewhere" / "clotho")
+  os.renames(tmp_path / "raw", config.raw_dir)
+  moved, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert decoded == [] and "Preparing" not in log and "preparing again" not in log
+  assert moved.data_path == first.data_path and os.stat(info_file).st_mtime_ns == written  # Not rewritten.
+  _check_same_records(moved, expected)
+
+  aac = str(tmp_path / "aac" / "clotho")
+  _relayout(_clotho_paths(config.raw_dir, "native"), _clotho_paths(aac, "aac-datasets"), copy=False)
+  config.raw_dir = aac
+  relaid, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert "preparing again" in log and decoded == []
+  assert relaid.data_path == first.data_path
+  _check_same_records(relaid, expected)
+
+  path = clotho.captions_csv_path(aac, "development")
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  rows[1][2] = "an edited caption"
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows(rows)
+  edited, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert os.path.dirname(os.fspath(edited.data_dir_root)) == root and edited.data_dir_root != first.data_dir_root
+  assert len(decoded) == 4  # A folder of its own, and its own feature cache.
+  assert "these prepared clotho folders are not used for it (" in log and os.fspath(first.data_dir_root) in log
+  assert [c.decode() for c in _records(edited, "development")[rows[1][0]]["captions"]] == rows[1][1:]
+  _check_same_records(clotho.prepare(aac, os.fspath(first.data_dir_root), check_sources=False), expected)
+
+
+@pytest.mark.slow
+def test_two_copies_share_the_default_folder_and_each_change_prepares_it_again(tmp_path, monkeypatch, caplog):
+  """Two copies of a raw folder with the same caption CSVs share the default folder: a copy made with the files'
+  modification times is found prepared by the prepare command, and when one copy's audio changes, each copy
+  prepared in turn prepares the shared folder again into its own records (the other copy's are never mixed in)."""
+  config = _default_folder_config(tmp_path, monkeypatch)
+  first = datasets.prepare_builder(config)
+  expected = {split: _records(first, split) for split in first.info.splits}
+  copy = str(tmp_path / "copy")
+  shutil.copytree(config.raw_dir, copy)  # With each file's modification time, as `cp -a`.
+  result = subprocess.run(
+    [sys.executable, "-m", "data_pipelines.prepare", f"--raw_dir={copy}", "--workers=1"],
+    cwd=REPO_ROOT,
+    env=os.environ | {"HOME": str(tmp_path / "home")},
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"clotho prepared in {first.data_path}\n" in result.stdout
+  assert "Preparing" not in result.stderr and "preparing again" not in result.stderr
+
+  name = sorted(expected["development"])[0]
+  _write_audio(os.path.join(copy, "development", name), "good", 99)  # Another clip, 1 s instead of 1.5 s.
+  original = config.raw_dir
+  config.raw_dir = copy
+  changed, decoded, log = _prepare_counting(lambda: datasets.prepare_builder(config), monkeypatch, caplog)
+  assert "1 audio file modified" in log and decoded == [name] and changed.data_path == first.data_path
+  _check_same_records(changed, expected, changed=name)
+  assert len(_records(changed, "development")[name]["log_mel"]) != len(expected["development"][name]["log_mel"])
+  config.raw_dir = original
+  back, decoded, log = _prepare_counting(lambda: datasets.prepare_builder(config), monkeypatch, caplog)
+  assert "1 audio file modified" in log and decoded == [name] and back.data_path == first.data_path
+  _check_same_records(back, expected)
+
+
+def test_a_moved_wavcaps_folder_keeps_its_default_folder_and_its_exclusion_list(tmp_path, monkeypatch, caplog):
+  """WavCaps with its exclusion list kept beside the raw folder (not in it): the raw folder moved finds its default
+  folder prepared, the list, which stayed where it was, being the same source wherever the raw folder lies."""
+  import test_wavcaps  # Its WavCaps-layout fixture writers.
+
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  raw, exclude_csv = str(tmp_path / "WavCaps"), str(tmp_path / "blacklist_clotho.full.csv")
+  test_wavcaps._write_wavcaps(raw)
+  test_wavcaps._write_exclusions(exclude_csv, test_wavcaps.EXCLUDED_IDS)
+
+  def prepare(raw_dir: str):
+    data_dir = datasets.default_data_dir("wavcaps", raw_dir, "log_mel")
+    return datasets.prepare("wavcaps", raw_dir, data_dir, wavcaps_exclude_csv=exclude_csv, workers=1)
+
+  first, decoded, _ = _prepare_counting(lambda: prepare(raw), monkeypatch, caplog)
+  assert sorted(_records(first, "train")) == sorted(test_wavcaps.EXPECTED)
+  moved_raw = str(tmp_path / "moved" / "WavCaps")
+  os.renames(raw, moved_raw)
+  moved, decoded, log = _prepare_counting(lambda: prepare(moved_raw), monkeypatch, caplog)
+  assert decoded == [] and "Preparing" not in log and "preparing again" not in log
+  assert moved.data_path == first.data_path
+  assert sorted(_records(moved, "train")) == sorted(test_wavcaps.EXPECTED)
+
+
+def test_the_default_data_folder_needs_the_raw_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"nowhere does not exist: the default prepared folder is named after"):
+    datasets.default_data_dir("clotho", str(tmp_path / "nowhere"), "log_mel")
 
 
 def test_unchanged_sources_are_reused_without_extraction(tmp_path, monkeypatch, caplog):
@@ -745,7 +871,7 @@ def test_a_worker_killed_by_one_file_skips_only_that_file(tmp_path):
 
 def test_train_sources_main_first_then_extra(clotho_raw, clotho_builder, audiocaps_raw, audiocaps_cli, monkeypatch):
   monkeypatch.setattr(
-    clip_builder, "default_data_dir", lambda raw_dir, audio_feature: os.fspath(audiocaps_cli[0].data_dir_root)
+    datasets, "default_data_dir", lambda dataset, raw_dir, audio_feature: os.fspath(audiocaps_cli[0].data_dir_root)
   )
   config = get_base_config().data
   config.raw_dir, config.data_dir = clotho_raw.root, os.fspath(clotho_builder.data_dir_root)

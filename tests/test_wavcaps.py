@@ -219,7 +219,7 @@ def test_extra_train_and_the_path_checks_accept_wavcaps(prepared, tmp_path, monk
   config.data.train_split = "train"  # The main dataset stands in for a prepared one here: WavCaps itself.
   monkeypatch.setattr(datasets, "prepare_builder", lambda data_config: builder)
   monkeypatch.setattr(
-    clip_builder, "default_data_dir", lambda raw, audio_feature="log_mel": os.fspath(builder.data_dir_root)
+    datasets, "default_data_dir", lambda dataset, raw, audio_feature: os.fspath(builder.data_dir_root)
   )
   sources = datasets.train_sources(config.data)
   assert [(b.name, os.fspath(b.data_path), split) for b, split in sources] == [
