@@ -6,7 +6,11 @@ A teacher folder (`python -m atr_jax.retrieve embed-train --workdir T --out T/te
 - `text.npy` float32 [captions, D]: unit rows, one per training caption;
 - `keys.json`: per training source {dataset, split, file_names, captions (per clip)}: the clips in row order, and
   the captions of each clip in row order (caption rows follow the clips' order);
-- `manifest.json`: the model (workdir, checkpoint step, config.model), embed_dim and the counts.
+- `manifest.json`: the model that made it (`model_identity.ModelIdentity.record()`: workdir, checkpoint step, model
+  config fingerprint and the config it hashes), embed_dim and the counts.
+A folder is checked against its workdir's best checkpoint when that workdir is here: a folder made at another step
+or with another model config is an error naming both and the embed-train command that rebuilds it (a warning when
+the workdir is gone or the folder predates fingerprints: it cannot be checked).
 A clip is identified by (dataset, file name), a caption by (its clip, its index among the clip's captions) and its
 text must match. The training batches carry each pair's clip_id and caption_index; `Teachers.add_to` (on each host,
 for its own rows) turns them into the pairs' teacher embeddings, so the lookup does not depend on the data order,
@@ -18,7 +22,9 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+from absl import logging
 
+from atr_jax import checkpointing, model_identity
 from atr_jax.atomic_files import write_folder_atomically
 from data_pipelines import input_pipeline
 
@@ -77,6 +83,23 @@ def write_teacher(folder: str, keys: list, audio: list, text: list, manifest: di
   write_folder_atomically(folder, write)
 
 
+def check_teacher(folder: str) -> None:
+  """A `model_identity.ModelMismatch` naming both models and the command that rebuilds the teacher folder unless it
+  was made by the best checkpoint of the workdir its manifest names; a warning when that workdir is not here."""
+  with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
+    recorded = json.load(f)
+  workdir = recorded.get("workdir", "")
+  if not (workdir and os.path.isfile(os.path.join(workdir, checkpointing.CONFIG_FILE))):
+    logging.warning(
+      "config.distill.teachers: the run that made %s (%r) is not here, so the folder cannot be checked against it",
+      folder,
+      workdir,
+    )
+    return
+  rebuild = ["python", "-m", "atr_jax.retrieve", "embed-train", f"--workdir={workdir}", f"--out={folder}"]
+  model_identity.check(recorded, model_identity.of_workdir(workdir), f"the teacher folder {folder}", rebuild)
+
+
 def _rows_of(folder: str, training: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(audio [clips, D], text [captions, D] (memory-mapped), row of each training clip, text row of each training
   clip's first caption), training clips numbered over `training`'s sources in order (the pipeline's clip ids); a
@@ -87,6 +110,7 @@ def _rows_of(folder: str, training: list) -> tuple[np.ndarray, np.ndarray, np.nd
       f"config.distill.teachers: {folder} is not a teacher folder (needs {AUDIO_FILE}, {TEXT_FILE}, {KEYS_FILE} and "
       f"{MANIFEST_FILE}); write one with `python -m atr_jax.retrieve embed-train --workdir RUN --out {folder}`"
     )
+  check_teacher(folder)
   audio, text = (np.load(path, mmap_mode="r") for path in paths[:2])
   with open(paths[2], encoding="utf-8") as f:
     sources = [SourceKeys(**source) for source in json.load(f)["sources"]]

@@ -8,7 +8,10 @@
   python -m atr_jax.retrieve embed-train --workdir RUN --out RUN/teacher  # a teacher folder for config.distill
 
 An index is a folder holding `embeddings.npy` (float32 [N, D], unit rows) and `files.json` (the N paths, relative
-to the indexed folder, plus the checkpoint that made them). Clips are embedded whole, any length, with padding
+to the indexed folder, the indexed folder, and the model that made them: `model_identity.ModelIdentity.record()`).
+`text --index` stops with an error naming both models, and the command that rebuilds the index, when the index was
+made by another model than --workdir's (another checkpoint step or model config fingerprint; an index written before
+fingerprints is checked by step alone, with a warning). Clips are embedded whole, any length, with padding
 masked inside the audio tower, so an embedding is the same whether a file is embedded alone or in a batch.
 Audio files stream through in chunks of CHUNK_BATCHES batches: decoded by the data preparation's `Extractor` worker
 processes (the next chunk decodes while one embeds), embedded, and written to a work folder (`INDEX.partial` for
@@ -30,12 +33,11 @@ import tempfile  # noqa: E402
 from concurrent import futures  # noqa: E402
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from atr_jax import checkpointing, distillation, evaluation, sharding, tokenization  # noqa: E402
+from atr_jax import checkpointing, distillation, evaluation, model_identity, sharding, tokenization  # noqa: E402
 from atr_jax.atomic_files import write_atomically, write_folder_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.models.registry import audio_tower  # noqa: E402
@@ -53,15 +55,8 @@ class Retriever:
 
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    config_path = os.path.join(self.workdir, checkpointing.CONFIG_FILE)
-    if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{config_path} is missing: {self.workdir} is not a training workdir of atr_jax")
-    with open(config_path) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
-    manager = checkpointing.create_manager(self.workdir, self.config.eval.selection_metric)
-    self.step = manager.best_step()
-    if self.step is None:
-      raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first")
+    self.config, manager, self.step = model_identity.read_workdir(self.workdir)
+    self.identity = model_identity.of_config(self.workdir, self.step, self.config)  # What embeddings it makes.
     state = checkpointing.restore_on_one_device(manager, self.step)
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
     self.encode_captions = tokenization.caption_encoder(self.config)
@@ -90,7 +85,8 @@ class Retriever:
     """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones), chunk by chunk under a
     progress bar: `workers` decoding processes (default: one per core) fill a feature cache in `work_dir`, and each
     chunk's embeddings go to a chunk file there. A call with the `work_dir` of a killed call for the same paths,
-    chunk size and checkpoint embeds only the chunks it had not written. Without `work_dir`: a temporary folder."""
+    chunk size and model (`self.identity`) embeds only the chunks it had not written. Without `work_dir`: a
+    temporary folder."""
     if work_dir is None:
       with tempfile.TemporaryDirectory(prefix="atr_jax_embed_") as temporary:
         return self.embed_audio_files(paths, batch_size, work_dir=temporary, workers=workers)
@@ -121,8 +117,7 @@ class Retriever:
       "files": len(paths),
       "files_sha1": hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest(),
       "chunk_size": chunk_size,
-      "workdir": self.workdir,
-      "step": int(self.step),
+      **self.identity.record(),
     }
     record_path = os.path.join(work_dir, PROGRESS_FILE)
     try:
@@ -216,7 +211,7 @@ def index_folder(
     index_dir,
     embeddings,
     [os.path.relpath(p, audio_dir) for p in kept],
-    {"audio_dir": os.path.abspath(audio_dir), "workdir": retriever.workdir, "step": int(retriever.step)},
+    {"audio_dir": os.path.abspath(audio_dir), **retriever.identity.record()},
   )
   shutil.rmtree(work_dir)
   return kept, skipped
@@ -232,7 +227,7 @@ def embed_training_set(retriever: Retriever, out: str) -> dict:
     keys.append(distillation.source_keys(builder, split))
     audio.append(embedded.audio)
     text.append(embedded.text)
-  manifest = {"workdir": retriever.workdir, "step": int(retriever.step), "model": retriever.config.model.to_dict()}
+  manifest = retriever.identity.record()
   if jax.process_index() == 0:
     distillation.write_teacher(out, keys, audio, text, manifest)
   return {"clips": sum(len(a) for a in audio), "captions": sum(len(t) for t in text)}
@@ -249,19 +244,36 @@ def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dic
   write_folder_atomically(index_dir, write)
 
 
-def read_index(index_dir: str) -> tuple[np.ndarray, list]:
+def _index_paths(index_dir: str) -> tuple[str, str]:
+  """The paths of an index's two files; a FileNotFoundError unless both exist."""
   emb_path, files_path = os.path.join(index_dir, EMBEDDINGS_FILE), os.path.join(index_dir, FILES_FILE)
   if not (os.path.isfile(emb_path) and os.path.isfile(files_path)):
     raise FileNotFoundError(
       f"{index_dir} is not an index (needs {EMBEDDINGS_FILE} and {FILES_FILE}); "
       "make one with `python -m atr_jax.retrieve index`"
     )
+  return emb_path, files_path
+
+
+def read_index(index_dir: str) -> tuple[np.ndarray, list]:
+  """(embeddings, file names) of an index, unchecked: `check_index_matches` says whether a model may query it."""
+  emb_path, files_path = _index_paths(index_dir)
   embeddings = np.load(emb_path)
   with open(files_path) as f:
     files = json.load(f)["files"]
   if len(files) != len(embeddings):
     raise ValueError(f"{index_dir}: {len(embeddings)} embeddings but {len(files)} file names")
   return embeddings, files
+
+
+def check_index_matches(index_dir: str, identity: model_identity.ModelIdentity) -> None:
+  """A `model_identity.ModelMismatch` naming both models and the command that rebuilds the index unless the index
+  `index_dir` was made by the model `identity` (`model_identity.of_workdir(workdir)`, or a Retriever's `identity`)."""
+  with open(_index_paths(index_dir)[1]) as f:
+    recorded = json.load(f)
+  rebuild = ["python", "-m", "atr_jax.retrieve", "index", f"--workdir={identity.workdir}"]
+  rebuild += [f"--audio_dir={recorded.get('audio_dir', 'AUDIO_DIR')}", f"--index={os.path.abspath(index_dir)}"]
+  model_identity.check(recorded, identity, f"the index {index_dir}", rebuild)
 
 
 def read_captions(path: str) -> list:
@@ -314,6 +326,16 @@ def _report_skipped(skipped: list) -> None:
     print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
+def _read_checked_index(index_dir: str, workdir: str) -> tuple[np.ndarray, list]:
+  """`read_index` of an index made by `workdir`'s model (checked before that model loads); another model's index
+  ends the command with one line naming both models and the command that rebuilds the index."""
+  try:
+    check_index_matches(index_dir, model_identity.of_workdir(workdir))
+  except model_identity.ModelMismatch as error:
+    sys.exit(f"error: {error}")
+  return read_index(index_dir)
+
+
 def _require(*names: str) -> None:
   missing = [f"--{n}" for n in names if not getattr(FLAGS, n)]
   if missing:
@@ -338,17 +360,17 @@ def main(argv):
     print(f"indexed {len(kept)} files ({len(skipped)} skipped) into {FLAGS.index}")
   elif command == "text":
     _require("query")
-    retriever = Retriever(FLAGS.workdir)
+    if not (FLAGS.index or FLAGS.audio_dir):
+      raise app.UsageError("the text command needs --index (made by the index command) or --audio_dir")
     if FLAGS.index:
-      embeddings, files = read_index(FLAGS.index)
-    elif FLAGS.audio_dir:  # No index: embed the folder now.
+      embeddings, files = _read_checked_index(FLAGS.index, FLAGS.workdir)
+    retriever = Retriever(FLAGS.workdir)
+    if not FLAGS.index:  # No index: embed the folder now.
       embeddings, kept, skipped = retriever.embed_audio_files(
         audio_files(FLAGS.audio_dir), FLAGS.batch_size, workers=FLAGS.workers
       )
       _report_skipped(skipped)
       files = [os.path.relpath(p, FLAGS.audio_dir) for p in kept]
-    else:
-      raise app.UsageError("the text command needs --index (made by the index command) or --audio_dir")
     for query, emb in zip(FLAGS.query, retriever.embed_texts(FLAGS.query)):
       _print_ranking(query, files, *top_k(embeddings, emb, FLAGS.top_k))
   elif command == "submission":

@@ -2,7 +2,11 @@
 of self-distillation), sharded against unsharded on 8 fake devices, teacher folders looked up by identity (any data
 order, missing clips named), and a tiny student distilled from the tiny trained run."""
 
+import dataclasses
+import json
+import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from test_losses import make_data_mesh, numerical_gradient, random_batch, reference_infonce
+from test_retrieve import set_in_config
 from tiny_run import tiny_config
 
-from atr_jax import distillation, train
+from atr_jax import distillation, model_identity, train
 from atr_jax.losses import init_loss_params, make_loss_fn, make_loss_fn_from_config
 from configs.base import get_base_config
 
@@ -143,9 +148,10 @@ def _keys(rng, dataset="clotho", clips=6):
   return distillation.SourceKeys(dataset, "development", names, captions)
 
 
-def _write_shuffled_teacher(folder, rng, sources, width, drop=()):
-  """A teacher of `sources` holding its clips in a shuffled order (minus the file names `drop`); returns the
-  embeddings it holds, by (dataset, file name) and by (dataset, file name, caption index)."""
+def _write_shuffled_teacher(folder, rng, sources, width, drop=(), made_by=None):
+  """A teacher of `sources` holding its clips in a shuffled order (minus the file names `drop`), made by the model
+  whose record is `made_by` (default: a workdir that is not here); returns the embeddings it holds, by (dataset, file
+  name) and by (dataset, file name, caption index)."""
   keys, audio, text, by_clip, by_caption = [], [], [], {}, {}
   for source in sources:
     order = [i for i in rng.permutation(len(source.file_names)) if source.file_names[i] not in drop]
@@ -161,7 +167,7 @@ def _write_shuffled_teacher(folder, rng, sources, width, drop=()):
       for index in range(len(clip_captions)):
         by_caption[(source.dataset, name, index)] = caption_emb[row]
         row += 1
-  distillation.write_teacher(str(folder), keys, audio, text, {"workdir": "test"})
+  distillation.write_teacher(str(folder), keys, audio, text, made_by or {"workdir": "test"})
   return by_clip, by_caption
 
 
@@ -223,6 +229,8 @@ def test_a_tiny_student_distils_from_the_tiny_trained_run(tiny_trained, tmp_path
   sources = datasets.train_sources(teacher_config.data)
   (builder, split), keys = sources[0], distillation.source_keys(*sources[0])
   assert counts == {"clips": len(keys.file_names), "captions": sum(map(len, keys.captions))}
+  with open(os.path.join(folder, distillation.MANIFEST_FILE)) as f:
+    assert json.load(f)["model_fingerprint"] == model_identity.of_workdir(teacher_workdir).fingerprint
   # The stored rows are the evaluation embeddings of the training clips and captions.
   embedded = retriever.embed_split(builder, split)
   teachers = distillation.Teachers([folder], [keys])
@@ -247,3 +255,47 @@ def test_a_tiny_student_distils_from_the_tiny_trained_run(tiny_trained, tmp_path
   config.data.train_split = "validation"  # Clips the teacher did not embed: an error before anything compiles.
   with pytest.raises(ValueError, match=rf"\d+ of the 8 training clips are missing from the teacher folder {folder}"):
     train.train_and_evaluate(config, str(tmp_path / "other_student"))
+
+
+def test_a_teacher_folder_is_checked_against_the_run_that_made_it(tiny_trained, tmp_path, caplog):
+  _, workdir = tiny_trained
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run)
+  made_by = model_identity.of_workdir(run)
+  rng = np.random.default_rng(6)
+  training = [_keys(rng, "clotho", 6)]
+  teacher, early = str(tmp_path / "teacher"), str(tmp_path / "early")
+  _write_shuffled_teacher(teacher, rng, training, 4, made_by=made_by.record())
+  distillation.Teachers([teacher], training)
+  # Written at an earlier best checkpoint of the run (it trained on since).
+  _write_shuffled_teacher(early, rng, training, 4, made_by=dataclasses.replace(made_by, step=made_by.step - 1).record())
+  with pytest.raises(model_identity.ModelMismatch, match=rf"at step {made_by.step - 1} .* at step {made_by.step} "):
+    distillation.Teachers([teacher, early], training)
+
+  changed = model_identity.of_workdir(set_in_config(run, "model.head_hidden", 64))  # Since the folder was written.
+  with pytest.raises(model_identity.ModelMismatch) as error:
+    distillation.Teachers([teacher], training)
+  assert str(error.value) == (
+    f"the teacher folder {teacher} was made by {run} at step {made_by.step} (model config {made_by.fingerprint}), "
+    f"not by the model using it: {run} at step {made_by.step} (model config {changed.fingerprint}); config changes: "
+    f"model.head_hidden: 32 -> 64. Rebuild it: python -m atr_jax.retrieve embed-train --workdir={run} --out={teacher}"
+  )
+
+  # Written before fingerprints (the manifest held workdir, step and model): checked by step, else a warning.
+  old = {"workdir": run, "step": made_by.step, "model": made_by.embedding_config["model"]}
+  _write_shuffled_teacher(teacher, rng, training, 4, made_by=old)
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    distillation.Teachers([teacher], training)
+  assert f"the teacher folder {teacher} records no model fingerprint" in caplog.text
+  assert f"Rebuild it: python -m atr_jax.retrieve embed-train --workdir={run} --out={teacher}" in caplog.text
+  _write_shuffled_teacher(teacher, rng, training, 4, made_by={**old, "step": made_by.step - 1})
+  with pytest.raises(
+    model_identity.ModelMismatch, match=rf"at step {made_by.step - 1}, not by .* at step {made_by.step} "
+  ):
+    distillation.Teachers([teacher], training)
+  # A run that is not here cannot be checked: a warning.
+  _write_shuffled_teacher(teacher, rng, training, 4, made_by={**made_by.record(), "workdir": str(tmp_path / "gone")})
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    distillation.Teachers([teacher], training)
+  assert f"the run that made {teacher} ('{tmp_path / 'gone'}') is not here" in caplog.text

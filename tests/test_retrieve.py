@@ -1,8 +1,10 @@
 """Retrieval for users: index a folder of audio files with a trained workdir, query it with text and with audio."""
 
 import csv
+import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import soundfile as sf
-from atr_jax import retrieve
+from atr_jax import model_identity, retrieve
 from data_pipelines import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,7 +166,9 @@ def test_cli_index_then_text_and_audio_queries(trained, tmp_path, capsys):
   run = functools.partial(_retrieve_cli, capsys, f"--workdir={workdir}")
   assert run("index", f"--audio_dir={audio_dir}", f"--index={index}")[-1].startswith("indexed 8 files (0 skipped)")
   with open(os.path.join(index, "files.json")) as f:
-    assert sorted(json.load(f)["files"]) == sorted(os.listdir(audio_dir))
+    recorded = json.load(f)
+  assert sorted(recorded["files"]) == sorted(os.listdir(audio_dir))
+  assert recorded["model_fingerprint"] == model_identity.of_workdir(workdir).fingerprint  # Checked by `text`.
 
   lines = run("text", f"--index={index}", "--query=a dog barks", "--top_k=3")
   assert lines[0] == "a dog barks" and len(lines) == 4 and all(line.strip().endswith(".wav") for line in lines[1:])
@@ -206,3 +210,85 @@ def test_cli_runs_as_a_module_and_names_a_missing_index(trained, tmp_path):
     timeout=300,
   )
   assert result.returncode != 0 and "is not an index" in result.stderr
+
+
+def copy_run(workdir: str, destination, key: str, value) -> str:
+  """A copy of the training workdir `workdir` at `destination` whose config.json holds `value` at the dotted `key`."""
+  shutil.copytree(workdir, destination)
+  return set_in_config(str(destination), key, value)
+
+
+def set_in_config(workdir: str, key: str, value) -> str:
+  """`workdir`, its config.json changed to hold `value` at the dotted `key`."""
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  *parents, leaf = key.split(".")
+  functools.reduce(dict.__getitem__, parents, config)[leaf] = value
+  with open(path, "w") as f:
+    json.dump(config, f)
+  return workdir
+
+
+def _write_index_of(index: str, audio_dir: str, source: dict) -> None:
+  embeddings = np.random.default_rng(0).standard_normal((3, 16))
+  retrieve.write_index(index, embeddings, ["a.wav", "b.wav", "c.wav"], {"audio_dir": audio_dir, **source})
+
+
+def test_an_index_is_queried_only_by_the_model_that_made_it(trained, tmp_path, caplog):
+  workdir, _ = trained
+  made_by = model_identity.of_workdir(workdir)
+  index, audio_dir = str(tmp_path / "index"), str(tmp_path / "audio")
+  _write_index_of(index, audio_dir, made_by.record())
+  retrieve.check_index_matches(index, made_by)
+  shutil.copytree(workdir, tmp_path / "moved")  # A moved or copied workdir is the same model.
+  retrieve.check_index_matches(index, model_identity.of_workdir(str(tmp_path / "moved")))
+
+  other = model_identity.of_workdir(copy_run(workdir, tmp_path / "other", "model.text.max_len", 12))
+  assert other.step == made_by.step and other.fingerprint != made_by.fingerprint
+  with pytest.raises(model_identity.ModelMismatch) as error:
+    retrieve.check_index_matches(index, other)
+  assert str(error.value) == (
+    f"the index {index} was made by {workdir} at step {made_by.step} (model config {made_by.fingerprint}), not by "
+    f"the model using it: {other.workdir} at step {made_by.step} (model config {other.fingerprint}); config "
+    f"changes: model.text.max_len: 16 -> 12. Rebuild it: python -m atr_jax.retrieve index --workdir={other.workdir} "
+    f"--audio_dir={audio_dir} --index={index}"
+  )
+
+  later = dataclasses.replace(made_by, step=made_by.step + 3)  # The run trained on: another best checkpoint.
+  with pytest.raises(model_identity.ModelMismatch, match=rf"at step {made_by.step}\b.* at step {made_by.step + 3}\b"):
+    retrieve.check_index_matches(index, later)
+
+  # An index written before fingerprints: checked by its step, else readable with a warning to rebuild it.
+  _write_index_of(index, audio_dir, {"workdir": workdir, "step": made_by.step})
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    retrieve.check_index_matches(index, made_by)
+  assert "records no model fingerprint" in caplog.text and "cannot be checked" in caplog.text
+  assert f"Rebuild it: python -m atr_jax.retrieve index --workdir={workdir} --audio_dir={audio_dir}" in caplog.text
+  assert len(retrieve.read_index(index)[1]) == 3
+  with pytest.raises(model_identity.ModelMismatch, match=rf"at step {made_by.step}\b.* at step {made_by.step + 3}\b"):
+    retrieve.check_index_matches(index, later)
+
+
+@pytest.mark.slow
+def test_cli_text_refuses_another_models_index_in_one_line(trained, tmp_path):
+  workdir, _ = trained
+  index = str(tmp_path / "index")
+  _write_index_of(index, str(tmp_path / "audio"), model_identity.of_workdir(workdir).record())
+  other = copy_run(workdir, tmp_path / "other", "model.embed_dim", 24)
+  result = subprocess.run(
+    [sys.executable, "-m", "atr_jax.retrieve", "text", f"--index={index}", "--query=x", f"--workdir={other}"],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+    timeout=300,
+  )
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert (
+    last.startswith(f"error: the index {index} was made by {workdir} at step") and "model.embed_dim: 16 -> 24" in last
+  )
+  assert last.endswith(
+    f"Rebuild it: python -m atr_jax.retrieve index --workdir={other} --audio_dir={tmp_path / 'audio'} --index={index}"
+  )
