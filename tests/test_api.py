@@ -40,9 +40,10 @@ def test_embeddings_are_evaluations(model, evaluated, tiny_trained):
   np.testing.assert_allclose(model.embed_text(evaluated.captions[:1])[0], evaluated.text[0], atol=1e-6)
   paths = [os.path.join(config.data.raw_dir, config.data.test_split, name) for name in evaluated.file_names]
   np.testing.assert_allclose(model.embed_audio(paths, batch_size=4), evaluated.audio, atol=1e-6)
-  # The same clips as arrays (reversed: the order is the caller's), stereo for one of them.
+  # The same clips as arrays (reversed: the order is the caller's), one as two channels whose mean is the clip.
   arrays, rates = zip(*(sf.read(path, dtype="float32") for path in reversed(paths)))
-  arrays = [np.stack([arrays[0], arrays[0]], axis=1), *arrays[1:]]
+  other = 0.5 * np.resize(arrays[1], len(arrays[0]))
+  arrays = [np.stack([arrays[0] + other, arrays[0] - other], axis=1), *arrays[1:]]
   from_arrays = model.embed_audio(arrays, sample_rate=rates[0])
   np.testing.assert_allclose(from_arrays, evaluated.audio[::-1], atol=1e-6)
   assert not np.allclose(evaluated.audio[0], evaluated.audio[1], atol=1e-3)  # Distinct clips: the check means it.
