@@ -60,7 +60,9 @@ class Retriever:
     state = checkpointing.restore_on_one_device(manager, self.step)
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
     self.encode_captions = tokenization.caption_encoder(self.config)
-    self._embedder = evaluation.Embedder(build_model(self.config.model), sharding.create_mesh())
+    self._embedder = evaluation.Embedder(
+      build_model(self.config.model), sharding.create_mesh(), max_segment_s=self.config.eval.max_segment_s
+    )
     # The stored form the model takes (runs from before config.data.audio_feature existed took log-mels).
     self.audio_form = audio_forms.audio_form(self.config.data.get("audio_feature", "log_mel"))
     logging.info("Loaded %s at step %d", self.workdir, self.step)

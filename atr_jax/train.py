@@ -219,7 +219,9 @@ class _Setup:
         f"batch ({per_device} = train.global_batch_size / {jax.device_count()} devices)"
       )
     self.train_max_frames = (
-      (config.data.train_max_frames or input_pipeline.longest_clip(self.sources)) if training else None
+      input_pipeline.train_max_frames(self.sources, config.data.train_max_frames, config.data.extra_train_max_frames)
+      if training
+      else None
     )
     # Test only: the learning-rate schedule does not matter, only the optimizer state's structure.
     self.steps_per_epoch = (
@@ -250,7 +252,10 @@ class _Setup:
   def fresh_state(self):
     state, shardings = create_train_state(self.config, self.model, self.tx, self.mesh, self.init_rng)
     self.embedder = evaluation.Embedder(
-      self.model, self.mesh, {"params": shardings.params["model"], "batch_stats": shardings.batch_stats}
+      self.model,
+      self.mesh,
+      {"params": shardings.params["model"], "batch_stats": shardings.batch_stats},
+      max_segment_s=self.config.eval.max_segment_s,
     )
     return state, shardings
 
@@ -302,6 +307,7 @@ class _Setup:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       max_frames=self.train_max_frames,
+      extra_max_frames=self.config.data.extra_train_max_frames,
       seed=self.config.seed,
       epoch=epoch,
       shuffle_buffer=self.config.data.shuffle_buffer,

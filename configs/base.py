@@ -44,6 +44,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Random crop (or pad + mask) of each training clip, frames at 100/s; 0 = the longest clip of the training sources
   # (read from the prepared data: 3001 for Clotho's 30 s, 1001 for AudioCaps' 10 s).
   config.data.train_max_frames = 0
+  # Random crop (frames) of each clip of the extra_train sources, padded to the batch's train_max_frames; with
+  # train_max_frames = 0 their clips count toward "the longest clip" only up to this. 1001 = 10 s, as the DCASE 2025
+  # baseline and WavCaps pre-training crop (WavCaps clips run to tens of minutes); 0 = crop them as train_split.
+  config.data.extra_train_max_frames = 1001
   # What the prepared records hold per clip: "log_mel" (64-band float16 log-mel: CNN14, ResNet38) or "waveform"
   # (int16 32 kHz samples: PaSST, whose front end runs on the device, with its random mel band in training). Must be
   # what model.audio.arch takes (checked at startup); each is prepared into its own folder.
@@ -165,6 +169,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 64  # Global clips/captions per embedding step (fixed: the last batch is padded).
+  # Longest audio (seconds) the audio tower embeds at once, in evaluation, retrieval, zero-shot and embed-train alike:
+  # a longer clip is cut into segments of this length, embedded one by one and combined (the mean of the tower's
+  # outputs weighted by their 10 s blocks; atr_jax/evaluation.py states the rule per tower). 30 s keeps every
+  # Clotho and AudioCaps clip whole, as CNN14 is trained on them, and is a multiple of PaSST's 10 s segments; it
+  # bounds the device memory of an embedding batch (eval.batch_size x this) however long the clips.
+  config.eval.max_segment_s = 30.0
   config.eval.selection_metric = "t2a_mAP10"  # Validation metric (higher is better) that picks the best checkpoint.
   # Validation captions shown in TensorBoard after each epoch with their top-5 clips and the top hit's audio; 0: none.
   config.eval.num_retrieval_examples = 4

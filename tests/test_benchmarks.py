@@ -255,3 +255,29 @@ def test_benchmark_input_times_full_epochs_of_cropped_batches(tmp_path):
   # An odd number of epochs: the median rate is that of the median epoch (its time rounded to 1 ms in the table: a
   # tiny epoch takes ~0.15 s, so the rate read back from it is within 1%).
   assert float(row[8].split()[0]) == pytest.approx(6 * 5 // 4 * 4 / epoch_s, rel=0.01)
+
+
+@pytest.mark.slow
+def test_benchmark_wavcaps_memory_reads_every_record_once(tmp_path):
+  """The WavCaps-shaped benchmark at a tiny size: both steps read each record once per pass (the code before read
+  the split once per padded length), and the tower's input stops at the 30 s segments' padded length."""
+  command = [
+    sys.executable,
+    "-m",
+    "scripts.benchmark_wavcaps_memory",
+    f"--cache_dir={tmp_path}",
+    "--num_clips=6",
+    "--long_clips=1",
+    "--short_max_s=5",
+    "--max_s=40",
+    "--repeats=1",
+    "--batch_size=8",
+  ]
+  table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+  header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[-4:]]
+  assert [row[2] for row in rows] == ["read", "embed"], table
+  for row in rows:
+    assert row[0] == "40 s" and row[1] == "7 (0.02)"
+    assert row[header.index("reads / record")] == "1"
+    assert int(row[header.index("old passes")]) > 1
+    assert row[header.index("tower input (frames): now / old")] == "3,072 / 4,096"

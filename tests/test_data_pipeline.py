@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_pipelines import captions, clip_builder, clotho, extraction, features, input_pipeline
+from data_pipelines import audio_forms, captions, clip_builder, clotho, extraction, features, input_pipeline
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FRAMES = 150
@@ -285,48 +285,121 @@ def test_shards_stay_in_step_when_they_differ_in_pairs(builder):
   assert not clip_sets[0] & clip_sets[1]
 
 
+def counting_reads(builder, monkeypatch) -> collections.Counter:
+  """Counts the records `builder.as_dataset` yields, by clip id, from now on (the records every pipeline reads)."""
+  import tensorflow as tf
+
+  reads, as_dataset = collections.Counter(), builder.as_dataset
+
+  def count(clip_id):
+    reads[int(clip_id)] += 1
+    return clip_id
+
+  def counted(*args, **kwargs):
+    return as_dataset(*args, **kwargs).map(
+      lambda clip: {**clip, "clip_id": tf.ensure_shape(tf.numpy_function(count, [clip["clip_id"]], tf.int32), ())}
+    )
+
+  monkeypatch.setattr(builder, "as_dataset", counted)
+  return reads
+
+
 @pytest.mark.parametrize(
-  "split, batch_size, process_count",
-  [("evaluation", 2, 1), ("evaluation", 2, 2), ("development", 3, 3), ("development", 2, 2)],
+  "split, batch_size, process_count, max_segment",
+  [
+    ("evaluation", 2, 1, 3001),
+    ("evaluation", 2, 2, 3001),
+    ("development", 3, 3, 3001),
+    ("development", 2, 2, 3001),
+    ("development", 2, 2, 80),  # Every clip but d3 (51 frames) is cut.
+    ("development", 3, 1, 100),
+  ],
 )
-def test_eval_batches_hold_every_clip_once_and_whole(builder, split, batch_size, process_count):
+def test_eval_batches_hold_every_clip_once_and_whole(
+  builder, monkeypatch, split, batch_size, process_count, max_segment
+):
+  """Every process reads each record once, yields batches of the same shapes in the same order, never longer than
+  the segments' padded length, and together they hold every clip's segments (`clip_segments`) exactly once."""
   stored = {int(r["clip_id"]): r["log_mel"].astype(np.float32) for r in _records(builder, split).values()}
   np.testing.assert_array_equal(
     input_pipeline.eval_clip_frames(builder, split), [len(stored[i]) for i in range(len(stored))]
   )
-  per_process = [
-    list(
-      input_pipeline.eval_clip_batches(
-        builder, split, batch_size=batch_size, process_index=p, process_count=process_count
+  per_process = []
+  for p in range(process_count):
+    reads = counting_reads(builder, monkeypatch)
+    per_process.append(
+      list(
+        input_pipeline.eval_clip_batches(
+          builder,
+          split,
+          batch_size=batch_size,
+          max_segment_frames=max_segment,
+          process_index=p,
+          process_count=process_count,
+        )
       )
     )
-    for p in range(process_count)
-  ]
-  buckets = collections.Counter(input_pipeline.padded_frames(len(clip)) for clip in stored.values())
-  # Every process runs the same batch shapes in the same order: each length group in increasing length.
-  expected_shapes = [
-    frames for frames in sorted(buckets) for _ in range(-(-(-(-buckets[frames] // process_count)) // batch_size))
-  ]
-  for batches in per_process:
-    assert [batch["log_mel"].shape[1] for batch in batches] == expected_shapes
-  seen = []
+    assert reads == {clip_id: 1 for clip_id in stored}  # One pass: every record once.
+    monkeypatch.undo()
+  shapes = [[batch["log_mel"].shape for batch in batches] for batches in per_process]
+  assert all(s == shapes[0] for s in shapes)
+  segments = collections.Counter()
   for batches in per_process:
     for batch in batches:
       frames = batch["log_mel"].shape[1]
       assert batch["log_mel"].shape == (batch_size, frames, features.N_MELS)
+      assert frames <= input_pipeline.padded_frames(max_segment)
       assert batch["valid"].dtype == bool and batch["clip_id"].dtype == np.int32
-      for log_mel, mask, clip_id, valid in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"], batch["valid"]):
+      assert batch["weight"].dtype == np.float32
+      for log_mel, mask, clip_id, valid, weight in zip(
+        batch["log_mel"], batch["frame_mask"], batch["clip_id"], batch["valid"], batch["weight"]
+      ):
         if not valid:
-          assert clip_id == -1 and not mask.any() and not log_mel.any()
+          assert clip_id == -1 and not mask.any() and not log_mel.any() and weight == 0
           continue
-        seen.append(int(clip_id))
         clip = stored[int(clip_id)]
-        assert frames == input_pipeline.padded_frames(len(clip))
-        np.testing.assert_array_equal(mask, np.arange(frames) < len(clip))
-        np.testing.assert_array_equal(log_mel[: len(clip)], clip)  # The whole clip, never cut.
-        np.testing.assert_array_equal(log_mel[len(clip) :], 0.0)
-  assert sorted(seen) == list(range(len(stored)))
-  assert len(buckets) > 1
+        length = int(mask.sum())
+        np.testing.assert_array_equal(mask, np.arange(frames) < length)
+        np.testing.assert_array_equal(log_mel[length:], 0.0)
+        start = _find_rows(clip, log_mel[:length])
+        segments[(int(clip_id), start, length, float(weight))] += 1
+        whole = len(clip) <= max_segment
+        assert frames == input_pipeline.padded_frames(len(clip) if whole else max_segment)
+  expected = collections.Counter(
+    (clip_id, start, frames, float(weight))
+    for clip_id, clip in stored.items()
+    for start, frames, weight in input_pipeline.clip_segments(len(clip), max_segment)
+  )
+  assert segments == expected
+  assert sum(count > 1 for count in input_pipeline.segment_counts(list(map(len, stored.values())), max_segment)) == (
+    7 if max_segment == 80 else 6 if max_segment == 100 else 0  # Cap 100: d5 (101 frames) keeps one segment.
+  )
+
+
+def _find_rows(clip: np.ndarray, rows: np.ndarray) -> int:
+  """The row of `clip` where `rows` start (the segment's first frame)."""
+  for start in range(len(clip) - len(rows) + 1):
+    if np.array_equal(clip[start : start + len(rows)], rows):
+      return start
+  raise AssertionError("the segment is not a slice of its clip")
+
+
+def test_clip_segments_cut_long_clips_into_weighted_segments():
+  # A 10 s block counts when it holds at least 16 frames: a 75 s clip in 30 s (3001-frame) segments weighs 3, 3, 2.
+  assert input_pipeline.clip_segments(7500, 3001) == [(0, 3001, 3), (3001, 3001, 3), (6002, 1498, 2)]
+  assert input_pipeline.clip_segments(3001, 3001) == [(0, 3001, 1)]  # Whole.
+  assert input_pipeline.clip_segments(6010, 3000) == [(0, 3000, 3), (3000, 3000, 3)]  # A 10-frame tail is left out.
+  assert input_pipeline.clip_segments(6016, 3000) == [(0, 3000, 3), (3000, 3000, 3), (6000, 16, 1)]
+  assert input_pipeline.clip_segments(2520, 2000) == [(0, 2000, 2), (2000, 520, 1)]
+  lengths = np.arange(1, 9000, 7)
+  for cap in (64, 1000, 3001):
+    np.testing.assert_array_equal(
+      input_pipeline.segment_counts(lengths, cap), [len(input_pipeline.clip_segments(int(n), cap)) for n in lengths]
+    )
+  assert input_pipeline.max_segment_frames(30.0, audio_forms.LOG_MEL) == 3001
+  assert input_pipeline.max_segment_frames(30.0, audio_forms.WAVEFORM) == 3000
+  with pytest.raises(ValueError, match="config.eval.max_segment_s=0.5"):
+    input_pipeline.max_segment_frames(0.5, audio_forms.LOG_MEL)
 
 
 def test_padded_frames_are_few_lengths_with_little_padding():
@@ -338,13 +411,6 @@ def test_padded_frames_are_few_lengths_with_little_padding():
   # Four lengths per octave: 30 s Clotho clips (1500-3001 frames) share 5 lengths.
   assert len(set(padded[1499:3001])) == 5
   assert input_pipeline.padded_frames(1001) == 1024 and input_pipeline.padded_frames(3001) == 3072
-
-
-def test_eval_clip_longer_than_the_tower_supports_is_an_error(builder):
-  longest = int(input_pipeline.eval_clip_frames(builder, "development").max())
-  with pytest.raises(ValueError, match=r"split development: 1 clips are longer than the 300 frames .*'d0\.wav'"):
-    input_pipeline.eval_clip_batches(builder, "development", batch_size=2, max_frames=longest - 1)
-  assert longest == 301
 
 
 @pytest.fixture(scope="module")
@@ -571,3 +637,34 @@ def test_sources_are_combined_with_unique_clip_ids(builder):
   assert sum(pairs.values()) == total // batch_size * batch_size
   assert not pairs - expected  # Every pair is a real one, with its clip id offset past the first source's clips.
   assert {clip_id for clip_id, _ in pairs} & set(range(dev_clips, dev_clips + len(GOOD_AUDIO["validation"])))
+
+
+def test_extra_sources_are_cropped_to_their_own_length(builder):
+  """data.extra_train_max_frames: the extra sources' clips are cropped to it (padded to the batch's length), the main
+  source's to train_max_frames, and "the longest clip" (train_max_frames = 0) counts the extra sources up to it."""
+  sources = [(builder, "validation"), (builder, "development")]  # Longest clips: 221 and 301 frames.
+  assert input_pipeline.train_max_frames(sources, 0, 150) == 221
+  assert input_pipeline.train_max_frames(sources, 0, 0) == 301
+  assert input_pipeline.train_max_frames(sources, 0, 1001) == 301
+  assert input_pipeline.train_max_frames(sources[1:], 0, 150) == 301  # No extra source.
+  assert input_pipeline.train_max_frames(sources, 128, 150) == 128
+  stored = {int(r["clip_id"]): r["log_mel"].astype(np.float32) for r in _records(builder, "validation").values()}
+  offset = len(stored)
+  stored |= {
+    int(r["clip_id"]) + offset: r["log_mel"].astype(np.float32) for r in _records(builder, "development").values()
+  }
+  crops = collections.defaultdict(set)
+  for epoch in range(2):
+    batches = input_pipeline.train_dataset(
+      sources, batch_size=4, max_frames=221, extra_max_frames=150, seed=3, epoch=epoch
+    ).as_numpy_iterator()
+    for batch in batches:
+      assert batch["log_mel"].shape == (4, 221, features.N_MELS)
+      for log_mel, mask, clip_id in zip(batch["log_mel"], batch["frame_mask"], batch["clip_id"]):
+        clip = stored[int(clip_id)]
+        length = min(len(clip), 221 if clip_id < offset else 150)
+        np.testing.assert_array_equal(mask, np.arange(221) < length)
+        np.testing.assert_array_equal(log_mel[length:], 0.0)
+        crops[int(clip_id)].add(_find_rows(clip, log_mel[:length]))
+  assert {i for i in crops if i >= offset and len(stored[i]) > 150}  # Extra clips were cut...
+  assert max(max(crops[i]) for i in crops if i >= offset) > 0  # ...at random starts.

@@ -5,6 +5,7 @@ the refusal to train on log-mel and waveform sources together."""
 import csv
 import hashlib
 import json
+import collections
 import os
 
 import numpy as np
@@ -118,11 +119,11 @@ def test_waveform_records_are_the_clipped_int16_samples(raw_dir, waveform_builde
 
 
 def test_waveform_has_its_own_folder_and_cache_entries(raw_dir, waveform_builder, log_mel_builder, tmp_path):
-  log_mel_dir, waveform_dir = clip_builder.default_data_dir(raw_dir), clip_builder.default_data_dir(raw_dir, "waveform")
+  log_mel_dir, waveform_dir = clotho.default_data_dir(raw_dir), clotho.default_data_dir(raw_dir, "waveform")
   assert waveform_dir == log_mel_dir + "-waveform"
   assert clotho.default_data_dir(raw_dir, "log_mel") == log_mel_dir
   with pytest.raises(ValueError, match="'wave'"):
-    clip_builder.default_data_dir(raw_dir, "wave")
+    clotho.default_data_dir(raw_dir, "wave")
   with pytest.raises(ValueError, match="audio_feature='wave'"):
     clotho.Clotho(data_dir=raw_dir, audio_feature="wave")
   for builder, other in ((waveform_builder, "log_mel"), (log_mel_builder, "waveform")):
@@ -194,13 +195,18 @@ def test_training_batches_crop_the_samples(waveform_builder):
   assert any(offset % HOP for offset in offsets)  # Crops start at any sample, not on the frame grid.
 
 
-def test_evaluation_batches_hold_every_clip_whole(waveform_builder):
+@pytest.mark.parametrize("max_segment", [3000, 40])
+def test_evaluation_batches_hold_every_clip_whole_or_in_segments(waveform_builder, max_segment):
+  """Waveform segments are cut on the 10 ms frame grid (a segment of n frames holds n * 320 samples, the last the
+  rest of the clip), so that PaSST's 10 s segments keep their grid."""
   clips = {int(r["clip_id"]): r["waveform"] for r in _records(waveform_builder, "development").values()}
-  seen = set()
-  for batch in input_pipeline.eval_clip_batches(waveform_builder, "development", batch_size=2):
-    assert set(batch) == {"waveform", "sample_mask", "clip_id", "valid"}
+  seen = collections.Counter()
+  for batch in input_pipeline.eval_clip_batches(
+    waveform_builder, "development", batch_size=2, max_segment_frames=max_segment
+  ):
+    assert set(batch) == {"waveform", "sample_mask", "clip_id", "valid", "weight"}
     padded = batch["waveform"].shape[1]
-    assert padded % HOP == 0
+    assert padded % HOP == 0 and padded <= input_pipeline.padded_frames(max_segment) * HOP
     for audio, mask, clip_id, valid in zip(
       batch["waveform"], batch["sample_mask"], batch["clip_id"], batch["valid"], strict=True
     ):
@@ -208,14 +214,18 @@ def test_evaluation_batches_hold_every_clip_whole(waveform_builder):
         assert clip_id == -1 and not mask.any() and not audio.any()
         continue
       clip = clips[int(clip_id)]
-      assert padded == input_pipeline.padded_frames(-(-len(clip) // HOP)) * HOP
-      np.testing.assert_array_equal(mask, np.arange(padded) < len(clip))
-      np.testing.assert_array_equal(audio[: len(clip)], audio_forms.WAVEFORM.to_float32(clip))
-      assert not audio[len(clip) :].any()
-      seen.add(int(clip_id))
-  assert seen == set(clips)
-  with pytest.raises(ValueError, match="longer than the 50 frames"):
-    input_pipeline.eval_clip_batches(waveform_builder, "development", batch_size=2, max_frames=50)
+      frames = -(-len(clip) // HOP)
+      segment = seen[int(clip_id)]
+      start, length, _ = input_pipeline.clip_segments(frames, max_segment)[segment]
+      samples = audio_forms.WAVEFORM.to_float32(clip)[start * HOP : (start + length) * HOP]
+      assert padded == input_pipeline.padded_frames(min(frames, max_segment)) * HOP
+      np.testing.assert_array_equal(mask, np.arange(padded) < len(samples))
+      np.testing.assert_array_equal(audio[: len(samples)], samples)
+      assert not audio[len(samples) :].any()
+      seen[int(clip_id)] += 1
+  frames = {clip_id: -(-len(clip) // HOP) for clip_id, clip in clips.items()}
+  assert seen == {clip_id: len(input_pipeline.clip_segments(n, max_segment)) for clip_id, n in frames.items()}
+  assert (max(seen.values()) > 1) == (max_segment == 40)
 
 
 def test_log_mel_and_waveform_sources_cannot_be_mixed(waveform_builder, log_mel_builder):
