@@ -3,6 +3,7 @@ frames against the workdir's own embedding of each 1 s window written as a file,
 reference of the text head on the tower's states (and its mean-pooled embedding), and the cache: reused when
 current, computed again when a recording or the checkpoint changes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from atr_jax import retrieve
+import atr_jax
+from atr_jax import model_identity
 from atr_jax.moments import features as moment_features
 from data_pipelines import moments, synthetic
 
@@ -30,7 +32,7 @@ def moment_split(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retriever(tiny_trained):
-  return retrieve.Retriever(tiny_trained[1])
+  return atr_jax.load(tiny_trained[1])
 
 
 def _reference_head(params: dict, x: np.ndarray) -> np.ndarray:
@@ -85,7 +87,7 @@ def test_frames_and_tokens(tiny_trained, retriever, moment_split, tmp_path):
   np.testing.assert_allclose(tokens, _reference_head(head, hidden), atol=2e-5)
   if retriever.config.model.text.pooling == "mean":  # The reference ties to the dual encoder's own text embedding.
     pooled = _reference_head(head, hidden.mean(axis=0, keepdims=True))
-    np.testing.assert_allclose(pooled, retriever.embed_texts([query.query]), atol=2e-5)
+    np.testing.assert_allclose(pooled, retriever.embed_text([query.query]), atol=2e-5)
 
 
 def _fail(*args, **kwargs):
@@ -125,9 +127,9 @@ def test_cache_reused_then_invalidated(tiny_trained, moment_split, tmp_path, mon
   assert not np.allclose(changed.frames[vid], first.frames[vid])
 
   # Another checkpoint step (the workdir trained on): computed again.
-  real_record = moment_features.model_record
-  step = real_record(workdir)["step"]
-  monkeypatch.setattr(moment_features, "model_record", lambda w: {**real_record(w), "step": step + 1})
+  identity = model_identity.of_workdir(workdir)
+  step = identity.step
+  monkeypatch.setattr(model_identity, "of_workdir", lambda _: dataclasses.replace(identity, step=step + 1))
   moment_features.split_features(workdir, annotations, audio_dir)
   assert len(calls) == 2
   cache = moment_features.default_cache_dir(annotations, workdir, "clap_like")

@@ -11,16 +11,15 @@ Projected (rather than the tower's raw width) so that frames and tokens live in 
 dual encoder was trained in, whatever the text tower's width; the head was trained on the pooled state, which is
 one of these tokens (cls pooling) or their mean (mean pooling).
 
-Cache (the prepared features: the clip TFRecord builder does not fit, its records being one clip with its captions
-and its features not depending on a model): a folder per split, by default
-`<annotations folder>/features/<setting>-<8 hex of the workdir path>/<annotations file stem>/`, holding
-`fingerprint.json` (the setting, the model: `model_record`, the workdir's best checkpoint step and config file hash,
-and each recording's path, size and modification time, and the SHA-1 of the queries), `audio-<k>.npz` shards of
-SHARD_RECORDINGS recordings (`vids`, `frames` concatenated, `offsets`), `tokens.npz` (`qids`, `tokens`, `offsets`)
-and `done.json` (the shards, and the recordings skipped with their reason). A cache whose fingerprint differs (another
-checkpoint step or model config, a recording added, removed or modified, other queries) is deleted and computed again;
-a killed computation resumes at its first missing shard. A recording whose audio is missing or unreadable is skipped
-and reported, and its queries left out.
+Cache (the prepared features: the clip TFRecord builder does not fit, its records being one clip with its captions and
+its features not depending on a model): a folder per split, by default `<annotations folder>/features/<setting>-<8 hex
+of the workdir path>/<annotations file stem>/`, holding `fingerprint.json` (the setting, the model: `model_identity`'s
+record of the workdir's best checkpoint step and embedding config, each recording's path, size and modification time,
+and the SHA-1 of the queries), `audio-<k>.npz` shards of SHARD_RECORDINGS recordings (`vids`, `frames` concatenated,
+`offsets`, `skipped`), `tokens.npz` (`qids`, `tokens`, `offsets`) and `done.json` (the shards, and the recordings
+skipped with their reason). A cache whose fingerprint differs (another checkpoint step or model config, a recording
+added, removed or modified, other queries) is deleted and computed again; a killed computation resumes at its first
+missing shard. A recording whose audio is missing or unreadable is skipped and reported, and its queries left out.
 
 Command line (computes or checks the cache of one split; `--features clap_like` is the only setting so far):
   python -m atr_jax.moments.features --workdir RUN --annotations OUT/val.jsonl --audio_dir OUT/val
@@ -47,7 +46,8 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from absl import logging  # noqa: E402
 
-from atr_jax import checkpointing  # noqa: E402
+import atr_jax  # noqa: E402
+from atr_jax import model_identity  # noqa: E402
 from atr_jax.atomic_files import write_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model, l2_normalize  # noqa: E402
 from data_pipelines import features  # noqa: E402
@@ -77,6 +77,7 @@ class SplitFeatures:
   tokens: dict[str, np.ndarray]
   queries: list[MomentQuery]
   skipped: list[tuple[str, str]]
+  hop_s: float  # Frame t starts at t * hop_s seconds.
 
 
 def setting(name: str) -> Setting:
@@ -98,14 +99,12 @@ def window_bounds(num_samples: int, chosen: Setting) -> list[tuple[int, int]]:
 
 
 class Featurizer:
-  """The workdir's towers embedding windows and query tokens (restores the best checkpoint via `retrieve`)."""
+  """The workdir's towers embedding windows and query tokens (its best checkpoint, restored by `atr_jax.load`)."""
 
   def __init__(self, workdir: str, chosen: Setting):
-    from atr_jax import retrieve  # With the data pipeline it imports: only when features are computed.
-
-    self.retriever = retrieve.Retriever(workdir)
+    self.model = atr_jax.load(workdir)
     self.setting = chosen
-    model = build_model(self.retriever.config.model)
+    model = build_model(self.model.config.model)
 
     def tokens(variables, input_ids, attention_mask):
       def per_token(module, input_ids, attention_mask):
@@ -119,8 +118,8 @@ class Featurizer:
   def frames(self, waveform: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """float32 (T, D + 2) of a 32 kHz mono waveform."""
     bounds = window_bounds(len(waveform), self.setting)
-    form = self.retriever.audio_form
-    embedded = self.retriever.embed_clips([form.compute(waveform[a:b]) for a, b in bounds], batch_size)
+    form = self.model.audio_form
+    embedded = self.model.embed_clips([form.compute(waveform[a:b]) for a, b in bounds], batch_size)
     positions = np.array(bounds, np.float64) / len(waveform)
     return np.concatenate([embedded, positions.astype(np.float32)], axis=1).astype(np.float32)
 
@@ -128,8 +127,8 @@ class Featurizer:
     """float32 (L_i, D) of each text: its non-padding tokens."""
     out = []
     for start in range(0, len(texts), batch_size):
-      batch = self.retriever.encode_captions(texts[start : start + batch_size])
-      values = np.asarray(self._tokens(self.retriever.variables, batch["input_ids"], batch["attention_mask"]))
+      batch = self.model.encode_captions(texts[start : start + batch_size])
+      values = np.asarray(self._tokens(self.model.variables, batch["input_ids"], batch["attention_mask"]))
       out += [row[mask.astype(bool)] for row, mask in zip(values.astype(np.float32), batch["attention_mask"])]
     return out
 
@@ -146,22 +145,6 @@ def default_cache_dir(annotations: str, workdir: str, features_name: str) -> str
   digest = hashlib.sha1(os.path.abspath(os.path.expanduser(workdir)).encode("utf-8")).hexdigest()[:8]
   stem = os.path.splitext(os.path.basename(annotations))[0]
   return os.path.join(os.path.dirname(os.path.abspath(annotations)), "features", f"{features_name}-{digest}", stem)
-
-
-def model_record(workdir: str) -> dict:
-  """The model the features come from: the workdir, its best checkpoint step and the SHA-1 of its config.json
-  (read without restoring anything)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  config_path = os.path.join(workdir, checkpointing.CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} is missing: {workdir} is not a training workdir of atr_jax")
-  with open(config_path, "rb") as f:
-    config_bytes = f.read()
-  config = json.loads(config_bytes)
-  step = checkpointing.create_manager(workdir, config["eval"]["selection_metric"]).best_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
-  return {"workdir": workdir, "step": int(step), "config_sha1": hashlib.sha1(config_bytes).hexdigest()}
 
 
 def fingerprint(queries: list[MomentQuery], audio: dict, identity: dict, features_name: str) -> dict:
@@ -231,7 +214,7 @@ def split_features(
     logging.warning("%s", problem)
   vids = sorted({q.vid for q in queries})
   audio = {vid: find_audio(audio_dir, vid) for vid in vids}
-  identity = model_record(workdir)
+  identity = model_identity.of_workdir(workdir).record()
   cache_dir = cache_dir or default_cache_dir(annotations, workdir, features_name)
   current = fingerprint(queries, audio, identity, features_name)
   stored = _read_json(os.path.join(cache_dir, FINGERPRINT_FILE))
@@ -248,13 +231,13 @@ def split_features(
     frames.update(_load_arrays(os.path.join(cache_dir, shard), "vids", "frames"))
   tokens = _load_arrays(os.path.join(cache_dir, TOKENS_FILE), "qids", "tokens")
   skipped = [tuple(item) for item in done["skipped"]]
-  return SplitFeatures(frames, tokens, [q for q in queries if q.vid in frames], skipped)
+  return SplitFeatures(frames, tokens, [q for q in queries if q.vid in frames], skipped, chosen.hop_s)
 
 
 def _compute(workdir, chosen, queries, vids, audio, cache_dir, batch_size) -> None:
   """Writes the missing audio shards, the tokens and done.json into `cache_dir`."""
   featurizer = Featurizer(workdir, chosen)
-  width = featurizer.retriever.config.model.embed_dim
+  width = featurizer.model.embed_dim
   shards, skipped = [], []
   groups = [vids[start : start + SHARD_RECORDINGS] for start in range(0, len(vids), SHARD_RECORDINGS)]
   with tqdm.tqdm(total=len(vids), desc="moment features", unit="recording") as progress:
