@@ -39,6 +39,10 @@ C_t = the mean over teachers of the teachers' cosine similarities of the same pa
 -sum_j target log softmax. The target is a constant (no gradient flows through it, into tau included). The loss
 then takes the teachers' embeddings of the batch's pairs, ``teachers=(audio, text)``, each [B, K, D_t] (K
 teachers, zero-padded to one width: padding changes no cosine), sharded and all-gathered like the student's.
+Called with ``terms=True`` a distilling loss also returns its terms apart, unweighted, for logging:
+``(total, {'contrastive': loss, 'distill': distillation})`` (no 'contrastive' when ``weight`` is 0), each summed over
+the devices like the total, which is computed as without them (the same value and gradients, bit for bit); a loss
+without distillation has one term, its total, and returns ``(total, {})``.
 
 Hyper-parameters: fixed (``margin=``, ``temperature=``, ``scale=``, ``bias=`` given to ``make_loss_fn`` /
 ``get_loss``) or learnable (``init_loss_params(name, learnable=True, ...)``), in which case they live in
@@ -67,7 +71,7 @@ DEFAULT_MARGIN = 0.2
 WEIGHTED_TRIPLET_POSITIVE = (0.2, -0.7, 0.5)  # coefficients (x^2, x, 1) of the positive term of triplet_weighted
 WEIGHTED_TRIPLET_NEGATIVE = (0.9, -0.4, 0.03)  # ... and of its negative term
 
-LossFn = Callable[..., jax.Array]  # (audio_emb, text_emb, clip_ids, loss_params[, teachers]) -> scalar
+LossFn = Callable[..., Any]  # (audio_emb, text_emb, clip_ids, loss_params[, teachers], *, terms=False) -> scalar
 
 
 class _Rows(NamedTuple):
@@ -121,9 +125,10 @@ def make_loss_fn(
   distill_weight: float = 0.0,
   **fixed: Any,
 ) -> LossFn:
-  """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params, teachers=None) -> scalar`` on the global batch:
-  ``weight`` x the loss ``name``, plus ``distill_weight`` x distillation from ``teachers`` when ``distill_weight`` > 0
-  (then required; see module docstring).
+  """Loss ``fn(audio_emb, text_emb, clip_ids, loss_params, teachers=None, *, terms=False) -> scalar`` on the global
+  batch: ``weight`` x the loss ``name``, plus ``distill_weight`` x distillation from ``teachers`` when
+  ``distill_weight`` > 0 (then required; see module docstring). ``terms=True`` returns ``(scalar, {term: value})``,
+  the distillation loss's terms apart (module docstring).
 
   With a mesh the batch (leading) axis of the arrays is sharded over ``axis`` and the loss runs per device
   in ``jax.shard_map`` (see module docstring); ``loss_params`` (from ``init_loss_params``) are replicated.
@@ -147,11 +152,17 @@ def make_loss_fn(
       f"loss {name!r}: weight={weight} and distill_weight={distill_weight} must be >= 0, one of them positive"
     )
 
-  def share(rows: _Rows, loss_params: dict) -> jax.Array:
-    total = weight * loss.share(rows, loss_params, fixed) if weight else 0.0
+  def share(rows: _Rows, loss_params: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The rows' share of the total and of each of its terms (unweighted; {} without distillation)."""
+    terms = {}
+    if weight:
+      terms["contrastive"] = loss.share(rows, loss_params, fixed)
     if distilling:
-      total = total + distill_weight * _distillation_share(rows, _temperature(name, loss_params, fixed))
-    return total
+      terms["distill"] = _distillation_share(rows, _temperature(name, loss_params, fixed))
+    total = weight * terms["contrastive"] if weight else 0.0
+    if distilling:
+      total = total + distill_weight * terms["distill"]
+    return total, terms if distilling else {}
 
   def check(audio_emb, text_emb, clip_ids, teachers, n_shards):
     _check_batch(name, audio_emb, text_emb, clip_ids, n_shards)
@@ -169,10 +180,11 @@ def make_loss_fn(
 
   if mesh is None:
 
-    def unsharded(audio_emb, text_emb, clip_ids, loss_params, teachers=None):
+    def unsharded(audio_emb, text_emb, clip_ids, loss_params, teachers=None, *, terms=False):
       check(audio_emb, text_emb, clip_ids, teachers, n_shards=1)
       audio, text, teachers = normalize(audio_emb, text_emb, teachers)
-      return share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0, teachers, teachers), loss_params)
+      total, by_term = share(_Rows(audio, text, clip_ids, audio, text, clip_ids, 0, teachers, teachers), loss_params)
+      return (total, by_term) if terms else total
 
     return unsharded
 
@@ -198,7 +210,7 @@ def make_loss_fn(
 
     total = jax.lax.pcast(jnp.zeros((), audio.dtype), axis, to="varying")  # a per-device sum, as the carry
     _, _, total = jax.lax.fori_loop(0, n_devices, visit, (text, clip_ids, total))
-    return weight * total / (n_devices * audio.shape[0]) ** 2
+    return weight * total / (n_devices * audio.shape[0]) ** 2, {}  # No distillation (siglip has no temperature).
 
   per_device_share = ring_share if chunked else gathered_share
 
@@ -208,9 +220,10 @@ def make_loss_fn(
 
   sharded_loss = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P(), P(axis)), out_specs=P())
 
-  def sharded(audio_emb, text_emb, clip_ids, loss_params, teachers=None):
+  def sharded(audio_emb, text_emb, clip_ids, loss_params, teachers=None, *, terms=False):
     check(audio_emb, text_emb, clip_ids, teachers, n_shards=n_devices)
-    return sharded_loss(audio_emb, text_emb, clip_ids, loss_params, teachers)
+    total, by_term = sharded_loss(audio_emb, text_emb, clip_ids, loss_params, teachers)
+    return (total, by_term) if terms else total
 
   return sharded
 

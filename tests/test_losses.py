@@ -1,6 +1,8 @@
 """Every loss against an independent float64 numpy implementation of SPEC 5 / SPEC 11 (values and gradients), and
 the sharded (all-gather and chunked ring) losses against the unsharded ones on 8 fake devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -373,13 +375,20 @@ def test_every_loss_sharded_equals_unsharded(name, chunked):
   fixed = {} if learnable else FIXED[name]
   argnums = (0, 1, 3) if learnable else (0, 1)
   unsharded = jax.jit(jax.value_and_grad(make_loss_fn(name, None, **fixed), argnums=argnums))
-  sharded = jax.jit(jax.value_and_grad(make_loss_fn(name, mesh, "data", chunked=chunked, **fixed), argnums=argnums))
+  sharded_fn = make_loss_fn(name, mesh, "data", chunked=chunked, **fixed)
+  sharded = jax.jit(jax.value_and_grad(sharded_fn, argnums=argnums))
   on_mesh = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (audio, text, clip_ids)]
   value, grads = sharded(*on_mesh, params)
   expected_value, expected_grads = unsharded(audio, text, clip_ids, params)
   np.testing.assert_allclose(value, expected_value, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # Without distillation the total is the only term: terms=True reports none and changes nothing, bit for bit.
+  with_terms = jax.value_and_grad(functools.partial(sharded_fn, terms=True), argnums=argnums, has_aux=True)
+  (value_again, terms), grads_again = jax.jit(with_terms)(*on_mesh, params)
+  assert terms == {}
+  for got, want in zip(jax.tree.leaves((value_again, grads_again)), jax.tree.leaves((value, grads)), strict=True):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_infonce_multi_abs_temperature_and_config():
