@@ -1,13 +1,24 @@
-"""Orbax checkpoints of the train state: the latest (for automatic resume) and the best by a validation metric; and
-the run's config file beside them in the workdir."""
+"""Orbax checkpoints of the train state: the latest (for automatic resume) and the best by a validation metric, each
+with the fingerprint of the data it was trained on in its step metadata; and the run's config file beside them in the
+workdir. A checkpoint that cannot be read ends with one error (`CheckpointError`), after the reads still in flight."""
 
+import asyncio
+import contextlib
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers, type_handlers
 
 CONFIG_FILE = "config.json"  # The run's config, saved in the workdir beside `checkpoints/`.
+_DATA_KEY = "data"  # The data fingerprint's key in a step's custom metadata.
+_DRAIN_TIMEOUT_S = 300.0  # Longest wait for the reads a failed restore left in flight.
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read, or a run that cannot be resumed as asked: a user error, whose message says
+  what to do (the command line prints it alone)."""
 
 
 def _save_replicas_once_on_cpu() -> None:
@@ -40,27 +51,73 @@ def create_manager(workdir: str, selection_metric: str) -> ocp.CheckpointManager
   return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict | None) -> None:
-  """Saves `state` at `step` (synchronously); `metrics` None marks a mid-epoch checkpoint, never the best."""
+def save(manager: ocp.CheckpointManager, step: int, state, metrics: dict | None, data: dict | None = None) -> None:
+  """Saves `state` at `step` (synchronously); `metrics` None marks a mid-epoch checkpoint, never the best. `data`,
+  the fingerprint of the training data (`resume.data_fingerprint`), goes into the step's metadata, which orbax
+  writes into the step's temporary folder before renaming it: a checkpoint has it or does not exist."""
   metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+  custom_metadata = None if data is None else {_DATA_KEY: data}
+  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, custom_metadata=custom_metadata)
   manager.wait_until_finished()
+
+
+def saved_data_fingerprint(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The data fingerprint saved with the checkpoint of `step` (`save`); None when it has none (an older version).
+  Reads the step's metadata file only, none of the arrays."""
+  folder = os.path.join(os.fspath(manager.directory), str(step))
+  metadata = _readable(manager, step, lambda: ocp.metadata.get_step_metadata(folder))
+  return (metadata.custom_metadata or {}).get(_DATA_KEY)
 
 
 _MAX_REASON_CHARS = 1000
 
 
-def _readable(manager: ocp.CheckpointManager, step: int, restore):
-  """`restore()`, or an error naming the checkpoint folder when it cannot be read (damaged or truncated files, or a
-  model config other than the one that saved it)."""
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that runs its unfinished tasks to their end before it closes. Orbax restores in a loop of its own
+  that it closes when the restore ends; when the read of one array fails, those of the others are still in flight
+  in TensorStore, which would post their completions to the closed loop (a "RuntimeError: Event loop is closed"
+  traceback each, hundreds after the error, some at interpreter exit)."""
+
+  def close(self) -> None:
+    while not self.is_closed() and not self.is_running() and (pending := asyncio.all_tasks(self)):
+      done, not_done = self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+      for task in done:
+        if not task.cancelled():
+          task.exception()  # Retrieved: the restore's error is the one that counts.
+      if not_done:
+        logging.warning("%d checkpoint reads still pending after %.0f s: left behind", len(not_done), _DRAIN_TIMEOUT_S)
+        break
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """Within it, new event loops (those orbax makes to restore) drain their tasks before they close."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
   try:
-    return restore()
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+def _readable(manager: ocp.CheckpointManager, step: int, restore):
+  """`restore()`, or a CheckpointError naming the checkpoint folder when it cannot be read (damaged or truncated
+  files, or a model config other than the one that saved it), raised once nothing of the restore is in flight."""
+  try:
+    with _draining_event_loops():
+      return restore()
   except Exception as error:  # Orbax and TensorStore raise many kinds (ValueError, OSError, their own).
     folder = os.path.join(os.fspath(manager.directory), str(step))
     # TensorStore ends its messages (which name the file it could not read) with kilobytes of JSON specs.
     reason = str(error).split(" [tensorstore_spec")[0]
     reason = reason if len(reason) <= _MAX_REASON_CHARS else reason[:_MAX_REASON_CHARS] + " ..."
-    raise ValueError(
+    raise CheckpointError(
       f"the checkpoint of step {step} ({folder}) cannot be read ({type(error).__name__}: {reason}). If the model "
       f"config differs from the one that saved it, restore that config; if the folder is damaged, delete that "
       f"folder to resume from the one before it (steps saved: {list(manager.all_steps())})"

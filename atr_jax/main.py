@@ -1,9 +1,10 @@
 """Command line: `python -m atr_jax.main --config configs/<name>.py --workdir DIR [--mode train|evaluate]
-[--config.key=value ...] [--allow_config_change] [--verbosity=1] [--distributed auto|on|off]
+[--config.key=value ...] [--allow_config_change] [--allow_data_change] [--verbosity=1] [--distributed auto|on|off]
 [--coordinator_address HOST:PORT --num_processes N --process_id I]`.
 
 The console shows one line per phase and the training progress (`atr_jax.console`); the workdir's atr_jax.INFO log
-holds everything, which --verbosity=1 also shows.
+holds everything, which --verbosity=1 also shows. A run that cannot resume (a refused change, a checkpoint that cannot
+be read: `checkpointing.CheckpointError`) prints its error as one line and exits with status 1.
 
 Multi-process runs start the same command in every process (scripts/launch_local.py, scripts/slurm_train.sbatch,
 scripts/tpu_pod_train.sh); `atr_jax.distributed` joins them before anything touches a device."""
@@ -18,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's and XLA's C++
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from atr_jax import console, distributed, train  # noqa: E402
+from atr_jax import checkpointing, console, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and results.json.")
@@ -34,7 +35,15 @@ flags.DEFINE_bool(
   "allow_config_change",
   False,
   "train: resume a workdir's run even though the config changes its data order or step count "
-  "(atr_jax.train.RESUME_KEYS: seed, datasets, crop, shuffle, input shards, global batch, epochs).",
+  "(atr_jax.resume.RESUME_KEYS: seed, datasets and their folders, crop, shuffle, input shards, global batch, epochs).",
+)
+flags.DEFINE_bool(
+  "allow_data_change",
+  False,
+  "train: resume a workdir's run even though its prepared training data changed since the checkpoint (another "
+  "fingerprint of a source: sources prepared again, other clips or captions). The global step is kept; the epoch "
+  "and the batch within it are recomputed from the new steps per epoch, and the learning-rate schedule is rebuilt "
+  "for it (both logged).",
 )
 flags.DEFINE_enum(
   "distributed",
@@ -63,11 +72,20 @@ def main(argv):
 
   tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators belong to JAX.
   logging.info("config:\n%s", FLAGS.config)
-  with distributed.exit_fast_on_failure():
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-    else:
-      train.evaluate_best(FLAGS.config, FLAGS.workdir)
+  try:
+    with distributed.exit_fast_on_failure():
+      if FLAGS.mode == "train":
+        train.train_and_evaluate(
+          FLAGS.config,
+          FLAGS.workdir,
+          allow_config_change=FLAGS.allow_config_change,
+          allow_data_change=FLAGS.allow_data_change,
+        )
+      else:
+        train.evaluate_best(FLAGS.config, FLAGS.workdir)
+  except checkpointing.CheckpointError as error:
+    logging.info("stopped: %s", error)
+    raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from atr_jax import (
   losses,
   preflight,
   relevance,
+  resume,
   sharding,
   summaries,
   tokenization,
@@ -42,21 +43,6 @@ from atr_jax.models.cnn14 import BATCH_MOMENTS, update_running_statistics
 from atr_jax.models.dual_encoder import build_model
 from atr_jax.models.registry import audio_inputs, audio_tower
 from data_pipelines import audio_forms, datasets, input_pipeline
-
-# The keys that fix the training data's order and the step count: a run resumed with another value of one of
-# them would not continue the run it resumes.
-RESUME_KEYS = (
-  "seed",
-  "data.dataset",
-  "data.raw_dir",
-  "data.extra_train",
-  "data.train_split",
-  "data.train_max_frames",
-  "data.shuffle_buffer",
-  "data.num_input_shards",
-  "train.global_batch_size",
-  "train.num_epochs",
-)
 
 
 def _forward(state: TrainState, model_params, batch_stats, batch: dict, rng, collection: str = "batch_stats"):
@@ -346,39 +332,20 @@ def _check_finite(metrics: dict, step: int, manager) -> dict:
   return scalars
 
 
-def _changed_resume_keys(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """'key: saved -> new' for each of RESUME_KEYS that differs from the config saved in `workdir` when it holds a
-  checkpoint to resume; [] otherwise."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  checkpoints = os.path.join(workdir, "checkpoints")
-  config_path = os.path.join(workdir, checkpointing.CONFIG_FILE)
-  if not (
-    os.path.isfile(config_path)
-    and os.path.isdir(checkpoints)
-    and any(name.isdigit() for name in os.listdir(checkpoints))
-  ):
-    return []
-  with open(config_path) as f:
-    saved = json.load(f)
-  new = json.loads(config.to_json_best_effort())  # The same normalisation (tuples -> lists) as the saved file.
-  changed = []
-  for key in RESUME_KEYS:
-    values = []
-    for tree in (saved, new):
-      for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-      values.append(os.path.abspath(os.path.expanduser(tree)) if key == "data.raw_dir" and tree else tree)
-    if values[0] != values[1]:
-      changed.append(f"{key}: {values[0]!r} -> {values[1]!r}")
-  return changed
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  allow_data_change: bool = False,
+) -> dict:
   """Trains (resuming exactly from the workdir's latest checkpoint), then scores the best checkpoint on the test
-  split. Resuming with another value of a key of RESUME_KEYS is refused unless `allow_config_change`."""
-  changed = _changed_resume_keys(config, workdir)
+  split. Resuming with another value of a key of RESUME_KEYS is refused unless `allow_config_change`, and on changed
+  training data (`resume.check_data`) unless `allow_data_change`. The workdir's config.json is written once the
+  checkpoint is restored: a resume that fails leaves the workdir as it was."""
+  changed = resume.changed_config_keys(config, workdir)
   if changed and not allow_config_change:
-    raise ValueError(
+    raise checkpointing.CheckpointError(
       f"{workdir} holds a run trained with another data order or step count; resuming it with this "
       f"config would not continue it ({'; '.join(changed)}). Train into a new --workdir, or pass "
       "--allow_config_change to resume anyway."
@@ -386,13 +353,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   if changed:
     logging.warning("Resuming %s with a changed config (--allow_config_change): %s", workdir, "; ".join(changed))
   setup = _Setup(config, workdir)
-  if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
-    write_text_atomically(os.path.join(setup.workdir, checkpointing.CONFIG_FILE), config.to_json_best_effort(indent=2))
   state, shardings = setup.fresh_state()
+  data = resume.data_fingerprint(setup.sources, setup.steps_per_epoch)
   latest = setup.manager.latest_step()
   if latest is not None:
+    resume.check_data(setup.manager, latest, data, config, allow_data_change=allow_data_change)
     console.phase("Resuming from the checkpoint of step %d in %s", latest, setup.workdir)
     state = setup.restore(latest, state, shardings)
+  if jax.process_index() == 0:  # Read back by `atr_jax.retrieve` to rebuild the model.
+    write_text_atomically(os.path.join(setup.workdir, checkpointing.CONFIG_FILE), config.to_json_best_effort(indent=2))
   writer = metric_writers.create_default_writer(setup.workdir, just_logging=jax.process_index() > 0)
   if latest is None:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
@@ -430,8 +399,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
   progress = console.TrainProgress(total_steps, step)
   compile_start = time.perf_counter()
   stall_watchdog = watchdog.StepWatchdog.for_this_job()  # Multi-process: a stalled step ends with an error.
-  for epoch in range(step // setup.steps_per_epoch, config.train.num_epochs):
-    for local in setup.train_batches(epoch, skip_batches=step - epoch * setup.steps_per_epoch):
+  first_epoch, first_batch = resume.position(step, setup.steps_per_epoch)
+  for epoch in range(first_epoch, config.train.num_epochs):
+    for local in setup.train_batches(epoch, skip_batches=first_batch if epoch == first_epoch else 0):
       batch = sharding.global_batch(local, setup.mesh)
       state, metrics = step_fn(state, batch)
       step += 1
@@ -452,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
         writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
         progress.update(step, epoch + 1, scalars["loss"])
       if mid_epoch_save:
-        checkpointing.save(setup.manager, step, state, metrics=None)
+        checkpointing.save(setup.manager, step, state, metrics=None, data=data)
     eval_start = time.perf_counter()
     val_emb = setup.embed(state, config.data.val_split)
     val_metrics = retrieval_metrics(val_emb.audio, val_emb.text, val_emb.caption_clip_ids)
@@ -488,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
       f"{val_metrics['a2t_R1']:.3f}, loss {val_metrics['loss']:.4f}"
       + (f", zero-shot accuracy {zeroshot_metrics['mean']:.3f}" if zeroshot_metrics else "")
     )
-    checkpointing.save(setup.manager, step, state, val_metrics)
+    checkpointing.save(setup.manager, step, state, val_metrics, data=data)
     progress.restart_clock(step)
   progress.close()
   writer.flush()
