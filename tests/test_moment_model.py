@@ -266,3 +266,22 @@ def test_gradients_are_finite_and_one_batch_overfits():
   for _ in range(40):
     params, opt_state, loss, _, _ = step(params, opt_state)
   assert float(loss) < 0.5 * float(first)
+
+
+def test_set_losses_with_more_windows_than_queries_count_matched_pairs_only():
+  config = _config().loss
+  rng = np.random.default_rng(7)
+  logits, spans, windows = _random_predictions(rng, batch=1, num_queries=2, num_windows=4)
+  terms = losses.set_losses(jnp.asarray(logits), jnp.asarray(spans), windows, np.ones((1, 4), bool), config)
+  cost = _np_cost(logits[0], spans[0], windows[0], config)
+  chosen = min(itertools.permutations(range(4), 2), key=lambda w: cost[0, w[0]] + cost[1, w[1]])
+  l1, gious = [], []
+  for q, w in enumerate(chosen):
+    c, width = spans[0, q].astype(np.float64)
+    s, e = windows[0, w].astype(np.float64)
+    l1 += [abs(c - (s + e) / 2), abs(width - (e - s))]
+    gious.append(1 - _np_giou((c - width / 2, c + width / 2), (s, e)))
+  np.testing.assert_allclose(terms["span"], np.mean(l1), rtol=1e-5)
+  np.testing.assert_allclose(terms["giou"], np.mean(gious), rtol=1e-5)
+  log_p = logits[0] - np.log(np.exp(logits[0]).sum(-1, keepdims=True))
+  np.testing.assert_allclose(terms["label"], -log_p[:, 0].mean(), rtol=1e-5)  # Both queries are foreground.
