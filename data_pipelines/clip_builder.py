@@ -11,13 +11,18 @@ A subclass turns its raw layout into `ClipRow`s per split (`_read_splits`, with 
 read and its columns checked before any audio is touched). Preparation then
 1. drops empty captions and skips rows without a file name, without a caption, or repeating a file name (the first
    row is kept);
-2. extracts every clip's stored array (log-mel or waveform) on all cores into a feature cache next to the dataset
-   (`extraction`, resumable; kept afterwards, holding the entries of the clips read only), or on an Apache Beam runner
-   when the builder has `beam_options` (`beam_generation`: the same per-clip code, the same outcomes);
+2. extracts every clip's stored array (log-mel or waveform) on all cores into the feature cache (`extraction`,
+   resumable), or on an Apache Beam runner when the builder has `beam_options` (`beam_generation`: the same per-clip
+   code, the same outcomes). A folder of its own has its cache beside its version folder; the default folders
+   (`CaptionedClips.default_data_dir`) of one dataset and audio form share one, `shared_feature_cache_dir`, so that
+   the folder of an edited caption CSV is prepared from the entries its predecessor left;
 3. writes the good clips from the cache through TFDS, which writes into an `incomplete.*` folder renamed only once
-   complete, together with `preparation_report.csv`, the counts (`info.metadata["preparation"]`) and `sources.json`,
-   the fingerprint of the sources read (`read_sources`). A split without a single good clip is left out (with a
-   warning).
+   complete, together with `preparation_report.csv`, the counts (`info.metadata["preparation"]`), `sources.json`,
+   the fingerprint of the sources read (`read_sources`), and `feature_cache.json`, the cache entries the records were
+   written from. A split without a single good clip is left out (with a warning);
+4. prunes the feature cache (`_prune_feature_cache`) to the entries listed by the complete datasets that use it: a
+   folder's own cache keeps the clips last read; the shared cache keeps those of every default folder of the dataset
+   and form still on disk, so that folders used in turn never decode each other's clips again.
 Nothing about a bad input stops the run except a CSV missing a required column (a ValueError naming it and the file).
 
 `prepare` compares a prepared dataset's fingerprint with its sources' and prepares again when they differ (logging
@@ -29,6 +34,7 @@ import abc
 import collections
 import csv
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -42,10 +48,13 @@ from absl import logging
 
 from data_pipelines import audio_forms, extraction, features
 
-# The default data dirs' root (`CaptionedClips.default_data_dir`), under the user's home.
+# The default data dirs' root (`CaptionedClips.default_data_dir`), under the user's home, and the folder in it of the
+# feature caches they share (`CaptionedClips.shared_feature_cache_dir`).
 PREPARED_ROOT = "~/.cache/atr_jax/prepared"
+SHARED_CACHE_FOLDER = "feature_cache"
 REPORT_FILE = "preparation_report.csv"
 SOURCES_FILE = "sources.json"
+CACHE_ENTRIES_FILE = "feature_cache.json"  # The names of the feature-cache entries a dataset's records came from.
 # Per split: the file name, captions and stored length of each clip (under the audio form's `length_key`: log-mel
 # frames as "num_frames", waveform samples as "num_samples"), by clip id: what training and evaluation need to know
 # of a split without reading its records.
@@ -209,6 +218,11 @@ def _source_name(path: str, raw_dir: str) -> str:
   return os.path.abspath(path) if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
+def _form_suffix(form: audio_forms.AudioForm) -> str:
+  """What a default folder's name (and its shared feature cache's) ends with for `form`: nothing for the log-mel."""
+  return "" if form is audio_forms.LOG_MEL else f"-{form.name}"
+
+
 def _size_and_mtime(path: str) -> list[int] | None:
   try:
     stat = os.stat(path)
@@ -246,8 +260,9 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   CSV_SPLITS and `captions_csv_path` (the splits read from a caption CSV, and where), and implements `_read_splits`.
   `workers` feature-extraction processes (default: one per core), or, with `beam_options` (the
   `--beam_pipeline_options` string, "" for the defaults), extraction by a Beam pipeline (`beam_generation`); the
-  feature cache is `feature_cache_dir` (default: `feature_cache` beside the version folder). `audio_feature` is the
-  audio form the records hold ("log_mel" or "waveform", `audio_forms`)."""
+  feature cache is `feature_cache_dir` (default: the one the default folders of the dataset and audio form share,
+  `shared_feature_cache_dir`, when `data_dir` is such a folder, else `feature_cache` beside the version folder).
+  `audio_feature` is the audio form the records hold ("log_mel" or "waveform", `audio_forms`)."""
 
   HOMEPAGE = ""
   CSV_SPLITS: tuple[str, ...] = ()
@@ -265,7 +280,11 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
     self.workers = workers
     self.beam_options = beam_options
-    self.feature_cache_dir = feature_cache_dir or os.fspath(self.data_path.parent / "feature_cache")
+    if feature_cache_dir is None:
+      default = self.is_default_data_dir(os.fspath(self.data_dir_root), self.audio_form.name)
+      own = os.fspath(self.data_path.parent / "feature_cache")
+      feature_cache_dir = self.shared_feature_cache_dir(self.audio_form.name) if default else own
+    self.feature_cache_dir = feature_cache_dir
 
   @staticmethod
   @abc.abstractmethod
@@ -286,11 +305,12 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   @classmethod
   def default_data_dir(cls, raw_dir: str, audio_feature: str = "log_mel") -> str:
     """`PREPARED_ROOT/<dataset>-<12 hex>` for the log-mel, with `-waveform` appended for the waveform: one prepared
-    folder (and feature cache) per dataset content and audio form, the hex a sha1 of the sha1 of each of `split_csvs`
-    by split (the hashes of `read_sources`), never of where the folder lies or how it is laid out. A raw folder moved
-    elsewhere keeps its prepared folder (its sources' fingerprint, relative to the folder, still matches) and one
-    laid out anew is prepared again from its feature cache; a copy with the same caption CSVs shares them, and edited
-    CSVs get a folder of their own. A FileNotFoundError when `raw_dir` is not a folder."""
+    folder per dataset content and audio form, the hex a sha1 of the sha1 of each of `split_csvs` by split (the
+    hashes of `read_sources`), never of where the folder lies or how it is laid out. A raw folder moved elsewhere
+    keeps its prepared folder (its sources' fingerprint, relative to the folder, still matches) and one laid out anew
+    is prepared again from the feature cache; a copy with the same caption CSVs shares them, and edited CSVs get a
+    folder of their own, prepared from the feature cache every default folder of the dataset and form shares
+    (`shared_feature_cache_dir`). A FileNotFoundError when `raw_dir` is not a folder."""
     form = audio_forms.audio_form(audio_feature)
     raw_dir = os.path.abspath(os.path.expanduser(raw_dir))
     if not os.path.isdir(raw_dir):
@@ -300,8 +320,32 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       )
     content = {split: _sha1_of_file(path) for split, path in cls.split_csvs(raw_dir).items()}
     digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    suffix = "" if form is audio_forms.LOG_MEL else f"-{form.name}"
-    return os.path.join(os.path.expanduser(PREPARED_ROOT), f"{cls.name}-{digest}{suffix}")
+    return os.path.join(os.path.expanduser(PREPARED_ROOT), f"{cls.name}-{digest}{_form_suffix(form)}")
+
+  @classmethod
+  def default_data_dirs(cls, audio_feature: str) -> list[str]:
+    """The default folders (`default_data_dir`) of this dataset and `audio_feature` on disk, sorted."""
+    root = os.path.expanduser(PREPARED_ROOT)
+    if not os.path.isdir(root):
+      return []
+    return sorted(entry.path for entry in os.scandir(root) if cls.is_default_data_dir(entry.path, audio_feature))
+
+  @classmethod
+  def is_default_data_dir(cls, data_dir: str, audio_feature: str) -> bool:
+    """Whether `data_dir` is named as `default_data_dir` names the folders of this dataset and `audio_feature`."""
+    suffix = _form_suffix(audio_forms.audio_form(audio_feature))
+    path = os.path.abspath(os.path.expanduser(data_dir))
+    return os.path.dirname(path) == os.path.abspath(os.path.expanduser(PREPARED_ROOT)) and bool(
+      re.fullmatch(rf"{re.escape(cls.name)}-[0-9a-f]{{12}}{re.escape(suffix)}", os.path.basename(path))
+    )
+
+  @classmethod
+  def shared_feature_cache_dir(cls, audio_feature: str) -> str:
+    """`PREPARED_ROOT/feature_cache/<dataset>` for the log-mel (`-waveform` appended for the waveform): the feature
+    cache of every default folder of this dataset and `audio_feature`. Its entries are known by split, file name,
+    size and modification time (`extraction`), whichever folder's caption CSVs listed the clip."""
+    form = audio_forms.audio_form(audio_feature)
+    return os.path.join(os.path.expanduser(PREPARED_ROOT), SHARED_CACHE_FOLDER, f"{cls.name}{_form_suffix(form)}")
 
   @abc.abstractmethod
   def _read_splits(self, raw_dir: str, report: extraction.Report) -> dict[str, list[ClipRow]]:
@@ -361,7 +405,8 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     tables, sources = self.read_sources(raw_dir, report)
     outcomes = self._extract(tables)
     written = {split: self._good_clips(split, clips, outcomes[split], report) for split, clips in tables.items()}
-    extraction.keep_only(self.feature_cache_dir, {path for clips in written.values() for _, path in clips})
+    with open(os.path.join(self.data_dir, CACHE_ENTRIES_FILE), "w", encoding="utf-8") as f:
+      json.dump(sorted({os.path.basename(path) for clips in written.values() for _, path in clips}), f)
     report.write_csv(os.path.join(self.data_dir, REPORT_FILE))
     with open(os.path.join(self.data_dir, SOURCES_FILE), "w", encoding="utf-8") as f:
       json.dump(sources, f)
@@ -484,6 +529,30 @@ def _check_audio_form(builder: CaptionedClips) -> None:
     )
 
 
+def _prune_feature_cache(builder: CaptionedClips) -> None:
+  """Deletes the entries of the prepared `builder`'s feature cache that no complete dataset using it lists
+  (`CACHE_ENTRIES_FILE`): those of the builder alone for a cache of its own; for the shared cache of the default
+  folders (`CaptionedClips.shared_feature_cache_dir`), those of every dataset (any config, version or leftover) in a
+  default folder of the dataset and audio form. A deleted default folder gives its entries up at the next
+  preparation of another; one still on disk keeps them, whichever folder was prepared last."""
+  cache_dir = builder.feature_cache_dir
+  if cache_dir == builder.shared_feature_cache_dir(builder.audio_form.name):
+    folders = builder.default_data_dirs(builder.audio_form.name)
+    listings = [
+      path for folder in folders for path in glob.glob(f"{glob.escape(folder)}/**/{CACHE_ENTRIES_FILE}", recursive=True)
+    ]
+  else:
+    listings = [os.fspath(builder.data_path / CACHE_ENTRIES_FILE)]
+  used = set()
+  for listing in listings:
+    try:
+      with open(listing, encoding="utf-8") as f:
+        used.update(os.path.join(cache_dir, name) for name in json.load(f))
+    except (OSError, ValueError) as e:  # A leftover of a killed preparation, say: its entries are not kept.
+      logging.warning("%s: unreadable, the feature cache entries it lists are not kept (%s)", listing, e)
+  extraction.keep_only(cache_dir, used)
+
+
 def _prepare_again(builder: CaptionedClips, raw_dir: str) -> CaptionedClips:
   """`builder` prepared again into a staging folder, then moved in place of its complete dataset (which is kept
   until the replacement is complete, and restored by `_settle_swap` if the move is cut short)."""
@@ -544,6 +613,7 @@ def prepare(builder: CaptionedClips, raw_dir: str, *, check_sources: bool = True
       )
     logging.info("Preparing %s into %s", raw_dir, builder.data_path)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+  _prune_feature_cache(builder)
   logging.info(
     "%s\nreport: %s",
     extraction.format_summary(builder.name, builder.info.metadata["preparation"]),

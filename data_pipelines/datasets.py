@@ -3,7 +3,9 @@ synthetic Clotho-layout dataset is generated first when asked) and the extra tra
 `config.data.extra_train`, all in the audio form `config.data.audio_feature` (each form in its own folder). Each is
 prepared on first use, and again when its sources changed, by process 0 while
 the other processes wait. A dataset without a data_dir of its own goes to its default folder (`default_data_dir`),
-named after the content of its caption CSVs, so that a raw folder moved elsewhere finds what was prepared from it."""
+named after the content of its caption CSVs, so that a raw folder moved elsewhere finds what was prepared from it;
+the default folders of one dataset and audio form share one feature cache (`clip_builder`), so that the folder of an
+edited caption CSV decodes only new and changed audio."""
 
 import os
 
@@ -50,22 +52,24 @@ def _form_suffix(folder_name: str) -> str:
 def default_data_dir(dataset: str, raw_dir: str, audio_feature: str) -> str:
   """The default data dir of `dataset` in `raw_dir` for `audio_feature` (`CaptionedClips.default_data_dir`: named
   after the content of its caption CSVs, not the folder's path). When it is new, the other prepared folders of the
-  dataset and form beside it are logged: those of other caption CSVs, and those earlier versions named after a raw
-  folder's path (whatever they hold is prepared again, from scratch, into the new folder)."""
+  dataset and form beside it are logged: those of other caption CSVs (the new folder is prepared from the feature
+  cache they share, `CaptionedClips.shared_feature_cache_dir`), and those earlier versions named after a raw folder's
+  path (their feature caches are their own: whatever they hold is decoded again)."""
   data_dir = BUILDERS[dataset].default_data_dir(raw_dir, audio_feature)
   root, name = os.path.split(data_dir)
   if not os.path.isdir(data_dir) and os.path.isdir(root):
     others = sorted(
       entry.path
       for entry in os.scandir(root)
-      if os.path.isdir(os.path.join(entry.path, BUILDERS[dataset].name))
+      if entry.name != clip_builder.SHARED_CACHE_FOLDER
+      and os.path.isdir(os.path.join(entry.path, BUILDERS[dataset].name))
       and _form_suffix(entry.name) == _form_suffix(name)
     )
     if others:
       logging.warning(
         "%s: %s is prepared into a new default folder, %s (named after its caption CSVs' content); these prepared %s "
         "folders are not used for it (other caption CSVs, or named after a raw folder's path by an earlier version): "
-        "delete those no longer needed: %s",
+        "delete those no longer needed (the feature-cache entries only they use go at the next preparation): %s",
         dataset,
         raw_dir,
         data_dir,

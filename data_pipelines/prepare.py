@@ -10,9 +10,12 @@ RAW is the dataset's raw folder in any of its layouts (`layouts`: native, the ro
 reference's data/<Dataset>), detected and printed. `--audio_feature` is what the records hold (`audio_forms`: the
 float16 64-band log-mel of CNN14 and ResNet38, or the int16 32 kHz waveform of PaSST; config.data.audio_feature). OUT
 defaults to `datasets.default_data_dir(DATASET, RAW, AUDIO_FEATURE)`, a folder per form and content of RAW's caption
-CSVs (not per path: RAW moved elsewhere finds it, and re-laid out is prepared again from its feature cache). A killed
-run continues where it stopped when started again; running it on a prepared OUT prepares again if the sources changed
-since (decoding only new and modified audio), else only prints the counts.
+CSVs (not per path: RAW moved elsewhere finds it, and re-laid out is prepared again from the feature cache). The
+default folders of a dataset and form share one feature cache, ~/.cache/atr_jax/prepared/feature_cache/DATASET (with
+`-waveform` for the waveform), so edited caption CSVs, which get a default folder of their own, decode only new and
+modified audio; an OUT given has its cache beside it. A killed run continues where it stopped when started again;
+running it on a prepared OUT prepares again if the sources changed since (decoding only new and modified audio), else
+only prints the counts.
 
 `--runner beam` decodes the clips on Apache Beam (`beam_generation`: needs `pip install atr-jax[beam]`; the same
 records, report and resumability; RAW and OUT must be on a filesystem every Beam worker mounts at the same path).
@@ -41,8 +44,8 @@ _AUDIO_FEATURE = flags.DEFINE_enum(
 _OUT_DIR = flags.DEFINE_string(
   "out_dir",
   None,
-  "Where the TFRecords go (default: a folder per audio_feature and content of raw_dir's caption CSVs under "
-  "~/.cache/atr_jax/prepared).",
+  "Where the TFRecords go, the feature cache beside them (default: a folder per audio_feature and content of "
+  "raw_dir's caption CSVs under ~/.cache/atr_jax/prepared, whose feature_cache/ they share).",
 )
 _FILE_PATTERN = flags.DEFINE_string(
   "audiocaps_file_pattern",

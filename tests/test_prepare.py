@@ -5,8 +5,9 @@ Each fixture row says what must become of it; the tests check that every good cl
 with the log-mel of the front end and all its non-empty captions, that every broken input is in the report with its
 reason and nothing else is, that the counts add up, that a preparation killed midway and restarted gives the same
 dataset, that a prepared dataset follows its sources (an edited CSV, added or modified audio) without losing
-the prepared data to a failed re-preparation, and that the default data folder is the dataset's, wherever its raw
-folder lies.
+the prepared data to a failed re-preparation, that the default data folder is the dataset's, wherever its raw
+folder lies, and that the default folders of a dataset share one feature cache, so that an edited CSV's new folder
+decodes nothing it already had.
 """
 
 import collections
@@ -606,7 +607,8 @@ def test_the_default_data_folder_follows_the_dataset_not_its_path(tmp_path, monk
   raw folder's caption CSVs, not after where it lies: the raw folder generated and prepared on first use, then moved
   elsewhere and trained from under its new raw_dir, is found prepared (nothing prepared, nothing decoded); moved
   into another layout, it is prepared again into the same folder without decoding a clip; an edited caption CSV
-  makes a dataset of its own, prepared into a folder of its own (the other one, left as it was, is logged)."""
+  makes a dataset of its own, prepared into a folder of its own from the shared feature cache (the other one, left as
+  it was, is logged)."""
   config = _default_folder_config(tmp_path, monkeypatch)
   prepare = lambda: datasets.prepare_builder(config)
   first, decoded, _ = _prepare_counting(prepare, monkeypatch, caplog)
@@ -640,7 +642,7 @@ def test_the_default_data_folder_follows_the_dataset_not_its_path(tmp_path, monk
     csv.writer(f).writerows(rows)
   edited, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
   assert os.path.dirname(os.fspath(edited.data_dir_root)) == root and edited.data_dir_root != first.data_dir_root
-  assert len(decoded) == 4  # A folder of its own, and its own feature cache.
+  assert decoded == []  # A folder of its own, prepared from the feature cache the default folders share.
   assert "these prepared clotho folders are not used for it (" in log and os.fspath(first.data_dir_root) in log
   assert [c.decode() for c in _records(edited, "development")[rows[1][0]]["captions"]] == rows[1][1:]
   _check_same_records(clotho.prepare(aac, os.fspath(first.data_dir_root), check_sources=False), expected)
@@ -679,6 +681,82 @@ def test_two_copies_share_the_default_folder_and_each_change_prepares_it_again(t
   back, decoded, log = _prepare_counting(lambda: datasets.prepare_builder(config), monkeypatch, caplog)
   assert "1 audio file modified" in log and decoded == [name] and back.data_path == first.data_path
   _check_same_records(back, expected)
+
+
+def _edit_first_caption(raw_dir: str, text: str) -> tuple[str, list[str]]:
+  """(file name, captions) of the first development row of the Clotho CSV in `raw_dir`, its caption_2 set to
+  `text` (the CSV rewritten)."""
+  path = clotho.captions_csv_path(raw_dir, "development")
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  rows[1][2] = text
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows(rows)
+  return rows[1][0], rows[1][1:]
+
+
+def _captions(builder, split: str, name: str) -> list[str]:
+  return [c.decode() for c in _records(builder, split)[name]["captions"]]
+
+
+def test_an_edited_caption_csv_gets_a_default_folder_prepared_from_the_shared_cache(tmp_path, monkeypatch, caplog):
+  """The default folders of a dataset and audio form share one feature cache (PREPARED_ROOT/feature_cache/clotho):
+  an edited caption makes a new default folder, prepared without decoding a clip, holding the edited caption. The
+  cache keeps the entries of every default folder on disk: after one clip changed, each of the two folders used in
+  turn decodes it once between them (the old entry stays while the first folder lists it, and goes once neither
+  does); a deleted folder gives its entries up at the next preparation of another."""
+  config = _default_folder_config(tmp_path, monkeypatch)
+  prepare = lambda: datasets.prepare_builder(config)
+  root = str(tmp_path / "home" / ".cache" / "atr_jax" / "prepared")
+  shared = os.path.join(root, "feature_cache", "clotho")
+  first, decoded, _ = _prepare_counting(prepare, monkeypatch, caplog)
+  assert len(decoded) == 4
+  csv_path = clotho.captions_csv_path(config.raw_dir, "development")
+  with open(csv_path, "rb") as f:
+    original_csv = f.read()
+
+  name, captions = _edit_first_caption(config.raw_dir, "an edited caption")
+  edited, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert edited.data_dir_root != first.data_dir_root and decoded == []
+  assert _captions(edited, "development", name) == captions and "an edited caption" in captions
+  assert first.feature_cache_dir == edited.feature_cache_dir == shared
+  assert os.fspath(first.data_dir_root) in log and f"'{os.path.dirname(shared)}'" not in log  # Not a data folder.
+  assert len(os.listdir(shared)) == 4
+
+  changed = sorted(_records(first, "development"))[1]
+  _write_audio(os.path.join(config.raw_dir, "development", changed), "good", 99)  # Another clip, 1 s.
+  edited, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert "1 audio file modified" in log and decoded == [changed]
+  assert len(os.listdir(shared)) == 5  # The first folder still lists the clip's old entry.
+
+  with open(csv_path, "wb") as f:
+    f.write(original_csv)  # Back to the first folder, whose records hold the old clip: staged from the cache.
+  back, decoded, log = _prepare_counting(prepare, monkeypatch, caplog)
+  assert back.data_path == first.data_path and "1 audio file modified" in log and decoded == []
+  assert _captions(back, "development", name) != captions
+  assert len(os.listdir(shared)) == 4  # Neither folder lists the old entry.
+
+  shutil.rmtree(edited.data_dir_root)
+  other = sorted(_records(first, "development"))[0]
+  _write_audio(os.path.join(config.raw_dir, "development", other), "good", 98)
+  again, decoded, _ = _prepare_counting(prepare, monkeypatch, caplog)
+  assert again.data_path == first.data_path and decoded == [other]
+  listed = json.loads((again.data_path / clip_builder.CACHE_ENTRIES_FILE).read_text())
+  assert sorted(os.listdir(shared)) == sorted(listed) and len(listed) == 4
+
+
+def test_only_default_folders_share_the_feature_cache(tmp_path, monkeypatch):
+  """A default folder's cache is the one of its dataset and audio form; a folder named by the user (even under the
+  default root) keeps its cache beside its version folder."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  raw = _small_clotho(tmp_path)
+  root = str(tmp_path / "home" / ".cache" / "atr_jax" / "prepared")
+  for form, suffix in (("log_mel", ""), ("waveform", "-waveform")):
+    default = clotho.Clotho(data_dir=datasets.default_data_dir("clotho", raw, form), audio_feature=form)
+    assert default.feature_cache_dir == os.path.join(root, "feature_cache", f"clotho{suffix}")
+  for data_dir in (str(tmp_path / "mine"), os.path.join(root, "mine"), os.path.join(root, "clotho-0123456789ab-x")):
+    own = clotho.Clotho(data_dir=data_dir)
+    assert own.feature_cache_dir == os.fspath(own.data_path.parent / "feature_cache")
 
 
 def test_a_moved_wavcaps_folder_keeps_its_default_folder_and_its_exclusion_list(tmp_path, monkeypatch, caplog):
