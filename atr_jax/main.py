@@ -9,17 +9,20 @@ be read: `checkpointing.CheckpointError`) prints its error as one line and exits
 Multi-process runs start the same command in every process (scripts/launch_local.py, scripts/slurm_train.sbatch,
 scripts/tpu_pod_train.sh); `atr_jax.distributed` joins them before anything touches a device."""
 
-import os
+import sys
 
 from atr_jax import xla_flags
 
 xla_flags.set_defaults()  # Before jax is imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's and XLA's C++ INFO lines (a set value wins).
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from atr_jax import checkpointing, console, distributed, train  # noqa: E402
+from atr_jax import console  # noqa: E402
+
+console.quiet_tensorflow(sys.argv)  # Before TensorFlow loads (train loads it): its C++ lines show with --verbosity=1.
+
+from atr_jax import checkpointing, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and results.json.")
