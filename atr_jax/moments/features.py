@@ -209,6 +209,8 @@ def split_features(
   """The features of the queries of `annotations` (lighthouse JSONL or CASTELLA JSON; bad windows are clipped or
   dropped and logged) and of their recordings `audio_dir/<vid>.<ext>`, from the cache when it is current."""
   chosen = setting(features_name)
+  if not os.path.isdir(audio_dir):
+    raise FileNotFoundError(f"audio_dir {audio_dir} does not exist (the folder of the recordings of {annotations})")
   queries, problems = read_annotations(annotations)
   for problem in problems:
     logging.warning("%s", problem)
