@@ -33,6 +33,7 @@ RESUME_KEYS = (
   "train.num_epochs",
 )
 _PATH_KEYS = ("data.raw_dir", "data.data_dir", "data.wavcaps_exclude_csv")  # Compared as absolute paths.
+_ABSENT = object()  # A key the saved config.json does not hold (written before the key existed).
 
 
 def changed_config_keys(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -55,8 +56,12 @@ def changed_config_keys(config: ml_collections.ConfigDict, workdir: str) -> list
     values = []
     for tree in (saved, new):
       for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-      values.append(os.path.abspath(os.path.expanduser(tree)) if key in _PATH_KEYS and tree else tree)
+        tree = tree.get(part, _ABSENT) if isinstance(tree, dict) else _ABSENT
+      values.append(
+        os.path.abspath(os.path.expanduser(tree)) if key in _PATH_KEYS and tree and tree is not _ABSENT else tree
+      )
+    if values[0] is _ABSENT:  # A key newer than the saved run (written before the key existed): not compared.
+      continue
     if values[0] != values[1]:
       changed.append(f"{key}: {values[0]!r} -> {values[1]!r}")
   return changed

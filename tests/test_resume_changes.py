@@ -117,6 +117,23 @@ def test_path_keys_compare_as_absolute_paths(tmp_path, monkeypatch):
   assert resume.changed_config_keys(relative, workdir) == []
 
 
+def test_a_key_newer_than_the_saved_run_is_not_a_change(tmp_path):
+  config = tiny_config(tmp_path)
+  workdir = _workdir_with_config(tmp_path, config)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["data"]["extra_train_max_frames"]  # As a run of a version before the key wrote it.
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert resume.changed_config_keys(config, workdir) == []
+  changed = ml_collections.ConfigDict(config.to_dict())
+  changed.data.train_max_frames = 64
+  assert resume.changed_config_keys(changed, workdir) == [
+    f"data.train_max_frames: {config.data.train_max_frames!r} -> 64"
+  ]
+
+
 def _hashes(folder: str) -> dict[str, str]:
   """sha1 of every file below `folder` by relative path (links by their target)."""
   hashes = {}
