@@ -22,8 +22,8 @@ silence), vid "ambience-<split>-<index>_0.0_<duration>". Backgrounds may recur a
 Output (written into a temporary folder beside OUT, renamed once complete): `<split>/<vid>.wav`,
 `{train,val,test}.jsonl` in lighthouse's format (`qid` a running number as a string across train, val, test;
 `query`, `duration`, `vid`, `relevant_windows` [[start, end]] at 0.1 s, `fg_dB`; one query per event), and
-`synthesis.json`: the settings, counts per split, the clip file of each query's event (`events`, by qid) and every
-skipped clip or background with its reason. A clip that
+`synthesis.json`: the settings, counts per split, the clip file of each query's event and its recording's background
+gain (`events`, by qid) and every skipped clip or background with its reason. A clip that
 cannot be decoded is skipped and reported; the others are used. Everything is drawn from generators seeded by
 (seed, split, recording): the same seed and folder give identical files.
 """
@@ -160,9 +160,9 @@ class Backgrounds:
 
 def synthesize_split(
   split: str, foregrounds: list[Foreground], backgrounds: Backgrounds, out_dir: str, seed: int, first_qid: int
-) -> tuple[list[MomentQuery], dict[str, str]]:
+) -> tuple[list[MomentQuery], dict[str, dict]]:
   """Writes the recordings of one split into `out_dir/<split>/` and returns their queries (qids from `first_qid`)
-  and the clip file of each query's event, by qid."""
+  and, by qid, the clip file of the query's event and its recording's background gain in dB."""
   duration = backgrounds.duration_s
   os.makedirs(os.path.join(out_dir, split), exist_ok=True)
   order = np.random.default_rng(np.random.SeedSequence([seed, list(SPLITS.values()).index(split), 1 << 30]))
@@ -187,12 +187,9 @@ def synthesize_split(
       starts = moment_synthesis.place_events(lengths, duration, mean_gap_s(duration), rng)
       fg_dbs = [float(rng.uniform(*FG_DB_RANGE)) for _ in events]
       vid, background = backgrounds.cut(split, index, rng)
+      background_db = float(rng.uniform(*BACKGROUND_DB_RANGE))
       audio = moment_synthesis.mix(
-        background,
-        [e.waveform for e in events],
-        [int(round(s * SAMPLE_RATE)) for s in starts],
-        fg_dbs,
-        float(rng.uniform(*BACKGROUND_DB_RANGE)),
+        background, [e.waveform for e in events], [int(round(s * SAMPLE_RATE)) for s in starts], fg_dbs, background_db
       )
       sf.write(os.path.join(out_dir, split, f"{vid}.wav"), audio, SAMPLE_RATE, subtype="PCM_16")
       for event, start, length, fg_db in zip(events, starts, lengths, fg_dbs):
@@ -200,7 +197,7 @@ def synthesize_split(
         caption = event.captions[int(rng.integers(len(event.captions)))]
         qid = str(first_qid + len(queries))
         queries.append(MomentQuery(qid, caption, vid, float(duration), (window,), fg_db))
-        sources[qid] = event.file_name
+        sources[qid] = {"clip": event.file_name, "background_db": background_db}
       progress.update(len(events))
       index += 1
   return queries, sources
@@ -232,7 +229,7 @@ def synthesize(
     "seed": seed,
     "mean_gap_s": mean_gap_s(duration_s),
     "splits": {},
-    "events": {},  # qid -> the clip file its event was made of.
+    "events": {},  # qid -> {"clip": the clip file its event was made of, "background_db": its background's gain}.
   }
 
   def write(folder: str) -> None:

@@ -83,7 +83,7 @@ def test_the_event_audio_is_at_its_window(moment_set, clips_dir):
       mix, rate = sf.read(os.path.join(moment_set, split, line["vid"] + ".wav"), dtype="float64")
       assert rate == SR and mix.ndim == 1 and len(mix) == DURATION * SR
       assert np.max(np.abs(mix)) == pytest.approx(1.0, abs=1e-4)  # Peak-normalised.
-      foreground = _trimmed_reference(os.path.join(clips_dir, folders[split], sources[line["qid"]]))
+      foreground = _trimmed_reference(os.path.join(clips_dir, folders[split], sources[line["qid"]]["clip"]))
       size = 1 << (len(mix) + len(foreground)).bit_length()
       correlation = np.fft.irfft(np.fft.rfft(mix, size) * np.conj(np.fft.rfft(foreground, size)), size)[: len(mix)]
       start, end = line["relevant_windows"][0]
@@ -98,8 +98,9 @@ def test_splits_carry_over_and_each_clip_is_used_once(moment_set):
   prefix = {"train": "synth_development_", "val": "synth_validation_", "test": "synth_evaluation_"}
   for split in ("train", "val", "test"):
     for line in _queries(moment_set, split):
-      assert manifest["events"][line["qid"]].startswith(prefix[split])
-  assert len(set(manifest["events"].values())) == len(manifest["events"])
+      assert manifest["events"][line["qid"]]["clip"].startswith(prefix[split])
+  clips = [event["clip"] for event in manifest["events"].values()]
+  assert len(set(clips)) == len(clips)
   for split, clotho in (("train", "development"), ("val", "validation"), ("test", "evaluation")):
     counts = manifest["splits"][split]
     skipped = [s for s in manifest["skipped"] if s["split"] == split]
@@ -150,7 +151,7 @@ def test_a_broken_clip_is_skipped_and_reported(clips_dir, tmp_path):
   reasons = {s["item"]: s["reason"] for s in manifest["skipped"] if s["split"] == "val"}
   assert reasons[os.path.basename(broken)].startswith("unreadable_audio")
   assert manifest["splits"]["val"]["clips_used"] == NUM_CLIPS["validation"] - len(reasons)
-  assert os.path.basename(broken) not in manifest["events"].values()
+  assert os.path.basename(broken) not in [event["clip"] for event in manifest["events"].values()]
 
 
 def test_background_cuts_are_where_their_vid_says(clips_dir, tmp_path):
@@ -180,6 +181,19 @@ def test_background_cuts_are_where_their_vid_says(clips_dir, tmp_path):
     quiet = ~events
     assert quiet.sum() > SR // 2
     assert np.corrcoef(mix[quiet], cut[quiet])[0, 1] > 0.99  # Only the attenuated cut plays between events.
+    # The gains: mix = k (cut 10^(background_db / 20) + sum of g foreground), g = RMS(cut) 10^(fg_dB / 20) / RMS(fg).
+    scale = mix[quiet] @ cut[quiet] / (cut[quiet] @ cut[quiet])
+    for line in lines:
+      if line["vid"] == vid:
+        event = manifest["events"][line["qid"]]
+        assert -25 <= event["background_db"] <= -15
+        k = scale / 10 ** (event["background_db"] / 20)
+        foreground = _trimmed_reference(os.path.join(clips_dir, "validation", event["clip"]))
+        first = round(line["relevant_windows"][0][0] * SR)
+        rest = mix[first : first + len(foreground)] - scale * cut[first : first + len(foreground)]
+        gain = rest @ foreground / (foreground @ foreground) / k
+        measured = 20 * np.log10(gain * np.sqrt(np.mean(foreground**2)) / np.sqrt(np.mean(cut**2)))
+        assert measured == pytest.approx(line["fg_dB"], abs=0.1)
 
 
 def test_cli_user_error_is_one_line(tmp_path, capsys):
