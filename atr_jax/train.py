@@ -105,9 +105,9 @@ def _cached_gradients(
 
   _, ((audio_emb, text_emb), moments) = jax.lax.scan(embed, None, (micro, rngs))
   audio_emb, text_emb = (_join_micro_batches(jax.lax.stop_gradient(e), num_shards) for e in (audio_emb, text_emb))
-  loss, (audio_grad, text_grad, loss_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1, 3))(
-    audio_emb, text_emb, batch["clip_id"], params["loss"], distillation.batch_teachers(batch)
-  )
+  (loss, terms), (audio_grad, text_grad, loss_grads) = jax.value_and_grad(
+    functools.partial(loss_fn, terms=True), argnums=(0, 1, 3), has_aux=True
+  )(audio_emb, text_emb, batch["clip_id"], params["loss"], distillation.batch_teachers(batch))
   embedding_grads = tuple(_split_micro_batches(g, accum_steps, num_shards) for g in (audio_grad, text_grad))
 
   def backprop(grads, inputs):
@@ -123,7 +123,7 @@ def _cached_gradients(
   zeros = jax.tree.map(jnp.zeros_like, params["model"])
   model_grads, _ = jax.lax.scan(backprop, zeros, (micro, rngs, embedding_grads))
   batch_stats = update_running_statistics(state.batch_stats, moments)
-  return loss, {"model": model_grads, "loss": loss_grads}, batch_stats
+  return loss, terms, {"model": model_grads, "loss": loss_grads}, batch_stats
 
 
 def train_step(
@@ -136,8 +136,9 @@ def train_step(
   num_shards: int = 1,
   frozen: tuple[str, ...] = (),
 ):
-  """One optimizer step on a global batch; returns the new state and replicated scalar metrics (loss, grad_norm of
-  the trainable parameters, and the loss's learnable hyper-parameters: temperature, siglip_scale/bias).
+  """One optimizer step on a global batch; returns the new state and replicated scalar metrics (loss, its terms apart
+  when it has several: loss_contrastive and loss_distill (see losses), grad_norm of the trainable parameters, and the
+  loss's learnable hyper-parameters: temperature, siglip_scale/bias).
 
   With `accum_steps` > 1 the batch is processed in that many micro-batches (gradient caching, see
   `_cached_gradients`); `num_shards` is the number of devices the batch is sharded over. The model subtrees named
@@ -151,15 +152,20 @@ def train_step(
       (audio_emb, text_emb), batch_stats = _forward(
         state, _cut_frozen(params["model"], frozen), state.batch_stats, batch, step_rng
       )
-      loss = loss_fn(audio_emb, text_emb, batch["clip_id"], params["loss"], distillation.batch_teachers(batch))
-      return loss, batch_stats
+      loss, terms = loss_fn(
+        audio_emb, text_emb, batch["clip_id"], params["loss"], distillation.batch_teachers(batch), terms=True
+      )
+      return loss, (batch_stats, terms)
 
-    (loss, batch_stats), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    (loss, (batch_stats, terms)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   else:
-    loss, grads, batch_stats = _cached_gradients(state, batch, loss_fn, step_rng, accum_steps, num_shards, frozen)
+    loss, terms, grads, batch_stats = _cached_gradients(
+      state, batch, loss_fn, step_rng, accum_steps, num_shards, frozen
+    )
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return new_state, {
     "loss": loss,
+    **{f"loss_{name}": value for name, value in terms.items()},
     "grad_norm": optax.global_norm(grads),
     **losses.learnable_values(state.params["loss"]),
   }

@@ -1,8 +1,10 @@
 """Ensemble distillation (SPEC 11): the loss against a float64 numpy reference (values, gradients, the known minimum
-of self-distillation), sharded against unsharded on 8 fake devices, teacher folders looked up by identity (any data
-order, missing clips named), and a tiny student distilled from the tiny trained run."""
+of self-distillation), sharded against unsharded on 8 fake devices, its terms reported apart (each loss alone, the
+total and the training step unchanged bit for bit), teacher folders looked up by identity (any data order, missing
+clips named), and a tiny student distilled from the tiny trained run, its terms in TensorBoard."""
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -15,9 +17,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from test_losses import make_data_mesh, numerical_gradient, random_batch, reference_infonce
 from test_retrieve import set_in_config
-from tiny_run import tiny_config
+from test_train_step import _batch
+from tiny_run import tensorboard_scalars, tiny_config
 
-from atr_jax import distillation, model_identity, train
+from atr_jax import distillation, model_identity, sharding, train
 from atr_jax.losses import init_loss_params, make_loss_fn, make_loss_fn_from_config
 from configs.base import get_base_config
 
@@ -122,6 +125,78 @@ def test_sharded_equals_unsharded_and_holds_local_rows_only():
   assert "f32[8,64]" in jaxpr and "[64,64]" not in jaxpr  # rows of the teacher matrix, never all of it
 
 
+@pytest.mark.parametrize("weight", [0.7, 0.0])
+def test_the_terms_apart_are_each_loss_alone_and_leave_the_total_bit_for_bit(weight):
+  mesh = make_data_mesh()
+  rng = np.random.default_rng(7)
+  audio, text, clip_ids = random_batch(rng, batch=32, dim=6, n_clips=10)
+  teachers = _teachers(rng, 32)
+  tau = 0.2
+  params = init_loss_params("infonce", learnable=True, temperature=tau)
+  expected = {"distill": reference_distillation(audio, text, *teachers, tau)}
+  if weight:
+    expected["contrastive"] = reference_infonce(audio, text, clip_ids, tau)
+  data = NamedSharding(mesh, P("data"))
+  for on_mesh in (None, mesh):
+    put = (lambda x: x) if on_mesh is None else (lambda x: jax.device_put(x, data))
+    args = [put(x.astype(np.float32)) for x in (audio, text)] + [put(clip_ids.astype(np.int32)), params]
+    teachers_arg = tuple(put(t.astype(np.float32)) for t in teachers)
+    loss_fn = make_loss_fn("infonce", on_mesh, weight=weight, distill_weight=1.5)
+    value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 3)))(*args, teachers_arg)
+    with_terms = jax.value_and_grad(functools.partial(loss_fn, terms=True), argnums=(0, 1, 3), has_aux=True)
+    (value_again, terms), grads_again = jax.jit(with_terms)(*args, teachers_arg)
+    for got, want in zip(jax.tree.leaves((value_again, grads_again)), jax.tree.leaves((value, grads)), strict=True):
+      np.testing.assert_array_equal(got, want)  # Reporting the terms changes neither the total nor its gradients.
+    assert sorted(terms) == sorted(expected)
+    for name, term in terms.items():
+      np.testing.assert_allclose(term, expected[name], rtol=1e-5)  # float64 numpy, each term apart.
+    alone = {
+      "contrastive": make_loss_fn("infonce", on_mesh)(*args),
+      "distill": make_loss_fn("infonce", on_mesh, weight=0.0, distill_weight=1.0)(*args, teachers_arg),
+    }
+    for name, term in terms.items():
+      np.testing.assert_allclose(term, alone[name], rtol=1e-6)
+    np.testing.assert_allclose(weight * terms.get("contrastive", 0.0) + 1.5 * terms["distill"], value, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_the_training_step_reports_the_terms_and_takes_the_same_step(tmp_path, accum_steps):
+  from atr_jax.models.dual_encoder import build_model
+  from atr_jax.train_state import create_train_state, make_optimizer
+
+  config = tiny_config(tmp_path)
+  config.data.train_max_frames = 64
+  mesh = sharding.create_mesh()
+  tx, _ = make_optimizer(config.optim, steps_per_epoch=10)
+  state, shardings = create_train_state(config, build_model(config.model), tx, mesh, jax.random.key(0, impl="rbg"))
+  rng = np.random.default_rng(8)
+  teacher_audio, teacher_text = (x.astype(np.float32) for x in _teachers(rng, config.train.global_batch_size))
+  batch = {**_batch(config, 0), distillation.AUDIO_KEY: teacher_audio, distillation.TEXT_KEY: teacher_text}
+  batch = sharding.global_batch(batch, mesh)
+  loss_fn = make_loss_fn_from_config(config.loss, mesh, distill_weight=0.5)
+
+  def step(fn):
+    return jax.jit(
+      functools.partial(
+        train.train_step, loss_fn=fn, rng=jax.random.key(1, impl="rbg"), accum_steps=accum_steps, num_shards=mesh.size
+      ),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      compiler_options={"xla_backend_optimization_level": 0},  # Compiles faster, computes the same function.
+    )(state, batch)
+
+  new_state, metrics = step(loss_fn)
+  # The same loss with nothing reported apart: the step's total and its update are unchanged, bit for bit.
+  plain_state, plain_metrics = step(lambda *args, terms: (loss_fn(*args), {}))
+  assert sorted(metrics) == sorted([*plain_metrics, "loss_contrastive", "loss_distill"])
+  leaves = (jax.tree.leaves((s, m["loss"])) for s, m in ((new_state, metrics), (plain_state, plain_metrics)))
+  for got, want in zip(*leaves, strict=True):
+    np.testing.assert_array_equal(got, want)
+  weighted = config.loss.weight * metrics["loss_contrastive"] + 0.5 * metrics["loss_distill"]
+  np.testing.assert_allclose(weighted, metrics["loss"], rtol=1e-6)
+
+
 def test_bad_distillation_arguments_are_rejected():
   audio, ids = jnp.ones((4, 3)), jnp.arange(4)
   with pytest.raises(ValueError, match="has none"):
@@ -219,12 +294,12 @@ def test_a_teacher_missing_clips_or_with_other_captions_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_a_tiny_student_distils_from_the_tiny_trained_run(tiny_trained, tmp_path):
-  from atr_jax import retrieve
+  from atr_jax import api, retrieve
   from data_pipelines import datasets, input_pipeline
 
   teacher_config, teacher_workdir = tiny_trained
   folder = str(tmp_path / "teacher")
-  retriever = retrieve.Retriever(teacher_workdir)
+  retriever = api.Model(teacher_workdir)
   counts = retrieve.embed_training_set(retriever, folder)
   sources = datasets.train_sources(teacher_config.data)
   (builder, split), keys = sources[0], distillation.source_keys(*sources[0])
@@ -250,8 +325,19 @@ def test_a_tiny_student_distils_from_the_tiny_trained_run(tiny_trained, tmp_path
   config.train.grad_accum_steps = 2  # Gradient caching: the loss (and its teacher rows) on the whole global batch.
   config.distill.teachers = folder
   workdir = str(tmp_path / "student")
+  config.distill.weight = 0.5
   metrics = train.train_and_evaluate(config, workdir)
   assert np.isfinite(metrics["t2a_R1"])
+  # The loss's terms apart in TensorBoard, at the steps of the total, weighing up to it; none without distillation.
+  total, contrastive, distill = (
+    tensorboard_scalars(workdir, f"train/{tag}") for tag in ("loss", "loss_contrastive", "loss_distill")
+  )
+  assert total and sorted(total) == sorted(contrastive) == sorted(distill)
+  for step, value in total.items():
+    np.testing.assert_allclose(config.loss.weight * contrastive[step] + 0.5 * distill[step], value, rtol=1e-5)
+  assert tensorboard_scalars(teacher_workdir, "train/loss") and not tensorboard_scalars(
+    teacher_workdir, "train/loss_distill"
+  )
   config.data.train_split = "validation"  # Clips the teacher did not embed: an error before anything compiles.
   with pytest.raises(ValueError, match=rf"\d+ of the 8 training clips are missing from the teacher folder {folder}"):
     train.train_and_evaluate(config, str(tmp_path / "other_student"))
