@@ -18,11 +18,11 @@ bundle retried after a worker failure, and a pipeline killed and started again (
 not cached yet; the records are written only once every clip has an outcome, into TFDS's `incomplete.*` folder, as on
 the multiprocessing path. What a killed job had in flight on its workers is lost (at most one clip per worker).
 
-Storage. RAW, OUT and the feature cache (beside OUT) are read and written with Python's `os` and `open`: they must be
-local paths, or a shared POSIX filesystem mounted at the same path on the launcher and on every worker (NFS,
-Filestore, a GCS bucket mounted with gcsfuse); `gs://` URLs are not supported. The pipeline's own inputs and outputs
-(a list of audio paths, one JSON line of outcome per clip) are written in a `beam-*` folder of the feature cache and
-deleted afterwards.
+Storage. RAW, OUT and the feature cache (beside OUT, or the shared cache of the default folders) are read and written
+with Python's `os` and `open`: they must be local paths, or a shared POSIX filesystem mounted at the same path on the
+launcher and on every worker (NFS, Filestore, a GCS bucket mounted with gcsfuse); `gs://` URLs are not supported. The
+pipeline's own inputs and outputs (a list of audio paths, one JSON line of outcome per clip) are written in a `beam-*`
+folder of the feature cache and deleted afterwards.
 
 Workers of a cluster runner (Dataflow, Flink, Spark; only the DirectRunner is tested here) need this package and
 its dependencies: `pip install 'atr-jax[beam]'` (Dataflow: `apache-beam[gcp]`) with the launcher's Python and

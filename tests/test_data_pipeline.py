@@ -6,7 +6,6 @@ wav, a caption-less row, and CSVs in UTF-8, latin-1 and cp1252.
 
 import collections
 import csv
-import hashlib
 import os
 import signal
 import subprocess
@@ -131,14 +130,6 @@ def _epoch_pairs(batches) -> list[tuple[int, str]]:
 def _train_batches(builder, split, **kwargs):
   args = dict(batch_size=8, max_frames=MAX_FRAMES, seed=3, epoch=0) | kwargs
   return list(input_pipeline.train_dataset([(builder, split)], **args).as_numpy_iterator())
-
-
-def test_default_data_dir_is_per_raw_folder(tmp_path):
-  raw = tmp_path / "my_clotho"
-  expected_hash = hashlib.sha1(str(raw).encode()).hexdigest()[:8]
-  assert clotho.default_data_dir(str(raw) + "/") == os.path.expanduser(
-    f"~/.cache/atr_jax/prepared/my_clotho-{expected_hash}"
-  )
 
 
 def test_log_mel_records_equal_the_front_end(raw_dir, builder):
