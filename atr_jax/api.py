@@ -1,10 +1,12 @@
 """The trained model of a workdir for Python users (`atr_jax.load`), and the one embedding path that `retrieve`,
 `zeroshot` and `serve` share: the workdir's best checkpoint restored on one device, captions embedded with the
-run's caption encoder (`evaluation.embed_captions`), clips embedded whole (`evaluation.embed_clips`, as evaluation
-does); plus the index folder format (`write_index`, `read_index`) and exact top-k ranking.
+run's caption encoder (`evaluation.embed_captions`), clips by evaluation's one rule (`evaluation.embed_clips`: whole
+up to config.eval.max_segment_s, longer clips in segments); plus the index folder format (`write_index`,
+`read_index`, `check_index_matches`) and exact top-k ranking.
 
 An index is a folder holding `embeddings.npy` (float32 [N, D], unit rows) and `files.json` (the N paths, relative
-to the indexed folder, plus the folder and the checkpoint that made them). Audio files stream through in chunks of
+to the indexed folder, the indexed folder, and the model that made them: `model_identity.ModelIdentity.record()`);
+`search` refuses an index that another model made. Audio files stream through in chunks of
 CHUNK_BATCHES batches: decoded by the data preparation's `Extractor` worker processes (the next chunk decodes while
 one embeds), embedded, and written to a work folder, so memory holds one chunk of clips however many files there
 are, and a killed run resumes after its last written chunk (`embed_audio_files`).
@@ -23,12 +25,11 @@ import tempfile  # noqa: E402
 from concurrent import futures  # noqa: E402
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from absl import logging  # noqa: E402
 
-from atr_jax import checkpointing, evaluation, sharding, tokenization  # noqa: E402
+from atr_jax import checkpointing, evaluation, model_identity, sharding, tokenization  # noqa: E402
 from atr_jax.atomic_files import write_atomically, write_folder_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
 from atr_jax.models.registry import audio_tower  # noqa: E402
@@ -46,19 +47,14 @@ class Model:
 
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-    config_path = os.path.join(self.workdir, checkpointing.CONFIG_FILE)
-    if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{config_path} is missing: {self.workdir} is not a training workdir of atr_jax")
-    with open(config_path) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
-    manager = checkpointing.create_manager(self.workdir, self.config.eval.selection_metric)
-    self.step = manager.best_step()
-    if self.step is None:
-      raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first")
+    self.config, manager, self.step = model_identity.read_workdir(self.workdir)
+    self.identity = model_identity.of_config(self.workdir, self.step, self.config)  # What embeddings it makes.
     state = checkpointing.restore_on_one_device(manager, self.step)
     self.variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
     self.encode_captions = tokenization.caption_encoder(self.config)
-    self._embedder = evaluation.Embedder(build_model(self.config.model), sharding.create_mesh())
+    self._embedder = evaluation.Embedder(
+      build_model(self.config.model), sharding.create_mesh(), max_segment_s=self.config.eval.max_segment_s
+    )
     # The stored form the model takes (runs from before config.data.audio_feature existed took log-mels).
     self.audio_form = audio_forms.audio_form(self.config.data.get("audio_feature", "log_mel"))
     logging.info("Loaded %s at step %d", self.workdir, self.step)
@@ -147,7 +143,7 @@ class Model:
 
   def embed_clips(self, clips: list, batch_size: int = 16) -> np.ndarray:
     """Embeddings [len(clips), D] of clips of any lengths in the model's stored form (`self.audio_form`: (frames,
-    64) log-mels or waveforms), each whole (`evaluation.embed_clips`, as in evaluation)."""
+    64) log-mels or waveforms), by evaluation's rule (`evaluation.embed_clips`)."""
     if not clips:
       return np.zeros((0, self.embed_dim), np.float32)
     return evaluation.embed_clips(
@@ -160,8 +156,8 @@ class Model:
     """(embeddings of the readable files, their paths, [(path, reason)] of the skipped ones), chunk by chunk under a
     progress bar (when there is more than one batch): `workers` decoding processes (default: one per core) fill a
     feature cache in `work_dir`, and each chunk's embeddings go to a chunk file there. A call with the `work_dir` of
-    a killed call for the same paths, chunk size and checkpoint embeds only the chunks it had not written. Without
-    `work_dir`: a temporary folder."""
+    a killed call for the same paths, chunk size and model (`self.identity`) embeds only the chunks it had not
+    written. Without `work_dir`: a temporary folder."""
     if work_dir is None:
       with tempfile.TemporaryDirectory(prefix="atr_jax_embed_") as temporary:
         return self.embed_audio_files(paths, batch_size, work_dir=temporary, workers=workers)
@@ -198,8 +194,7 @@ class Model:
       "files": len(paths),
       "files_sha1": hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest(),
       "chunk_size": chunk_size,
-      "workdir": self.workdir,
-      "step": int(self.step),
+      **self.identity.record(),
     }
     record_path = os.path.join(work_dir, PROGRESS_FILE)
     try:
@@ -224,7 +219,7 @@ class Model:
       os.remove(path)
 
   def embed_split(self, builder, split: str) -> evaluation.SplitEmbeddings:
-    """Every clip (whole) and caption of a prepared `split`, as evaluation embeds them."""
+    """Every clip and caption of a prepared `split`, as evaluation embeds them."""
     return evaluation.embed_split(
       self._embedder,
       self.variables,
@@ -252,10 +247,12 @@ class Model:
 
     `query`: a text (str), a list of texts, or embeddings ([D] or [Q, D], e.g. `embed_audio([file])` to search with
     audio). `index`: an index folder (`python -m atr_jax.retrieve index`; names are the files' paths relative to
-    the indexed folder) or a pair (embeddings [N, D], N names). One query gives one list, several a list of lists."""
+    the indexed folder; a `model_identity.ModelMismatch` if another model made it) or a pair (embeddings [N, D], N
+    names). One query gives one list, several a list of lists."""
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
       raise ValueError(f"top_k={top_k!r} must be a positive integer")
     if isinstance(index, (str, os.PathLike)):
+      check_index_matches(os.fspath(index), self.identity)
       embeddings, names = read_index(os.fspath(index))
       index_name = f"index {os.fspath(index)}"
     else:
@@ -322,7 +319,8 @@ def write_index(index_dir: str, embeddings: np.ndarray, files: list, source: dic
 
 
 def read_index_record(index_dir: str) -> dict:
-  """The `files.json` of an index: "files" (paths relative to "audio_dir", the indexed folder), "workdir", "step"."""
+  """The `files.json` of an index: "files" (paths relative to "audio_dir", the indexed folder) and the model that
+  made it (`model_identity.ModelIdentity.record()`); a FileNotFoundError unless the index has both its files."""
   emb_path, files_path = os.path.join(index_dir, EMBEDDINGS_FILE), os.path.join(index_dir, FILES_FILE)
   if not (os.path.isfile(emb_path) and os.path.isfile(files_path)):
     raise FileNotFoundError(
@@ -334,9 +332,19 @@ def read_index_record(index_dir: str) -> dict:
 
 
 def read_index(index_dir: str) -> tuple[np.ndarray, list]:
-  """(embeddings [N, D], the N file paths relative to the indexed folder) of an index folder."""
+  """(embeddings [N, D], the N file paths relative to the indexed folder) of an index folder, unchecked:
+  `check_index_matches` says whether a model may query it."""
   files = read_index_record(index_dir)["files"]
   embeddings = np.load(os.path.join(index_dir, EMBEDDINGS_FILE))
   if len(files) != len(embeddings):
     raise ValueError(f"{index_dir}: {len(embeddings)} embeddings but {len(files)} file names")
   return embeddings, files
+
+
+def check_index_matches(index_dir: str, identity: model_identity.ModelIdentity) -> None:
+  """A `model_identity.ModelMismatch` naming both models and the command that rebuilds the index unless the index
+  `index_dir` was made by the model `identity` (`model_identity.of_workdir(workdir)`, or a Model's `identity`)."""
+  recorded = read_index_record(index_dir)
+  rebuild = ["python", "-m", "atr_jax.retrieve", "index", f"--workdir={identity.workdir}"]
+  rebuild += [f"--audio_dir={recorded.get('audio_dir', 'AUDIO_DIR')}", f"--index={os.path.abspath(index_dir)}"]
+  model_identity.check(recorded, identity, f"the index {index_dir}", rebuild)

@@ -68,6 +68,7 @@ def create_app(model, index_dir: str, captions: list, audio_dir: str | None = No
   from atr_jax import api
   from data_pipelines import features
 
+  api.check_index_matches(index_dir, model.identity)
   embeddings, names = api.read_index(index_dir)
   audio_dir = os.path.realpath(audio_dir or api.read_index_record(index_dir)["audio_dir"])
   if not os.path.isdir(audio_dir):
@@ -176,7 +177,7 @@ def main(argv: list) -> None:
     api.read_index(args.index)  # Named before the model loads.
     app = create_app(atr_jax.load(args.workdir), args.index, captions, args.audio_dir)
     listening = socket.create_server((args.host, args.port))
-  except (OSError, ValueError) as error:
+  except (OSError, ValueError) as error:  # ValueError: model_identity.ModelMismatch among others.
     sys.exit(f"error: {error}")
   host, port = listening.getsockname()[:2]
   print(f"Serving {args.index} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)

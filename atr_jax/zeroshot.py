@@ -32,6 +32,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+import atr_jax  # noqa: E402
+from atr_jax import console  # noqa: E402
 from atr_jax.models.dual_encoder import l2_normalize  # noqa: E402
 from data_pipelines import extraction  # noqa: E402
 
@@ -172,13 +174,13 @@ def accuracy(
   return zeroshot_accuracy(audio_emb, dataset.labels[rows], dataset.folds[rows], class_emb)
 
 
-def evaluate(retriever, dataset: Dataset, prompts: list, batch_size: int = 16, workers: int | None = None):
-  """(zeroshot accuracy of `retriever`'s (a `retrieve.Retriever`) embeddings on the readable clips of `dataset`,
+def evaluate(model, dataset: Dataset, prompts: list, batch_size: int = 16, workers: int | None = None):
+  """(zeroshot accuracy of `model`'s (an `atr_jax.api.Model`) embeddings on the readable clips of `dataset`,
   [(path, reason)] of the skipped clips)."""
-  audio_emb, kept, skipped = retriever.embed_audio_files(dataset.paths, batch_size, workers=workers)
+  audio_emb, kept, skipped = model.embed_audio_files(dataset.paths, batch_size, workers=workers)
   if not kept:
     raise ValueError(f"no clip of the {len(dataset.paths)} listed could be read (first: {skipped[0]})")
-  return accuracy(audio_emb, kept, dataset, retriever.embed_texts, prompts), skipped
+  return accuracy(audio_emb, kept, dataset, model.embed_text, prompts), skipped
 
 
 def enabled(zeroshot_config: ml_collections.ConfigDict) -> bool:
@@ -269,10 +271,8 @@ def main(argv: list) -> None:
   if args.dataset and not args.root:
     parser.error("--dataset needs --root (the dataset folder)")
   dataset = read_dataset(args.dataset, args.root) if args.dataset else read_csv(args.csv, args.root)
-  from atr_jax import retrieve  # Here: its absl flags clash with atr_jax.main's, which may import this module.
-
   scores, skipped = evaluate(
-    retrieve.Retriever(args.workdir), dataset, args.prompts or [DEFAULT_PROMPT], args.batch_size, args.workers
+    atr_jax.load(args.workdir), dataset, args.prompts or [DEFAULT_PROMPT], args.batch_size, args.workers
   )
   for path, reason in skipped:
     print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -288,4 +288,5 @@ def _absl_defaults(argv: list) -> list:
 
 
 if __name__ == "__main__":
+  console.quiet_tensorflow(sys.argv)  # Before TensorFlow loads (with the model).
   app.run(main, flags_parser=_absl_defaults)

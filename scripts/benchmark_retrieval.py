@@ -31,7 +31,8 @@ from ml_collections import config_flags  # noqa: E402
 from atr_jax import checkpointing, sharding  # noqa: E402
 from atr_jax.models import weights  # noqa: E402
 from atr_jax.models.dual_encoder import build_model  # noqa: E402
-from atr_jax.retrieve import Retriever, index_folder, top_k  # noqa: E402
+from atr_jax.api import Model, ranked_top_k  # noqa: E402
+from atr_jax.retrieve import index_folder  # noqa: E402
 from atr_jax.train_state import create_train_state, make_optimizer  # noqa: E402
 from data_pipelines import features  # noqa: E402
 
@@ -66,7 +67,7 @@ def _rss_mib(field: str) -> float:
     return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def _index_memory(retriever: Retriever, folder: str, num_files: int) -> tuple[float, float, float]:
+def _index_memory(retriever: Model, folder: str, num_files: int) -> tuple[float, float, float]:
   """(RSS before, peak RSS while indexing, in MiB; seconds) of `index_folder` over a new folder of `num_files` noise
   clips, in this process with the model loaded and compiled: the peak is reset first (Linux, glibc)."""
   audio_dir = tempfile.mkdtemp(prefix=f"audio_{num_files}_", dir=folder)
@@ -90,7 +91,7 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir and --config")
   workdir = trained or _fresh_workdir(_CONFIG.value)
   start = time.perf_counter()
-  retriever = Retriever(workdir)
+  retriever = Model(workdir)
   load_s = time.perf_counter() - start
   rng = np.random.default_rng(0)
   index = rng.standard_normal((_NUM_CLIPS.value, retriever.config.model.embed_dim)).astype(np.float32)
@@ -98,9 +99,9 @@ def main(argv):
   end_to_end, search = [], []
   for i in range(3 + _REPEATS.value):
     start = time.perf_counter()
-    query = retriever.embed_texts([_QUERY])[0]
+    query = retriever.embed_text([_QUERY])[0]
     middle = time.perf_counter()
-    top_k(index, query, 10)
+    ranked_top_k(index, query, 10)
     end = time.perf_counter()
     if i >= 3:
       end_to_end.append(end - start)

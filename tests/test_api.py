@@ -12,7 +12,7 @@ import soundfile as sf
 import soxr
 
 import atr_jax
-from atr_jax import api, retrieve, train
+from atr_jax import api, model_identity, retrieve, train
 from data_pipelines import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_embeddings_are_retrieves_and_search_ranks_them(model, tiny_trained, tmp
   config, workdir = tiny_trained
   audio_dir = os.path.join(config.data.raw_dir, config.data.test_split)
   index = str(tmp_path / "index")
-  retrieve.index_folder(retrieve.Retriever(workdir), audio_dir, index, batch_size=8)
+  retrieve.index_folder(model, audio_dir, index, batch_size=8)  # What `retrieve index` writes.
   embeddings, files = api.read_index(index)
   # A mixed list (paths and arrays in one call), and a FLAC file at 44.1 kHz against its samples.
   samples, rate = sf.read(os.path.join(audio_dir, files[2]), dtype="float32")
@@ -73,6 +73,10 @@ def test_embeddings_are_retrieves_and_search_ranks_them(model, tiny_trained, tmp
     assert [name for name, _ in found] == [files[i] for i in expected]
     np.testing.assert_allclose([score for _, score in found], embeddings[expected] @ text[1], atol=1e-6)
   assert len(model.search(queries[0], index, top_k=100)) == len(files)
+  other = str(tmp_path / "other_index")  # The same index, as if made by another checkpoint of the run.
+  api.write_index(other, embeddings, files, {**api.read_index_record(index), "step": model.step + 1, "files": files})
+  with pytest.raises(model_identity.ModelMismatch, match=f"the index {other} was made by .* at step {model.step + 1}"):
+    model.search(queries[0], other)
 
 
 def test_similarity_is_cosine(model):

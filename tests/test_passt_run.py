@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_run import tiny_config
 
-from atr_jax import retrieve, train
+from atr_jax import api, train
 from data_pipelines import input_pipeline
 
 
@@ -25,7 +25,7 @@ def test_a_tiny_passt_run_trains_and_serves_what_it_evaluates(tmp_path):
   metrics = train.train_and_evaluate(config, workdir)
   assert np.isfinite(metrics["t2a_mAP10"]) and os.path.exists(os.path.join(workdir, "results.json"))
 
-  retriever = retrieve.Retriever(workdir)
+  retriever = api.Model(workdir)
   assert retriever.audio_form.name == "waveform"
   builder = train._Setup(config, workdir, training=False).builder
   assert input_pipeline.audio_form_of(builder).name == "waveform"

@@ -14,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import soundfile as sf
-from atr_jax import model_identity, retrieve
+from atr_jax import api, model_identity, retrieve
 from data_pipelines import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def test_index_is_batch_independent_and_skips_broken_files(trained, tmp_path):
   paths = retrieve.audio_files(str(audio_dir))
   assert len(paths) == 9 and not any(p.endswith(".txt") for p in paths)
 
-  retriever = retrieve.Retriever(workdir)
+  retriever = api.Model(workdir)
   batched, kept, skipped = retriever.embed_audio_files(paths, batch_size=4)
   assert [p for p, _ in skipped] == [str(audio_dir / "broken.wav")] and len(kept) == 8
   one_by_one = np.concatenate([retriever.embed_audio_files([p], batch_size=1)[0] for p in kept])
@@ -62,8 +62,8 @@ def test_killed_index_run_resumes_to_the_same_index(trained, tmp_path, monkeypat
   for split in ("development", "evaluation"):
     shutil.copytree(os.path.join(raw_dir, split), audio_dir / split)
   (audio_dir / "broken.wav").write_bytes(b"RIFF....not audio")
-  monkeypatch.setattr(retrieve, "CHUNK_BATCHES", 1)  # Chunks of 8 files (a batch on the 8 devices): 33 files, 5 chunks.
-  retriever = retrieve.Retriever(workdir)
+  monkeypatch.setattr(api, "CHUNK_BATCHES", 1)  # Chunks of 8 files (a batch on the 8 devices): 33 files, 5 chunks.
+  retriever = api.Model(workdir)
   whole, index = str(tmp_path / "whole"), str(tmp_path / "index")
   retrieve.index_folder(retriever, str(audio_dir), whole, batch_size=8)
 
@@ -112,7 +112,7 @@ def test_index_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
   for number in range(5000):
     sf.write(str(tmp_path / f"{number:04d}.wav"), 0.1 * rng.standard_normal(samples), features.SAMPLE_RATE)
   paths = retrieve.audio_files(str(tmp_path))
-  retriever = retrieve.Retriever(workdir)
+  retriever = api.Model(workdir)
   retriever.embed_audio_files(paths[:64], batch_size=64)  # Compiles the batch shape outside the measurements.
   peak_1000 = _peak_traced_bytes(retriever.embed_audio_files, paths[:1000], batch_size=64)
   peak_5000 = _peak_traced_bytes(retriever.embed_audio_files, paths, batch_size=64)
@@ -125,10 +125,10 @@ def test_top_k_is_sorted_and_exact():
   rng = np.random.default_rng(0)
   embeddings = rng.standard_normal((50, 8)).astype(np.float32)
   query = rng.standard_normal(8).astype(np.float32)
-  indices, scores = retrieve.top_k(embeddings, query, 5)
+  indices, scores = api.ranked_top_k(embeddings, query, 5)
   np.testing.assert_array_equal(indices, np.argsort(-(embeddings @ query))[:5])
   assert np.all(np.diff(scores) <= 0)
-  assert len(retrieve.top_k(embeddings, query, 500)[0]) == 50
+  assert len(api.ranked_top_k(embeddings, query, 500)[0]) == 50
 
 
 def test_read_captions_formats(tmp_path):

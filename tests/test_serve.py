@@ -43,9 +43,8 @@ def site(tiny_trained, tmp_path_factory):
   names = sorted(os.path.join("clips", name) for name in os.listdir(audio_dir / "clips"))
   embeddings = model.embed_audio([str(audio_dir / name) for name in names])
   index = str(root / "index")
-  api.write_index(
-    index, np.concatenate([embeddings, -embeddings[:1]]), names + ["link.wav"], {"audio_dir": str(audio_dir)}
-  )
+  source = {"audio_dir": str(audio_dir), **model.identity.record()}
+  api.write_index(index, np.concatenate([embeddings, -embeddings[:1]]), names + ["link.wav"], source)
   captions = retrieve.read_captions(os.path.join(config.data.raw_dir, f"clotho_captions_{config.data.test_split}.csv"))
   server = uvicorn.Server(uvicorn.Config(serve.create_app(model, index, captions), log_level="warning"))
   listening = socket.create_server(("127.0.0.1", 0))

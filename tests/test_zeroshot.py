@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tiny_run import tensorboard_scalars
 
-from atr_jax import retrieve, zeroshot
+import atr_jax
+from atr_jax import zeroshot
 from data_pipelines import synthetic
 
 
@@ -102,7 +103,7 @@ class _StandInRetriever:
   def _one_hot(self, text):
     return np.eye(3)[min(self.NAMES.index(n) for n in self.NAMES if n in text.replace("cat_as_", ""))]
 
-  def embed_texts(self, texts):
+  def embed_text(self, texts):
     return np.stack([self._one_hot(text) for text in texts])
 
   def embed_audio_files(self, paths, batch_size, workers=None):
@@ -117,7 +118,7 @@ def test_cli_prints_per_fold_accuracy_and_reports_skipped_files(tmp_path, monkey
     (tmp_path / name).write_bytes(b"")
   rows.append(["gone.wav", "dog", 2])
   path = _write_csv(tmp_path / "labels.csv", ["file", "label", "fold"], rows)
-  monkeypatch.setattr(retrieve, "Retriever", _StandInRetriever)
+  monkeypatch.setattr(atr_jax, "load", _StandInRetriever)
   zeroshot.main(["zeroshot", "--workdir=W", f"--csv={path}", "--prompts=a {} sound", "--prompts={}"])
   out, err = capsys.readouterr()
   assert f"skipped {tmp_path / 'gone.wav'}: missing_audio" in err
@@ -147,7 +148,7 @@ def test_training_logs_the_accuracy_the_cli_prints_for_its_checkpoint(tiny_train
   # The tiny_trained run evaluates zero-shot on a 35-clip synthetic ESC-50 set at each validation: the values it
   # logged at the checkpoint the CLI loads (the best) are the CLI's, fold by fold.
   config, workdir = tiny_trained
-  best = retrieve.Retriever(workdir).step
+  best = atr_jax.load(workdir).step
   logged = {
     key: tensorboard_scalars(workdir, f"zeroshot/{key}") for key in [f"fold{fold}" for fold in range(1, 6)] + ["mean"]
   }
