@@ -19,10 +19,11 @@ import ml_collections
 from absl import logging
 
 from atr_jax import checkpointing
+from configs.base import get_base_config
 
 # Config keys (dotted) that change what a checkpoint makes of an input: the whole model section (towers, their front
 # ends, max_len, heads, dtype), the stored audio form and the caption cleaning. Add a key here when it does too.
-EMBEDDING_KEYS = ("model", "data.audio_feature", "data.caption_cleaning")
+EMBEDDING_KEYS = ("model", "data.audio_feature", "data.caption_cleaning", "eval.max_segment_s")
 _SHOWN = 5  # Differing config keys named in an error.
 _ABSENT = object()
 
@@ -68,14 +69,27 @@ def of_config(workdir: str, step: int, config) -> ModelIdentity:
   return ModelIdentity(os.path.abspath(os.path.expanduser(workdir)), int(step), picked)
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """`saved` with every key it lacks (a run of a version before the key existed) taken from `defaults`."""
+  for key, value in defaults.items():
+    if key not in saved:
+      saved[key] = value
+    elif isinstance(value, dict) and isinstance(saved[key], dict):
+      _with_defaults(saved[key], value)
+  return saved
+
+
 def read_workdir(workdir: str):
-  """(config, checkpoint manager, best step) of a training workdir; a FileNotFoundError naming what is missing."""
+  """(config, checkpoint manager, best step) of a training workdir (its config.json, keys added since it was written
+  at their configs/base.py defaults); a FileNotFoundError naming what is missing."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config_path = os.path.join(workdir, checkpointing.CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} is missing: {workdir} is not a training workdir of atr_jax")
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(
+      _with_defaults(json.load(f), json.loads(get_base_config().to_json_best_effort()))
+    )
   manager = checkpointing.create_manager(workdir, config.eval.selection_metric)
   step = manager.best_step()
   if step is None:
