@@ -194,6 +194,37 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Audio moment retrieval (`atr_jax.moments`, SPEC 12): the QD-DETR (AM-DETR) model, its losses and its training.
   config.moments = ml_collections.ConfigDict()
+  # The trained atr-jax workdir whose audio and text towers give the frame and token features. Required.
+  config.moments.encoder_workdir = ""
+  # train: when encoder_workdir holds no checkpoint, train it first with this config (minus `moments`:
+  # atr_jax.train.train_and_evaluate); otherwise a missing encoder is an error.
+  config.moments.train_encoder = False
+  # A moment workdir whose best parameters start the training (fine-tuning, e.g. Clotho-Moment then CASTELLA);
+  # "" starts from a fresh initialisation. Its model config must equal moments.model.
+  config.moments.init_from = ""
+  config.moments.data = ml_collections.ConfigDict()
+  config.moments.data.dir = ""  # Folder holding each split's annotations and recordings (the names below). Required.
+  # Each split's annotation file (lighthouse JSONL or CASTELLA JSON) and recordings folder (<vid>.<ext>) inside
+  # data.dir; "{split}" is replaced by train_split, val_split or test_split.
+  config.moments.data.annotations = "{split}.jsonl"
+  config.moments.data.audio_dir = "{split}"
+  config.moments.data.train_split = "train"
+  config.moments.data.val_split = "val"
+  config.moments.data.test_split = "test"
+  config.moments.data.features = "clap_like"  # Frame setting of atr_jax.moments.features (the baseline's).
+  # train: when data.dir is absent, synthesise a Clotho-Moment-style set there (`data_pipelines.moments`) from the
+  # Clotho-layout folder synthetic_clips_dir ("" = config.data.raw_dir, generated first if the config says so).
+  config.moments.data.synthesize = False
+  config.moments.data.synthetic_clips_dir = ""
+  config.moments.data.synthetic_duration = 60  # Seconds per synthetic recording (Clotho-Moment's 60).
+  config.moments.data.synthetic_seed = 0
+  # The zero-training baseline (atr_jax.moments.sliding_window): windows of these lengths in frames, scored by the
+  # dual encoder's frame-to-query similarity, best first; a window with merge_overlap of its length inside a better
+  # one is merged into it (dropped); the best num_windows kept.
+  config.moments.sliding_window = ml_collections.ConfigDict()
+  config.moments.sliding_window.window_frames = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+  config.moments.sliding_window.merge_overlap = 0.5
+  config.moments.sliding_window.num_windows = 10  # Ranked windows kept per query (the metrics read at most 10).
   config.moments.model = ml_collections.ConfigDict()
   config.moments.model.hidden_dim = 256  # d: width of every layer after the input projections.
   config.moments.model.num_heads = 8

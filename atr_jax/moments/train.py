@@ -146,7 +146,7 @@ def merge_windows(windows: np.ndarray, merge_iou: float, keep: int) -> np.ndarra
 
 def create_state(config: ml_collections.ConfigDict, feature_dims: tuple[int, int], mesh, rng):
   """A replicated flax TrainState of the model (AdamW after global-norm clipping) for audio width D + 2 and text
-  width D (`feature_dims`)."""
+  width D (`feature_dims`), and its shardings."""
   model = MomentDETR(config.model)
   train_config = config.train
   tx = optax.chain(
@@ -271,7 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_sp
     )
   rng = jax.random.key(config.seed)
   init_rng, rng = jax.random.split(rng)
-  state, _ = create_state(moments_config, (arrays.audio.shape[-1], arrays.text.shape[-1]), mesh, init_rng)
+  state, shardings = create_state(moments_config, (arrays.audio.shape[-1], arrays.text.shape[-1]), mesh, init_rng)
+  if moments_config.init_from:
+    state = state.replace(params=initial_params(moments_config.init_from, state.params, shardings.params))
   step_fn = make_train_step(moments_config)
   manager = checkpointing.create_manager(workdir, SELECTION_METRIC)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -310,6 +312,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_sp
         best = val_metrics
   writer.flush()
   return best
+
+
+def initial_params(init_from: str, params, params_shardings):
+  """The best parameters of the moment workdir `init_from` (`moments.init_from`), placed like `params`; another
+  model shape is an error naming the first differing parameter."""
+  loaded = restore_best_params(init_from)
+  expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  found = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  for name in sorted(set(expected) | set(found)):
+    if expected.get(name) != found.get(name):
+      raise ValueError(
+        f"moments.init_from={init_from}: parameter {name} is {found.get(name)} there, {expected.get(name)} in "
+        "this config's moments.model (the model configs must match)"
+      )
+  return jax.device_put(loaded, params_shardings)
 
 
 def restore_best_params(workdir: str) -> dict:
