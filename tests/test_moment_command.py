@@ -153,7 +153,7 @@ def test_train_evaluate_predict_submission(moment_run, capsys, tmp_path):
   )
   rows = [line.split() for line in out.splitlines()[1:]]
   assert len(rows) == 3
-  starts, ends, scores = (np.array([float(r[i]) for r in rows]) for i in (1, 3, 5))
+  starts, ends, scores = (np.array([float(r[i]) for r in rows]) for i in (1, 3, 6))  # 'k.  start -  end s  score v'
   assert (starts >= 0).all() and (ends <= 12).all() and (starts < ends).all()
   assert list(scores) == sorted(scores, reverse=True)
 
@@ -176,7 +176,13 @@ def test_train_evaluate_predict_submission(moment_run, capsys, tmp_path):
   for line, q in zip(lines, truth):
     assert set(line) == {"qid", "query", "vid", "pred_relevant_windows"} and line["query"] == q["query"]
     windows = np.array(line["pred_relevant_windows"])
-    assert windows.shape == (4, 2) and windows.dtype.kind == "i" and (windows >= 0).all() and (windows <= 300).all()
+    assert (
+      1 <= len(windows) <= 4
+      and windows.shape[1:] == (2,)
+      and windows.dtype.kind == "i"
+      and (windows >= 0).all()
+      and (windows <= 300).all()
+    )
 
   # moments.init_from: the best parameters come back as they are; another model shape is refused by name.
   params = moment_train.restore_best_params(str(workdir))
