@@ -13,7 +13,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # Dataset of raw_dir: "clotho", "audiocaps" or "wavcaps" (one split, train: for extra_train), in any of the raw
-  # folder layouts the README lists (native, aac-datasets, the reference's; detected). Validation and test always
+  # folder layouts docs/data.md lists (native, aac-datasets, the reference's; detected). Validation and test always
   # come from this dataset.
   config.data.dataset = "clotho"
   config.data.raw_dir = ""  # The raw dataset folder (the TFDS manual_dir). Required.
