@@ -84,7 +84,8 @@ def raw_and_data_dirs(data_config: ml_collections.ConfigDict) -> tuple[str, str]
   raw folder, maybe generated first)."""
   if not data_config.raw_dir:
     raise ValueError(
-      f"config.data.raw_dir is empty: set it to a {data_config.dataset} raw folder, in any of its layouts (see README)"
+      f"config.data.raw_dir is empty: set it to a {data_config.dataset} raw folder, in any of its layouts "
+      "(see docs/data.md)"
     )
   if data_config.dataset not in DATASETS:
     raise ValueError(f"config.data.dataset={data_config.dataset!r} is not supported (supported: {DATASETS})")

@@ -17,7 +17,8 @@ the annotations and audio folder evaluated).
 predict: the moments of one recording for one sentence, best first, with their foreground scores; recordings longer
 than `moments.train.max_frames` frames are segmented and merged (`atr_jax.moments.train.predict`).
 submission: the challenge's JSONL, one line a query (`qid`, `query`, `vid`, `pred_relevant_windows`: the ranked
-windows without scores, clamped to [0, 300] s and rounded to whole seconds, halves up, as the baseline does).
+windows without scores, clamped to [0, 300] s and rounded to whole seconds as the baseline does; halves go up
+here, the baseline's own tie rule is unconfirmed).
 A user error (a missing file or folder, a workdir that is not a moment workdir, a bad config key) prints one line and
 exits with status 1.
 """
