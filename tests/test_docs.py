@@ -57,14 +57,26 @@ def _flags_of(tokens: list[str]) -> list[str]:
   return [token[2:].split("=")[0] for token in tokens if token.startswith("--") and len(token) > 2]
 
 
-def _help_text(module: str) -> str:
-  """What `python -m module --help` prints; absl modules' `--helpfull` (every flag, those of imported modules too)."""
+def _subcommand(tokens: list[str]) -> str:
+  """The sub-command a command names first (`retrieve text ...`, `moments train ...`), or ""."""
+  return tokens[0] if tokens and re.fullmatch(r"[a-z][a-z-]*", tokens[0]) else ""
+
+
+def _help_text(module_and_subcommand: tuple[str, str]) -> str:
+  """What `python -m module [subcommand] --help` prints; absl modules' `--helpfull` (every flag, those of imported
+  modules too)."""
+  module, subcommand = module_and_subcommand
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
 
   def run(flag):
     done = subprocess.run(
-      [sys.executable, "-m", module, flag], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+      [sys.executable, "-m", module, *([subcommand] if subcommand else []), flag],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
     )
     return done.stdout + done.stderr
 
@@ -131,14 +143,15 @@ def test_every_documented_module_exists():
 @pytest.mark.slow
 def test_every_documented_flag_and_config_key_exists():
   commands = [c for c in _all_commands() if c[1].split(".")[0] in OUR_PACKAGES and _flags_of(c[2])]
-  modules = sorted({module for _, module, _ in commands})
+  keys = sorted({(module, _subcommand(tokens)) for _, module, tokens in commands})
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    helps = dict(zip(modules, pool.map(_help_text, modules)))
+    helps = dict(zip(keys, pool.map(_help_text, keys)))
   problems = []
   for page, module, tokens in commands:
-    known = set(_HELP_FLAG.findall(helps[module]))
+    help_text = helps[(module, _subcommand(tokens))]
+    known = set(_HELP_FLAG.findall(help_text))
     if not known:
-      problems.append(f"{page}: python -m {module}: --help printed no flags: {helps[module][-300:]}")
+      problems.append(f"{page}: python -m {module}: --help printed no flags: {help_text[-300:]}")
       continue
     config_file = tokens[tokens.index("--config") + 1] if "--config" in tokens else "configs/base.py"
     for flag in _flags_of(tokens):
