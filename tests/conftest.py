@@ -45,14 +45,3 @@ def tiny_trained(tmp_path_factory):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   return config, workdir
-
-
-@pytest.fixture(autouse=True)
-def _absl_verbosity_restored():
-  """Command-line mains run in-process by tests (e.g. `atr_jax.moments`) set absl's verbosity for their process; each
-  test starts from the verbosity the session began with, so no test sees another's."""
-  from absl import logging
-
-  verbosity = logging.get_verbosity()
-  yield
-  logging.set_verbosity(verbosity)

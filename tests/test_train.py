@@ -48,7 +48,7 @@ def test_train_resume_and_evaluate(tiny_trained, tmp_path, caplog):
   ):
     train.train_and_evaluate(config, workdir)
   config.train.global_batch_size = 16
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl's own level too: an earlier in-process CLI may have raised it.
   train.train_and_evaluate(config, workdir, allow_config_change=True)
   assert f"Resuming from the checkpoint of step {2 * steps_per_epoch}" in caplog.text
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
