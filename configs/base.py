@@ -216,6 +216,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Clotho-layout folder synthetic_clips_dir ("" = config.data.raw_dir, generated first if the config says so).
   config.moments.data.synthesize = False
   config.moments.data.synthetic_clips_dir = ""
+  # > 0: when synthetic_clips_dir is absent, first generate our synthetic Clotho-layout set there
+  # (`data_pipelines.synthetic`, config.data.synthetic's clip counts and seed) with clips of about this many seconds.
+  config.moments.data.synthetic_clip_seconds = 0.0
   config.moments.data.synthetic_duration = 60  # Seconds per synthetic recording (Clotho-Moment's 60).
   config.moments.data.synthetic_seed = 0
   # The zero-training baseline (atr_jax.moments.sliding_window): windows of these lengths in frames, scored by the

@@ -7,7 +7,8 @@
 
 train: trains the encoder first when `moments.encoder_workdir` holds none and `moments.train_encoder` says so
 (`atr_jax.train.train_and_evaluate` with the same config), synthesises the moment set into `moments.data.dir` when
-absent and `moments.data.synthesize` says so, computes (or reads from the cache) the frame and token features of the
+absent and `moments.data.synthesize` says so (from `moments.data.synthetic_clips_dir`, itself generated first when
+absent and `synthetic_clip_seconds` > 0), computes (or reads from the cache) the frame and token features of the
 train and validation splits (`atr_jax.moments.features`), writes the moment workdir's `moment_config.json` (the
 `moments` config and the encoder's absolute path), trains (`atr_jax.moments.train`) and prints the best validation
 metrics beside the sliding-window baseline's (`atr_jax.moments.sliding_window`).
@@ -97,7 +98,8 @@ def prepare_encoder(config: ml_collections.ConfigDict) -> str:
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
-  """Synthesises the moment set into `moments.data.dir` when absent and `moments.data.synthesize`."""
+  """Synthesises the moment set into `moments.data.dir` when absent and `moments.data.synthesize`, from
+  `synthetic_clips_dir` (generated first when absent and `synthetic_clip_seconds` > 0) or `config.data.raw_dir`."""
   data = config.moments.data
   if not data.dir:
     raise UsageError("config.moments.data.dir is empty: name the moment data folder")
@@ -105,7 +107,17 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     return
   if not data.synthesize:
     raise UsageError(f"config.moments.data.dir={data.dir} does not exist")
-  clips_dir = data.synthetic_clips_dir or config.data.raw_dir
+  clips_dir = os.path.expanduser(data.synthetic_clips_dir or config.data.raw_dir)
+  if not os.path.isdir(clips_dir) and data.synthetic_clip_seconds > 0:
+    if not data.synthetic_clips_dir:
+      raise UsageError("config.moments.data.synthetic_clip_seconds needs config.moments.data.synthetic_clips_dir")
+    from data_pipelines import synthetic
+
+    spec = config.data.synthetic
+    print(f"generating {data.synthetic_clip_seconds} s synthetic clips into {clips_dir}", flush=True)
+    counts = {"development": spec.num_development, "validation": spec.num_validation}
+    counts["evaluation"] = spec.num_evaluation
+    synthetic.generate(clips_dir, counts, seed=spec.seed, duration_s=data.synthetic_clip_seconds)
   if not os.path.isdir(clips_dir):
     raise UsageError(f"config.moments.data.synthetic_clips_dir (or config.data.raw_dir) {clips_dir} does not exist")
   from data_pipelines import moments as moment_data
