@@ -5,7 +5,8 @@ Record schema (one record per clip, every split): the clip's audio in the builde
 `features.log_mel`, or `waveform` (samples,) int16, the 32 kHz mono samples at full scale 32767; then `captions` (n,)
 raw caption strings (empty for an audio-only split), `file_name`, and `clip_id` = the clip's position among the
 split's written clips sorted by file name. The two forms are prepared into different folders
-(`CaptionedClips.default_data_dir`) with different feature-cache entries; a record holds one form only.
+(`CaptionedClips.default_data_dir`) with different feature-cache entries; a record holds one form only. A subclass may
+hold other fields beside the audio (`_record_features`, `_record`: the moment builder's recordings and their queries).
 
 A subclass turns its raw layout into `ClipRow`s per split (`_read_splits`, with the CSV helpers below: every CSV is
 read and its columns checked before any audio is touched). Preparation then
@@ -255,9 +256,14 @@ def _describe_changes(stored: dict, current: dict) -> str:
   return "; ".join(parts)
 
 
+class NoUsableClip(ValueError):
+  """A preparation that found not a single good clip (its message holds the counts)."""
+
+
 class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base builder: a subclass sets VERSION, RELEASE_NOTES, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS, `code_path`,
-  CSV_SPLITS and `captions_csv_path` (the splits read from a caption CSV, and where), and implements `_read_splits`.
+  CSV_SPLITS and `captions_csv_path` (the splits read from a caption CSV, and where; or overrides `captions_csvs`),
+  and implements `_read_splits`.
   `workers` feature-extraction processes (default: one per core), or, with `beam_options` (the
   `--beam_pipeline_options` string, "" for the defaults), extraction by a Beam pipeline (`beam_generation`); the
   feature cache is `feature_cache_dir` (default: the one the default folders of the dataset and audio form share,
@@ -287,9 +293,10 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.feature_cache_dir = feature_cache_dir
 
   @staticmethod
-  @abc.abstractmethod
   def captions_csv_path(raw_dir: str, split: str) -> str:
-    """The caption CSV of `split` in `raw_dir`."""
+    """The caption CSV of `split` in `raw_dir`: a subclass with CSV_SPLITS defines it (one without, such as the moment
+    builder, names its sources in `captions_csvs`)."""
+    raise NotImplementedError
 
   @classmethod
   def split_csvs(cls, raw_dir: str) -> dict[str, str]:
@@ -390,9 +397,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             dtype=self.audio_form.stored_dtype,
             encoding=tfds.features.Encoding.BYTES,
           ),
-          "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
-          "file_name": tfds.features.Text(),
-          "clip_id": np.int32,
+          **self._record_features(),
         }
       ),
       homepage=self.HOMEPAGE,
@@ -427,7 +432,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if not clips:
         logging.warning("%s %s: no usable clip, the split is left out", self.name, split)
     if not any(written.values()):
-      raise ValueError(f"{raw_dir}: no usable clip in any split of {self.name}:\n{summary}")
+      raise NoUsableClip(f"{raw_dir}: no usable clip in any split of {self.name}:\n{summary}")
     return {split: self._generate_examples(clips) for split, clips in written.items() if clips}
 
   def _extract(self, tables: dict[str, list[ClipRow]]) -> dict[str, list[extraction.AudioOutcome]]:
@@ -464,17 +469,21 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         good.append((clip, outcome.cache_path))
     return good
 
+  def _record_features(self) -> dict:
+    """The features of a record beside its audio: `captions`, `file_name` and `clip_id`."""
+    return {
+      "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
+      "file_name": tfds.features.Text(),
+      "clip_id": np.int32,
+    }
+
+  def _record(self, clip_id: int, clip: ClipRow) -> dict:
+    """The values of `_record_features` for `clip`, the `clip_id`-th written clip of its split."""
+    return {"captions": list(clip.captions), "file_name": clip.file_name, "clip_id": clip_id}
+
   def _generate_examples(self, clips: list[tuple[ClipRow, str]]):
     for clip_id, (clip, cache_path) in enumerate(clips):
-      yield (
-        clip.file_name,
-        {
-          self.audio_form.name: extraction.load_clip(cache_path),
-          "captions": list(clip.captions),
-          "file_name": clip.file_name,
-          "clip_id": clip_id,
-        },
-      )
+      yield clip.file_name, {self.audio_form.name: extraction.load_clip(cache_path), **self._record(clip_id, clip)}
 
 
 def import_beam_generation():

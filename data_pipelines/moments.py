@@ -1,7 +1,10 @@
-"""Command line of the moment-retrieval data: a Clotho-Moment-style synthetic set made from any Clotho-layout folder.
+"""Command line of the moment-retrieval data: a Clotho-Moment-style synthetic set made from any Clotho-layout folder,
+and the preparation of a split into TFRecords.
 
   python -m data_pipelines.moments synthesize --clips_dir RAW --out_dir OUT [--background_dir BG] [--duration 60]
       [--seed 0] [--overwrite]
+  python -m data_pipelines.moments prepare --annotations OUT/val.jsonl --audio_dir OUT/val [--out_dir PREPARED]
+      [--workers N]
 
 RAW is a captioned clip folder in any Clotho layout (`layouts`: native, aac-datasets, reference; ours from
 `python -m data_pipelines.synthetic` included). Its splits carry over, development -> train, validation -> val,
@@ -26,6 +29,11 @@ Output (written into a temporary folder beside OUT, renamed once complete): `<sp
 gain (`events`, by qid) and every skipped clip or background with its reason. A clip that
 cannot be decoded is skipped and reported; the others are used. Everything is drawn from generators seeded by
 (seed, split, recording): the same seed and folder give identical files.
+
+prepare: one split (an annotation file, lighthouse JSONL or CASTELLA JSON, and the folder of its recordings) into
+TFRecords of its recordings with their queries (`moment_builder`; PREPARED defaults to `prepared/` beside the
+annotations), then prints the counts and where the report of every skipped recording, dropped query and changed
+window is. Run again, it prepares again only when the annotation file or a recording changed; a killed run resumes.
 """
 
 import argparse
@@ -39,7 +47,7 @@ import soundfile as sf
 import tqdm
 
 from atr_jax.atomic_files import write_folder_atomically, write_text_atomically
-from data_pipelines import clip_builder, extraction, features, layouts, moment_synthesis
+from data_pipelines import clip_builder, extraction, features, layouts, moment_builder, moment_synthesis
 from data_pipelines.features import SAMPLE_RATE
 from data_pipelines.moment_annotations import MomentQuery, write_jsonl
 
@@ -260,6 +268,34 @@ def synthesize(
   return manifest
 
 
+def _synthesize(args) -> None:
+  manifest = synthesize(
+    args.clips_dir,
+    args.out_dir,
+    background_dir=args.background_dir,
+    duration_s=args.duration,
+    seed=args.seed,
+    overwrite=args.overwrite,
+  )
+  for split, counts in manifest["splits"].items():
+    print(f"{split}: {counts['recordings']} recordings, {counts['queries']} queries from {counts['clips_used']} clips")
+  for item in manifest["skipped"]:
+    print(f"skipped {item.get('split', 'background')} {item['item']}: {item['reason']}")
+  print(f"moment set ready at {os.path.abspath(args.out_dir)} ({MANIFEST_FILE} lists what was skipped)")
+
+
+def _prepare(args) -> None:
+  builder = moment_builder.prepare_split(args.annotations, args.audio_dir, args.out_dir, workers=args.workers)
+  counts = builder.info.metadata["preparation"]
+  written = counts[moment_builder.SPLIT]
+  print(
+    f"{args.annotations} prepared in {builder.data_path}: {written['clips_written']} recordings, "
+    f"{written['captions_written']} queries (the summary counts recordings as clips, queries as captions)"
+  )
+  print(extraction.format_summary(builder.name, counts))
+  print(f"report of every skipped recording and query and every note: {clip_builder.report_path(builder)}")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m data_pipelines.moments", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
@@ -270,24 +306,20 @@ def main(argv: list[str] | None = None) -> None:
   command.add_argument("--duration", type=int, default=CLOTHO_MOMENT_SECONDS, help="recording length in seconds")
   command.add_argument("--seed", type=int, default=0)
   command.add_argument("--overwrite", action="store_true", help="replace a non-empty --out_dir")
+  command = commands.add_parser("prepare", help="TFRecords of one split's recordings with their queries")
+  command.add_argument("--annotations", required=True, help="lighthouse JSONL or CASTELLA JSON of one split")
+  command.add_argument("--audio_dir", required=True, help="the split's recordings, <vid>.<ext>")
+  command.add_argument("--out_dir", default=None, help="default: prepared/ beside the annotations")
+  command.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
   args = parser.parse_args(argv)
   try:
-    manifest = synthesize(
-      args.clips_dir,
-      args.out_dir,
-      background_dir=args.background_dir,
-      duration_s=args.duration,
-      seed=args.seed,
-      overwrite=args.overwrite,
-    )
+    if args.command == "prepare":
+      _prepare(args)
+    else:
+      _synthesize(args)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  for split, counts in manifest["splits"].items():
-    print(f"{split}: {counts['recordings']} recordings, {counts['queries']} queries from {counts['clips_used']} clips")
-  for item in manifest["skipped"]:
-    print(f"skipped {item.get('split', 'background')} {item['item']}: {item['reason']}")
-  print(f"moment set ready at {os.path.abspath(args.out_dir)} ({MANIFEST_FILE} lists what was skipped)")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_cache_reused_then_invalidated(tiny_trained, moment_split, tmp_path, mon
   _, workdir = tiny_trained
   data = str(tmp_path / "set")
   shutil.copytree(moment_split, data)
-  annotations, audio_dir = os.path.join(data, "test.jsonl"), os.path.join(data, "test")
+  annotations, audio_dir = os.path.join(data, "val.jsonl"), os.path.join(data, "val")
   first = moment_features.split_features(workdir, annotations, audio_dir)
 
   with monkeypatch.context() as patch:

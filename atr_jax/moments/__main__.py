@@ -42,6 +42,7 @@ from atr_jax import checkpointing, model_identity, sharding  # noqa: E402
 from atr_jax.atomic_files import write_text_atomically  # noqa: E402
 from atr_jax.moments import features, metrics, sliding_window  # noqa: E402
 from atr_jax.moments import train as moment_train  # noqa: E402
+from data_pipelines import clip_builder  # noqa: E402
 
 CONFIG_FILE, RESULTS_FILE = "moment_config.json", "moment_results.json"
 METRIC_KEYS = ("R1@0.5", "R1@0.7", "mAP", "mAP@0.5", "mAP@0.75")
@@ -143,10 +144,10 @@ def read_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
 def split_features(encoder: str, moments_config, annotations: str, audio_dir: str) -> features.SplitFeatures:
   if not os.path.isfile(annotations):
     raise UsageError(f"--annotations {annotations}: no such file")
-  split = features.split_features(encoder, annotations, audio_dir, features_name=moments_config.data.features)
-  if not split.queries:
-    raise UsageError(f"{annotations}: no query has a recording in {audio_dir}")
-  return split
+  try:
+    return features.split_features(encoder, annotations, audio_dir, features_name=moments_config.data.features)
+  except clip_builder.NoUsableClip:
+    raise UsageError(f"{annotations}: no query has a readable recording in {audio_dir}") from None
 
 
 def baseline_metrics(encoder_model, moments_config, split: features.SplitFeatures) -> dict:

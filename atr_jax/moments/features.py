@@ -11,15 +11,19 @@ Projected (rather than the tower's raw width) so that frames and tokens live in 
 dual encoder was trained in, whatever the text tower's width; the head was trained on the pooled state, which is
 one of these tokens (cls pooling) or their mean (mean pooling).
 
-Cache (the prepared features: the clip TFRecord builder does not fit, its records being one clip with its captions and
-its features not depending on a model): a folder per split, by default `<annotations folder>/features/<setting>-<8 hex
-of the workdir path>/<annotations file stem>/`, holding `fingerprint.json` (the setting, the model: `model_identity`'s
-record of the workdir's best checkpoint step and embedding config, each recording's path, size and modification time,
-and the SHA-1 of the queries), `audio-<k>.npz` shards of SHARD_RECORDINGS recordings (`vids`, `frames` concatenated,
-`offsets`, `skipped`), `tokens.npz` (`qids`, `tokens`, `offsets`) and `done.json` (the shards, and the recordings
-skipped with their reason). A cache whose fingerprint differs (another checkpoint step or model config, a recording
-added, removed or modified, other queries) is deleted and computed again; a killed computation resumes at its first
-missing shard. A recording whose audio is missing or unreadable is skipped and reported, and its queries left out.
+Input: the split prepared by `data_pipelines.moment_builder` (prepared first when missing, and again when the
+annotation file or a recording changed): the recordings' waveforms (int16 at full scale 32767: a wav's samples
+within one step of 16 bits) and the queries come from its records; the recordings it skipped (audio missing or
+unreadable) and why, from its report; their queries are left out.
+
+Cache (the features depend on a model, so they are not part of the prepared records): a folder per split, by default
+`<annotations folder>/features/<setting>-<8 hex of the workdir path>/<annotations file stem>/`, holding
+`fingerprint.json` (the setting, the model: `model_identity`'s record of the workdir's best checkpoint step and
+embedding config, and the prepared split's fingerprint: its version and the SHA-1 of its sources' fingerprint),
+`audio-<k>.npz` shards of SHARD_RECORDINGS recordings in the prepared split's order (`vids`, `frames` concatenated,
+`offsets`), `tokens.npz` (`qids`, `tokens`, `offsets`) and `done.json` (the shards). A cache whose fingerprint
+differs (another checkpoint step or model config, a split prepared again) is deleted and computed again; a killed
+computation resumes at its first missing shard.
 
 Command line (computes or checks the cache of one split; `--features clap_like` is the only setting so far):
   python -m atr_jax.moments.features --workdir RUN --annotations OUT/val.jsonl --audio_dir OUT/val
@@ -34,7 +38,6 @@ xla_flags.set_defaults()  # Before jax is imported.
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import glob  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -50,9 +53,9 @@ import atr_jax  # noqa: E402
 from atr_jax import model_identity  # noqa: E402
 from atr_jax.atomic_files import write_atomically, write_text_atomically  # noqa: E402
 from atr_jax.models.dual_encoder import build_model, l2_normalize  # noqa: E402
-from data_pipelines import features  # noqa: E402
+from data_pipelines import audio_forms, moment_builder  # noqa: E402
 from data_pipelines.features import SAMPLE_RATE  # noqa: E402
-from data_pipelines.moment_annotations import MomentQuery, read_annotations  # noqa: E402
+from data_pipelines.moment_annotations import MomentQuery  # noqa: E402
 
 SHARD_RECORDINGS = 256
 FINGERPRINT_FILE, DONE_FILE, TOKENS_FILE = "fingerprint.json", "done.json", "tokens.npz"
@@ -133,34 +136,19 @@ class Featurizer:
     return out
 
 
-def find_audio(audio_dir: str, vid: str) -> str | None:
-  """`audio_dir/<vid>.<audio extension>`, None when there is none."""
-  for path in sorted(glob.glob(os.path.join(glob.escape(audio_dir), glob.escape(vid) + ".*"))):
-    if os.path.splitext(path)[1].lower() in features.audio_extensions():
-      return path
-  return None
-
-
 def default_cache_dir(annotations: str, workdir: str, features_name: str) -> str:
   digest = hashlib.sha1(os.path.abspath(os.path.expanduser(workdir)).encode("utf-8")).hexdigest()[:8]
   stem = os.path.splitext(os.path.basename(annotations))[0]
   return os.path.join(os.path.dirname(os.path.abspath(annotations)), "features", f"{features_name}-{digest}", stem)
 
 
-def fingerprint(queries: list[MomentQuery], audio: dict, identity: dict, features_name: str) -> dict:
-  """What the cached features depend on: the setting, the model, each recording's file (path, size, mtime in ns;
-  None when missing) and the query texts by qid."""
-  recordings = {}
-  for vid, path in audio.items():
-    stat = None if path is None else os.stat(path)
-    recordings[vid] = None if stat is None else [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
-  texts = json.dumps([[q.qid, q.query] for q in queries], ensure_ascii=False)
+def fingerprint(prepared: moment_builder.MomentRecordings, identity: dict, features_name: str) -> dict:
+  """What the cached features depend on: the setting, the model and the prepared split."""
   return {
     "features": features_name,
     "setting": dataclasses.asdict(SETTINGS[features_name]),
     "model": identity,
-    "recordings": recordings,
-    "queries_sha1": hashlib.sha1(texts.encode("utf-8")).hexdigest(),
+    "prepared": moment_builder.fingerprint(prepared),
   }
 
 
@@ -175,20 +163,15 @@ def _read_json(path: str):
 def _describe_change(old: dict | None, new: dict) -> str:
   if old is None:
     return "no cache yet"
-  changed = [key for key in new if key != "recordings" and old.get(key) != new[key]]
-  recordings = sum(old.get("recordings", {}).get(vid) != value for vid, value in new["recordings"].items())
-  recordings += len(set(old.get("recordings", {})) - set(new["recordings"]))
-  return ", ".join(changed + ([f"{recordings} recording(s) changed"] if recordings else [])) or "unchanged"
+  return ", ".join(key for key in new if old.get(key) != new[key]) + " changed"
 
 
-def _save_arrays(
-  path: str, keys: list[str], arrays: list[np.ndarray], key_name: str, value_name: str, width: int, **extra
-) -> None:
-  """Writes `arrays` concatenated (`value_name`), their `keys` (`key_name`), their row offsets and `extra` strings."""
+def _save_arrays(path: str, keys: list[str], arrays: list[np.ndarray], key_name: str, value_name: str, width: int):
+  """Writes `arrays` concatenated (`value_name`), their `keys` (`key_name`) and their row offsets."""
   offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
   values = np.concatenate(arrays) if arrays else np.zeros((0, width), np.float32)
   named = {key_name: np.array(keys, dtype=str), value_name: values, "offsets": offsets}
-  write_atomically(path, lambda f: np.savez(f, **named, **{k: np.array(v) for k, v in extra.items()}))
+  write_atomically(path, lambda f: np.savez(f, **named))
 
 
 def _load_arrays(path: str, key_name: str, value_name: str) -> dict[str, np.ndarray]:
@@ -207,64 +190,46 @@ def split_features(
   batch_size: int = 64,
 ) -> SplitFeatures:
   """The features of the queries of `annotations` (lighthouse JSONL or CASTELLA JSON; bad windows are clipped or
-  dropped and logged) and of their recordings `audio_dir/<vid>.<ext>`, from the cache when it is current."""
+  dropped and reported) and of their recordings `audio_dir/<vid>.<ext>`, through the prepared split
+  (`moment_builder.prepare_split`), from the cache when it is current."""
   chosen = setting(features_name)
-  if not os.path.isdir(audio_dir):
-    raise FileNotFoundError(f"audio_dir {audio_dir} does not exist (the folder of the recordings of {annotations})")
-  queries, problems = read_annotations(annotations)
-  for problem in problems:
-    logging.warning("%s", problem)
-  vids = sorted({q.vid for q in queries})
-  audio = {vid: find_audio(audio_dir, vid) for vid in vids}
+  prepared = moment_builder.prepare_split(annotations, audio_dir)
   identity = model_identity.of_workdir(workdir).record()
   cache_dir = cache_dir or default_cache_dir(annotations, workdir, features_name)
-  current = fingerprint(queries, audio, identity, features_name)
+  current = fingerprint(prepared, identity, features_name)
   stored = _read_json(os.path.join(cache_dir, FINGERPRINT_FILE))
   if stored != current:
     logging.info("moment features %s: computing (%s)", cache_dir, _describe_change(stored, current))
     shutil.rmtree(cache_dir, ignore_errors=True)
     os.makedirs(cache_dir)
     write_text_atomically(os.path.join(cache_dir, FINGERPRINT_FILE), json.dumps(current))
+  queries = moment_builder.split_queries(prepared)
   if not os.path.exists(os.path.join(cache_dir, DONE_FILE)):
-    _compute(workdir, chosen, queries, vids, audio, cache_dir, batch_size)
-  done = _read_json(os.path.join(cache_dir, DONE_FILE))
+    _compute(workdir, chosen, prepared, queries, cache_dir, batch_size)
   frames = {}
-  for shard in done["shards"]:
+  for shard in _read_json(os.path.join(cache_dir, DONE_FILE))["shards"]:
     frames.update(_load_arrays(os.path.join(cache_dir, shard), "vids", "frames"))
   tokens = _load_arrays(os.path.join(cache_dir, TOKENS_FILE), "qids", "tokens")
-  skipped = [tuple(item) for item in done["skipped"]]
-  return SplitFeatures(frames, tokens, [q for q in queries if q.vid in frames], skipped, chosen.hop_s)
+  return SplitFeatures(frames, tokens, queries, moment_builder.skipped_recordings(prepared), chosen.hop_s)
 
 
-def _compute(workdir, chosen, queries, vids, audio, cache_dir, batch_size) -> None:
+def _compute(workdir, chosen, prepared, queries, cache_dir, batch_size) -> None:
   """Writes the missing audio shards, the tokens and done.json into `cache_dir`."""
   featurizer = Featurizer(workdir, chosen)
   width = featurizer.model.embed_dim
-  shards, skipped = [], []
-  groups = [vids[start : start + SHARD_RECORDINGS] for start in range(0, len(vids), SHARD_RECORDINGS)]
-  with tqdm.tqdm(total=len(vids), desc="moment features", unit="recording") as progress:
-    for number, group in enumerate(groups):
-      name = f"audio-{number:05d}.npz"
-      shards.append(name)
-      path = os.path.join(cache_dir, name)
-      if os.path.exists(path):  # Written by a killed run with the same fingerprint.
-        with np.load(path) as shard:
-          skipped += [tuple(item) for item in json.loads(str(shard["skipped"]))]
-        progress.update(len(group))
-        continue
-      kept, arrays, shard_skipped = [], [], []
-      for vid in group:
-        try:
-          if audio[vid] is None:
-            raise features.AudioError(f"no audio file for {vid}", reason="missing_audio")
-          arrays.append(featurizer.frames(features.load_audio(audio[vid]), batch_size))
-          kept.append(vid)
-        except features.AudioError as e:
-          logging.warning("moment features: recording %s skipped (%s: %s)", vid, e.reason, e)
-          shard_skipped.append((vid, f"{e.reason}: {e}"))
-        progress.update()
-      _save_arrays(path, kept, arrays, "vids", "frames", width + 2, skipped=json.dumps(shard_skipped))
-      skipped += shard_skipped
+  total = prepared.info.splits[moment_builder.SPLIT].num_examples
+  shards = [f"audio-{number:05d}.npz" for number in range(-(-total // SHARD_RECORDINGS))]
+  done = next((k for k, name in enumerate(shards) if not os.path.exists(os.path.join(cache_dir, name))), len(shards))
+  form = audio_forms.WAVEFORM
+  with tqdm.tqdm(total=total, initial=done * SHARD_RECORDINGS, desc="moment features", unit="recording") as progress:
+    vids, arrays = [], []
+    for record in moment_builder.records(prepared, skip=done * SHARD_RECORDINGS):
+      vids.append(record["vid"].decode("utf-8"))
+      arrays.append(featurizer.frames(form.to_float32(record[form.name]), batch_size))
+      progress.update()
+      if len(vids) == SHARD_RECORDINGS or done * SHARD_RECORDINGS + len(vids) == total:
+        _save_arrays(os.path.join(cache_dir, shards[done]), vids, arrays, "vids", "frames", width + 2)
+        done, vids, arrays = done + 1, [], []
   _save_arrays(
     os.path.join(cache_dir, TOKENS_FILE),
     [q.qid for q in queries],
@@ -273,7 +238,7 @@ def _compute(workdir, chosen, queries, vids, audio, cache_dir, batch_size) -> No
     "tokens",
     width,
   )
-  write_text_atomically(os.path.join(cache_dir, DONE_FILE), json.dumps({"shards": shards, "skipped": skipped}))
+  write_text_atomically(os.path.join(cache_dir, DONE_FILE), json.dumps({"shards": shards}))
 
 
 def main(argv: list[str] | None = None) -> None:
