@@ -57,8 +57,8 @@ REPORT_FILE = "preparation_report.csv"
 SOURCES_FILE = "sources.json"
 CACHE_ENTRIES_FILE = "feature_cache.json"  # The names of the feature-cache entries a dataset's records came from.
 # Per split: the file name, captions and stored length of each clip (under the audio form's `length_key`: log-mel
-# frames as "num_frames", waveform samples as "num_samples"), by clip id: what training and evaluation need to know
-# of a split without reading its records.
+# frames as "num_frames", waveform samples as "num_samples"), by clip id, and a subclass's own columns
+# (`_table_columns`): what training and evaluation need to know of a split without reading its records.
 CLIPS_FILE = "clips.json"
 _STAGING_PREFIX, _REPLACED_PREFIX = "staging-", "replaced-"  # Beside the version folder: a re-preparation's places.
 FILE_NAME_COLUMN = "file_name"
@@ -420,6 +420,7 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "file_names": [clip.file_name for clip, _ in clips],
         "captions": [list(clip.captions) for clip, _ in clips],
         self.audio_form.length_key: [extraction.stored_length(path) for _, path in clips],
+        **self._table_columns([clip for clip, _ in clips]),
       }
       for split, clips in written.items()
       if clips
@@ -480,6 +481,10 @@ class CaptionedClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _record(self, clip_id: int, clip: ClipRow) -> dict:
     """The values of `_record_features` for `clip`, the `clip_id`-th written clip of its split."""
     return {"captions": list(clip.captions), "file_name": clip.file_name, "clip_id": clip_id}
+
+  def _table_columns(self, clips: list[ClipRow]) -> dict:
+    """More columns of a split's table in CLIPS_FILE, each a list with an entry per written clip: none here."""
+    return {}
 
   def _generate_examples(self, clips: list[tuple[ClipRow, str]]):
     for clip_id, (clip, cache_path) in enumerate(clips):

@@ -7,7 +7,8 @@ source changed) with one record per recording, in split `recordings`: `vid`, its
 `waveform` audio form (`audio_forms`: int16 at full scale 32767), `duration` (the annotated seconds), and its queries
 in the annotation file's order: `qids`, `queries` (the texts), `query_index` (each query's position among the file's
 usable queries, so that `split_queries` gives them back in the file's order), `windows` (float64 (W, 2) seconds,
-the windows of every query one after another) and `window_counts` (each query's windows).
+the windows of every query one after another) and `window_counts` (each query's windows). The split's table
+(`clips.json`) holds the same fields but the waveform (column `records`): `split_queries` reads no audio.
 
 The sources are the annotation file (lighthouse JSONL or CASTELLA JSON, `moment_annotations.read_annotations`; its
 SHA-1 is in the fingerprint, keyed by its absolute path when it lies outside the recordings' folder) and each
@@ -25,6 +26,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import json
 import os
 import re
 
@@ -140,6 +142,19 @@ class MomentRecordings(clip_builder.CaptionedClips, skip_registration=True):
       "window_counts": [len(query.windows) for query in queries],
     }
 
+  def _table_columns(self, clips: list[RecordingRow]) -> dict:
+    """Column `records` of the split's table (`clip_builder.CLIPS_FILE`): the fields of each record but its waveform,
+    so that `split_queries` reads no audio."""
+    return {
+      "records": [
+        {
+          key: value.tolist() if isinstance(value, np.ndarray) else value
+          for key, value in self._record(i, clip).items()
+        }
+        for i, clip in enumerate(clips)
+      ]
+    }
+
 
 def prepare_split(
   annotations: str, audio_dir: str, data_dir: str | None = None, *, workers: int | None = None
@@ -172,29 +187,28 @@ def fingerprint(builder: MomentRecordings) -> dict:
   return {"version": str(builder.version), "sources_sha1": digest}
 
 
-def records(builder: MomentRecordings, *, waveforms: bool = True, skip: int = 0):
+def records(builder: MomentRecordings, *, skip: int = 0):
   """The records of the prepared split as numpy dicts (strings as bytes), in the split's fixed order, the first
-  `skip` left out; the waveforms left undecoded (raw bytes) unless `waveforms`."""
-  decoders = None if waveforms else {audio_forms.WAVEFORM.name: tfds.decode.SkipDecoding()}
-  dataset = builder.as_dataset(
-    split=SPLIT, shuffle_files=False, decoders=decoders, read_config=tfds.ReadConfig(try_autocache=False)
-  )
+  `skip` left out."""
+  dataset = builder.as_dataset(split=SPLIT, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
   return tfds.as_numpy(dataset.skip(skip))
 
 
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
 def record_queries(record: dict) -> list[tuple[int, MomentQuery]]:
-  """(position in the annotation file, query) of each query of a record (Clotho-Moment's `fg_db` is not kept)."""
-  ends = np.cumsum(record["window_counts"])
-  vid, duration = record["vid"].decode("utf-8"), float(record["duration"])
+  """(position in the annotation file, query) of each query of a record, as `records` reads it or as the split's
+  table holds it (Clotho-Moment's `fg_db` is not kept)."""
+  windows = np.asarray(record["windows"], np.float64).reshape(-1, 2)
+  ends = np.cumsum(record["window_counts"], dtype=int)
+  vid, duration = _text(record["vid"]), float(record["duration"])
   return [
     (
       int(index),
       MomentQuery(
-        qid.decode("utf-8"),
-        text.decode("utf-8"),
-        vid,
-        duration,
-        tuple((float(s), float(e)) for s, e in record["windows"][end - count : end]),
+        _text(qid), _text(text), vid, duration, tuple((float(s), float(e)) for s, e in windows[end - count : end])
       ),
     )
     for qid, text, index, count, end in zip(
@@ -204,8 +218,11 @@ def record_queries(record: dict) -> list[tuple[int, MomentQuery]]:
 
 
 def split_queries(builder: MomentRecordings) -> list[MomentQuery]:
-  """The queries of the prepared split (those of skipped recordings left out) in the annotation file's order."""
-  numbered = [pair for record in records(builder, waveforms=False) for pair in record_queries(record)]
+  """The queries of the prepared split (those of skipped recordings left out) in the annotation file's order, from
+  its table (no record is read)."""
+  with open(builder.data_path / clip_builder.CLIPS_FILE, encoding="utf-8") as f:
+    table = json.load(f)[SPLIT]["records"]
+  numbered = [pair for record in table for pair in record_queries(record)]
   return [query for _, query in sorted(numbered, key=lambda pair: pair[0])]
 
 

@@ -36,7 +36,8 @@ def _write_lines(path: str, lines: list[dict]) -> None:
 @pytest.fixture
 def split(moment_split, tmp_path):  # noqa: F811
   """(annotations, audio_dir, good vids) of a copy of the val split whose annotations add a query of a missing
-  recording, one of a corrupt recording, a window past the duration and a query whose only window is empty."""
+  recording, one of a corrupt recording, a window past the duration, a query whose only window is empty and one that
+  gives its recording another duration (6 s)."""
   data = str(tmp_path / "set")
   shutil.copytree(moment_split, data)
   audio_dir = os.path.join(data, "val")
@@ -50,6 +51,8 @@ def split(moment_split, tmp_path):  # noqa: F811
     {"qid": "c1", "query": "a corrupt recording", "duration": 5, "vid": "corrupt", "relevant_windows": [[0, 1]]},
     {"qid": "e1", "query": "an empty window", "duration": 5, "vid": good[0], "relevant_windows": [[4, 2]]},
   ]
+  d1 = {"qid": "d1", "query": "a longer duration", "duration": 6, "vid": good[1], "relevant_windows": [[0.5, 5.5]]}
+  lines.insert(0, d1)  # The file's order is not the recordings' order.
   annotations = os.path.join(data, "crafted.jsonl")
   _write_lines(annotations, lines)
   return annotations, audio_dir, good
@@ -88,31 +91,37 @@ def test_records_queries_and_report(split, capsys):
   out = capsys.readouterr().out
   builder = moment_builder.prepare_split(annotations, audio_dir)
   assert os.fspath(builder.data_path).startswith(os.path.join(os.path.dirname(annotations), "prepared") + os.sep)
-  assert f"prepared in {builder.data_path}: 2 recordings, 3 queries" in out
+  assert f"prepared in {builder.data_path}: 2 recordings, 4 queries" in out
   assert clip_builder.report_path(builder) in out
 
   records = _records(builder)
   assert sorted(records) == good
-  expected = [dataclasses.replace(q, fg_db=None) for q in read_annotations(annotations)[0] if q.vid in good]
+  durations = {good[0]: 5.0, good[1]: 6.0}  # A recording's longest.
+  numbered = [  # Positions among the file's usable queries, those of the skipped recordings included.
+    (i, dataclasses.replace(q, fg_db=None, duration=durations[q.vid]))
+    for i, q in enumerate(read_annotations(annotations)[0])
+    if q.vid in good
+  ]
+  expected = [q for _, q in numbered]
   assert moment_builder.split_queries(builder) == expected  # The file's order; windows exactly (float64).
-  assert expected[0].windows[-1] == (3.0, 5.0)  # Clipped by the reader.
+  assert expected[0].qid == "d1" and expected[1].windows[-1] == (3.0, 5.0)  # Clipped by the reader.
   for vid, record in records.items():
     decoded, rate = sf.read(os.path.join(audio_dir, vid + ".wav"), dtype="float32")
     samples, _ = sf.read(os.path.join(audio_dir, vid + ".wav"), dtype="int16")
     assert rate == features.SAMPLE_RATE and record["waveform"].dtype == np.int16
     np.testing.assert_array_equal(record["waveform"], FORM.compute(decoded))  # Bit for bit the waveform form.
     assert np.abs(record["waveform"].astype(np.int32) - samples).max() <= 1  # Full scale 32767, not 32768.
-    assert record["duration"] == 5.0
-    assert moment_builder.record_queries(record) == [(i, q) for i, q in enumerate(expected) if q.vid == vid]
+    assert record["duration"] == durations[vid]
+    assert moment_builder.record_queries(record) == [(i, q) for i, q in numbered if q.vid == vid]
 
   rows = {(row["item"], row["outcome"], row["reason"]) for row in _report(builder)}
   assert ("gone", "skipped clip", "missing_audio") in rows
   assert ("corrupt", "skipped clip", "unreadable_audio") in rows
   assert ("e1", "skipped caption", "no_window") in rows and ("e1", "note", "window_dropped") in rows
-  assert (expected[0].qid, "note", "window_clipped") in rows
+  assert (expected[1].qid, "note", "window_clipped") in rows and (good[1], "note", "duration_mismatch") in rows
   counts = builder.info.metadata["preparation"][moment_builder.SPLIT]
   assert (counts["clips_read"], counts["clips_written"]) == (4, 2)
-  assert (counts["captions_read"], counts["captions_written"]) == (6, 3)
+  assert (counts["captions_read"], counts["captions_written"]) == (7, 4)
   assert counts["skipped_captions"] == {"missing_audio": 1, "unreadable_audio": 1, "no_window": 1}
   skipped = sorted(moment_builder.skipped_recordings(builder))
   assert [vid for vid, _ in skipped] == ["corrupt", "gone"]
@@ -136,12 +145,12 @@ def test_prepared_again_only_when_sources_change(split, decodes, monkeypatch):
     moment_builder.prepare_split(annotations, audio_dir, workers=1)
 
   lines = _lines(annotations)
-  lines[1]["query"] = "an edited query"
+  lines[2]["query"] = "an edited query"
   _write_lines(annotations, lines)
   decodes.clear()
   edited = moment_builder.prepare_split(annotations, audio_dir, workers=1)
   assert edited.data_path == first.data_path
-  assert [q.query for q in moment_builder.split_queries(edited)][1] == "an edited query"
+  assert [q.query for q in moment_builder.split_queries(edited)][2] == "an edited query"
   assert decodes == ["corrupt.wav"]  # The good recordings come from the feature cache (a bad one is never cached).
 
   path = os.path.join(audio_dir, good[1] + ".wav")

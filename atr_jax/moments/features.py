@@ -13,8 +13,8 @@ one of these tokens (cls pooling) or their mean (mean pooling).
 
 Input: the split prepared by `data_pipelines.moment_builder` (prepared first when missing, and again when the
 annotation file or a recording changed): the recordings' waveforms (int16 at full scale 32767: a wav's samples
-within one step of 16 bits) and the queries come from its records; the recordings it skipped (audio missing or
-unreadable) and why, from its report; their queries are left out.
+within one step of 16 bits) come from its records, the queries from its table (`moment_builder.split_queries`), the
+recordings it skipped (audio missing or unreadable) and why from its report; their queries are left out.
 
 Cache (the features depend on a model, so they are not part of the prepared records): a folder per split, by default
 `<annotations folder>/features/<setting>-<8 hex of the workdir path>/<annotations file stem>/`, holding
