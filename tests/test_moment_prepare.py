@@ -16,7 +16,9 @@ import pytest
 import soundfile as sf
 from test_moment_features import moment_split  # noqa: F401  (a fixture)
 
+from atr_jax.moments import __main__ as command
 from atr_jax.moments import features as moment_features
+from configs.base import get_base_config
 from data_pipelines import audio_forms, clip_builder, features, moment_builder, moments
 from data_pipelines.moment_annotations import read_annotations
 
@@ -133,6 +135,10 @@ def test_records_queries_and_report(split, capsys):
   os.makedirs(audio_dir + "-empty")
   with pytest.raises(clip_builder.NoUsableClip, match="is empty"):
     moment_builder.prepare_split(other, audio_dir + "-empty")
+  os.makedirs(audio_dir + "-unrelated")
+  shutil.copy(os.path.join(audio_dir, "corrupt.wav"), audio_dir + "-unrelated")
+  with pytest.raises(command.UsageError, match="no query has a readable recording"):  # One line, not the summary.
+    command.split_features("unused", get_base_config().moments, other, audio_dir + "-unrelated")
 
 
 def test_prepared_again_only_when_sources_change(split, decodes, monkeypatch):
