@@ -156,6 +156,33 @@ def test_random_cases_match_the_reference(seed):
   assert 0 < result["mAP"] < 100
 
 
+def test_windows_outside_the_full_range_are_dropped_and_a_query_left_without_any_is_left_out():
+  """standalone_eval's "full" range keeps windows with 0 < length <= 1500 s and drops queries left with none."""
+  rng = np.random.default_rng(7)
+  good = []
+  for i in range(4):
+    starts = rng.uniform(0, 100, 2)
+    good.append({"qid": f"q{i}", "duration": 120, "relevant_windows": [[s, s + rng.uniform(1, 10)] for s in starts]})
+  predictions = [
+    {
+      "qid": d["qid"],
+      "pred_relevant_windows": [[s, s + rng.uniform(1, 10), rng.uniform()] for s in rng.uniform(0, 100, 5)],
+    }
+    for d in good
+  ]
+  predictions[0]["pred_relevant_windows"][0] = [50.0, 50.0 + 1e-9, 0.9]  # Would hit the zero-length window below.
+  degenerate = [
+    dict(d, relevant_windows=d["relevant_windows"] + [[50.0, 50.0], [9.0, 3.0], [0.0, 1600.0]]) for d in good
+  ]
+  only_bad = {"qid": "bad", "duration": 5000, "relevant_windows": [[299.0, 299.0], [10.0, 4000.0]]}
+  bad_prediction = {"qid": "bad", "pred_relevant_windows": [[10.0, 4000.0, 1.0]]}
+  expected = metrics.evaluate(predictions, good)
+  assert metrics.evaluate(predictions + [bad_prediction], degenerate + [only_bad]) == expected
+  assert expected == pytest.approx(_reference(predictions, good), abs=0.006)
+  with pytest.raises(ValueError, match="no ground-truth window"):
+    metrics.evaluate([bad_prediction], [only_bad])
+
+
 def test_mismatched_qids_are_an_error():
   predictions, ground_truth = _case([[0, 1]], [[0, 1, 1.0]])
   with pytest.raises(ValueError, match="different qids"):

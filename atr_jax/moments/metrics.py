@@ -10,6 +10,9 @@ ground truth `{"qid", "duration", "relevant_windows": [[start, end], ...]}`, the
   it is a false positive (a window already taken is skipped, the next-best tried); precision/recall over the ranks,
   positives = the number of ground-truth windows; VOC 2011 interpolation (precision made non-increasing, summed over
   the recall steps). mAP@t = mean over queries; mAP = mean of mAP@t over t in 0.50, 0.55, ..., 0.95.
+- The "full" length range, as standalone_eval applies it: a ground-truth window counts only when 0 < its length <=
+  1500 s (a zero-length, reversed or longer window is dropped), and a query left with none is left out of every
+  metric (R1 and mAP alike).
 - Every value in percent, rounded to 2 decimals as standalone_eval prints and stores them.
 """
 
@@ -18,6 +21,7 @@ import numpy as np
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 MAX_PREDICTIONS = 10
 METRIC_NAMES = ("R1@0.5", "R1@0.7", "mAP", "mAP@0.5", "mAP@0.75")
+FULL_RANGE_S = (0.0, 1500.0)  # standalone_eval's "full" range: windows with min < length <= max are kept.
 
 
 def _iou(windows: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -77,6 +81,13 @@ def evaluate(predictions: list[dict], ground_truth: list[dict]) -> dict[str, flo
   if set(truth) != set(predicted):
     missing, extra = sorted(set(truth) - set(predicted), key=str), sorted(set(predicted) - set(truth), key=str)
     raise ValueError(f"predictions and ground truth name different qids: missing {missing[:5]}, extra {extra[:5]}")
+  lengths = {qid: windows[:, 1] - windows[:, 0] for qid, windows in truth.items()}
+  truth = {
+    qid: windows[(lengths[qid] > FULL_RANGE_S[0]) & (lengths[qid] <= FULL_RANGE_S[1])] for qid, windows in truth.items()
+  }
+  truth = {qid: windows for qid, windows in truth.items() if len(windows)}
+  if not truth:
+    raise ValueError(f"no ground-truth window is longer than {FULL_RANGE_S[0]} s and at most {FULL_RANGE_S[1]} s")
   aps, best_ious = [], []
   for qid, windows in truth.items():
     ranked = predicted[qid][:MAX_PREDICTIONS, :3]
