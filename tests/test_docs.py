@@ -62,26 +62,39 @@ def _subcommand(tokens: list[str]) -> str:
   return tokens[0] if tokens and re.fullmatch(r"[a-z][a-z-]*", tokens[0]) else ""
 
 
+# Runs a module as `python -m` does, with --helpfull (absl's every flag, those of imported modules too); a module
+# that does not know it (argparse) runs again in the same process with --help, its imports already loaded.
+_HELP_SCRIPT = """
+import contextlib, io, runpy, sys
+module, subcommand = sys.argv[1:]
+def run(flag):
+  sys.argv = [module, *([subcommand] if subcommand else []), flag]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    try:
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit:
+      pass
+  return out.getvalue()
+text = run("--helpfull")
+print(text if "--helpfull" in text else run("--help"))
+"""
+
+
 def _help_text(module_and_subcommand: tuple[str, str]) -> str:
   """What `python -m module [subcommand] --help` prints; absl modules' `--helpfull` (every flag, those of imported
-  modules too)."""
-  module, subcommand = module_and_subcommand
+  modules too). One interpreter per module and sub-command."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-
-  def run(flag):
-    done = subprocess.run(
-      [sys.executable, "-m", module, *([subcommand] if subcommand else []), flag],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
-    return done.stdout + done.stderr
-
-  text = run("--help")
-  return run("--helpfull") if "--helpfull" in text else text
+  done = subprocess.run(
+    [sys.executable, "-c", _HELP_SCRIPT, *module_and_subcommand],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  return done.stdout + done.stderr
 
 
 def _config_keys(config_file: str) -> set[str]:
