@@ -79,9 +79,14 @@ def _assert_trees_close(a, b, rtol, atol):
     )
 
 
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("train_step")
+
+
 @pytest.fixture
-def config(tmp_path):
-  config = tiny_config(tmp_path)
+def config(config_dir):
+  config = tiny_config(config_dir)  # One folder for every test: the same config, hence one `_baseline` run.
   config.train.global_batch_size = 32  # 4 rows on each of the 8 fake devices.
   config.data.train_max_frames = 64
   config.loss.learnable_temperature = True
