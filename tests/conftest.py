@@ -20,6 +20,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook reads the groups (else each worker trains it).
 def pytest_collection_modifyitems(items):
   """Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup`) the tests that share the tiny trained workdir
   go to one worker, which trains it once."""
