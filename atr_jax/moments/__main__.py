@@ -33,8 +33,13 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from atr_jax import console  # noqa: E402
+
+console.quiet_tensorflow(sys.argv)  # Before TensorFlow loads (the features load it).
+
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -281,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
   command.add_argument("--query", required=True, help="the sentence")
   command.add_argument("--top_k", type=int, default=5, help="moments printed")
   args, overrides = parser.parse_known_args(argv)
+  if not getattr(args, "verbose", False):
+    tfds.disable_progress_bar()  # Its per-split bars while a split is prepared; the preparation shows its own.
   if overrides and args.command != "train":
     parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   try:
