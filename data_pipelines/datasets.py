@@ -103,13 +103,18 @@ def _ensure_raw(raw_dir: str, data_config: ml_collections.ConfigDict) -> None:
       "config.data.generate_synthetic makes a Clotho-layout dataset: it needs "
       f"config.data.dataset='clotho', not {data_config.dataset!r}"
     )
-  spec = data_config.synthetic
   logging.info("Generating the synthetic dataset into %s", raw_dir)
+  generate_synthetic(raw_dir, data_config.synthetic)
+
+
+def generate_synthetic(raw_dir: str, spec: ml_collections.ConfigDict, duration_s: float | None = None) -> None:
+  """Our synthetic Clotho-layout set of `spec` (`config.data.synthetic`) in `raw_dir`, its clips `duration_s` long
+  (default `spec.duration_s`)."""
   synthetic.generate(
     raw_dir,
     {"development": spec.num_development, "validation": spec.num_validation, "evaluation": spec.num_evaluation},
     seed=spec.seed,
-    duration_s=spec.duration_s,
+    duration_s=spec.duration_s if duration_s is None else duration_s,
   )
 
 

@@ -117,13 +117,10 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   if not os.path.isdir(clips_dir) and data.synthetic_clip_seconds > 0:
     if not data.synthetic_clips_dir:
       raise UsageError("config.moments.data.synthetic_clip_seconds needs config.moments.data.synthetic_clips_dir")
-    from data_pipelines import synthetic
+    from data_pipelines import datasets
 
-    spec = config.data.synthetic
     print(f"generating {data.synthetic_clip_seconds} s synthetic clips into {clips_dir}", flush=True)
-    counts = {"development": spec.num_development, "validation": spec.num_validation}
-    counts["evaluation"] = spec.num_evaluation
-    synthetic.generate(clips_dir, counts, seed=spec.seed, duration_s=data.synthetic_clip_seconds)
+    datasets.generate_synthetic(clips_dir, config.data.synthetic, data.synthetic_clip_seconds)
   if not os.path.isdir(clips_dir):
     raise UsageError(f"config.moments.data.synthetic_clips_dir (or config.data.raw_dir) {clips_dir} does not exist")
   from data_pipelines import moments as moment_data

@@ -66,6 +66,11 @@ def _windows(value, width: int, what: str) -> np.ndarray:
   return array
 
 
+def _in_full_range(windows: np.ndarray) -> np.ndarray:
+  lengths = windows[:, 1] - windows[:, 0]
+  return windows[(lengths > FULL_RANGE_S[0]) & (lengths <= FULL_RANGE_S[1])]
+
+
 def evaluate(predictions: list[dict], ground_truth: list[dict]) -> dict[str, float]:
   """{"R1@0.5", "R1@0.7", "mAP", "mAP@0.5", "mAP@0.75"} in percent (see the module docstring)."""
   truth = {
@@ -81,11 +86,7 @@ def evaluate(predictions: list[dict], ground_truth: list[dict]) -> dict[str, flo
   if set(truth) != set(predicted):
     missing, extra = sorted(set(truth) - set(predicted), key=str), sorted(set(predicted) - set(truth), key=str)
     raise ValueError(f"predictions and ground truth name different qids: missing {missing[:5]}, extra {extra[:5]}")
-  lengths = {qid: windows[:, 1] - windows[:, 0] for qid, windows in truth.items()}
-  truth = {
-    qid: windows[(lengths[qid] > FULL_RANGE_S[0]) & (lengths[qid] <= FULL_RANGE_S[1])] for qid, windows in truth.items()
-  }
-  truth = {qid: windows for qid, windows in truth.items() if len(windows)}
+  truth = {qid: kept for qid, kept in ((qid, _in_full_range(w)) for qid, w in truth.items()) if len(kept)}
   if not truth:
     raise ValueError(f"no ground-truth window is longer than {FULL_RANGE_S[0]} s and at most {FULL_RANGE_S[1]} s")
   aps, best_ious = [], []
